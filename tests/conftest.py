@@ -1,0 +1,12 @@
+"""Test set-up: JAX on CPU with 8 simulated devices, TensorFlow kept off any GPU."""
+
+import os
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+
+import jax  # noqa: E402
+
+# Must run before the first JAX computation: sharding tests build an 8-device mesh on CPU.
+jax.config.update('jax_num_cpu_devices', 8)
