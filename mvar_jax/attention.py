@@ -1,0 +1,101 @@
+"""Attention patterns over a multi-scale token sequence.
+
+A call sees the tokens of scales `first..last` (raster order within a scale,
+scales one after another) and applies, per configuration:
+
+- 'mvar' (scale-Markov + spatial-Markov): every token attends only within its own
+  scale. Scales below `refine_step` share one dense attention under a
+  block-diagonal mask; each scale at or above `refine_step` runs 2D neighbourhood
+  attention with a k x k window (NATTEN border rule).
+- 'var' (the VAR baseline): every token attends to its own scale and every earlier
+  one (block-causal mask). The sequence must then start at scale 0.
+
+Since MVAR attention never crosses scales, splitting the sequence by pattern and
+concatenating the results is exact, whatever `first..last` is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+
+from mvar_jax.kernels.neighborhood_attention import api as na_api
+from mvar_jax.kernels.neighborhood_attention import reference as na_reference
+from mvar_jax.layout import ScaleLayout
+
+MODES = ('mvar', 'var')
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """Static attention settings (hashable: safe as a jit static argument)."""
+
+  mode: str = 'mvar'  # 'mvar' (block-diagonal + neighbourhood) or 'var' (block-causal)
+  refine_step: int = 8  # first scale that uses neighbourhood attention in 'mvar' mode
+  kernel_size: int = 7  # neighbourhood window (odd)
+  implementation: str = 'auto'  # neighbourhood op: 'auto' | 'gather' | 'dense' | 'pallas'
+
+  def validate(self, layout: ScaleLayout) -> None:
+    """Raises ValueError naming the field when the config cannot serve `layout`."""
+    if self.mode not in MODES:
+      raise ValueError(f'attention mode must be one of {MODES}, got {self.mode!r}')
+    if self.implementation not in na_api.IMPLEMENTATIONS:
+      raise ValueError(f'attention implementation must be one of {na_api.IMPLEMENTATIONS}, '
+                       f'got {self.implementation!r}')
+    if self.mode == 'var':
+      return
+    if not 0 <= self.refine_step <= layout.num_scales:
+      raise ValueError(f'refine_step must be in [0, {layout.num_scales}] for {layout.num_scales} '
+                       f'scales, got {self.refine_step}')
+    if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+      raise ValueError(f'kernel_size must be a positive odd integer, got {self.kernel_size}')
+    if self.refine_step < layout.num_scales:
+      pn = layout.patch_nums[self.refine_step]
+      if self.kernel_size > pn:
+        raise ValueError(
+            f'kernel_size {self.kernel_size} is larger than the {pn}x{pn} map of scale '
+            f'{self.refine_step} (refine_step={self.refine_step}); use kernel_size <= {pn} '
+            'or a larger refine_step')
+
+  def uses_neighborhood(self, si: int) -> bool:
+    return self.mode == 'mvar' and si >= self.refine_step
+
+
+@functools.lru_cache(maxsize=None)
+def block_mask(layout: ScaleLayout, first: int, last: int, mode: str) -> np.ndarray:
+  """(L_seg, L_seg) bool mask for scales first..last: block-diagonal or block-causal."""
+  lvl = layout.level_ids(first, last)
+  if mode == 'mvar':
+    return lvl[:, None] == lvl[None, :]
+  return lvl[:, None] >= lvl[None, :]
+
+
+def multiscale_attention(q_BLHD, k_BLHD, v_BLHD, *, layout: ScaleLayout, first: int, last: int,
+                         config: AttentionConfig, scale: float = 1.0):
+  """Attention over the tokens of scales first..last; returns (B, L_seg, heads, D)."""
+  begin, end = layout.span(first, last)
+  if q_BLHD.shape[1] != end - begin:
+    raise ValueError(f'scales {first}..{last} hold {end - begin} tokens, got {q_BLHD.shape[1]}')
+  if config.mode == 'var':
+    if first != 0:
+      raise ValueError("'var' attention needs the whole prefix: the sequence must start at scale 0")
+    mask = jnp.asarray(block_mask(layout, first, last, 'var'))
+    return na_reference.masked_dense_attention(q_BLHD, k_BLHD, v_BLHD, mask, scale=scale)
+
+  outputs = []
+  dense_last = min(last, config.refine_step - 1)
+  if first <= dense_last:  # the small scales: one block-diagonal dense attention
+    n = layout.end(dense_last) - begin
+    mask = None if first == dense_last else jnp.asarray(block_mask(layout, first, dense_last, 'mvar'))
+    outputs.append(na_reference.masked_dense_attention(
+        q_BLHD[:, :n], k_BLHD[:, :n], v_BLHD[:, :n], mask, scale=scale))
+  for si in range(max(first, config.refine_step), last + 1):  # the large scales: one map each
+    lo, hi = layout.begin(si) - begin, layout.end(si) - begin
+    pn = layout.patch_nums[si]
+    outputs.append(na_api.neighborhood_attention(
+        q_BLHD[:, lo:hi], k_BLHD[:, lo:hi], v_BLHD[:, lo:hi], height=pn, width=pn,
+        kernel_size=config.kernel_size, scale=scale, implementation=config.implementation))
+  return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=1)

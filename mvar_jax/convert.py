@@ -1,0 +1,326 @@
+"""Converters for the official PyTorch checkpoints (VAR's VQ-VAE, VAR and MVAR transformers).
+
+    python -m mvar_jax.convert --vae vae_ch160v4096z32.pth --transformer mvar_d16.pth --out weights/
+
+writes `weights/{vqvae,transformer}.{msgpack,json}`, which `mvar_jax.api.load_pretrained`
+reads in one call. From Python: `convert_transformer(state_dict)`, `convert_vqvae(state_dict)`.
+
+The mapping is one naming rule, validated against a freshly initialised abstract tree:
+torch key `blocks.3.attn.mat_qkv.weight` -> flax path ('blocks_3', 'attn', 'mat_qkv', 'kernel')
+(numeric segments join the previous name; `ada_lin.1` -> `ada_lin`, the SiLU at index 0
+holds no weights), and the leaf `weight` becomes `kernel` (Linear (out,in) -> (in,out),
+conv OIHW -> HWIO), `embedding` (Embedding) or `scale` (GroupNorm). Torch is imported
+only when reading a .pth file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import numpy as np
+
+# Buffers of the official modules that hold no learned state.
+IGNORED_KEYS = re.compile(
+    r'(^|\.)(lvl_1L|attn_bias_for_masking|zero_k_bias|ema_vocab_hit_SV)$')
+# Module renames applied after joining numeric segments.
+_RENAMES = ((re.compile(r'^ada_lin_1$'), 'ada_lin'),)
+
+
+class CheckpointMismatchError(ValueError):
+  """A state dict that does not fit the architecture; lists every offending key."""
+
+  def __init__(self, what: str, missing=(), unexpected=(), misshaped=()):
+    self.missing, self.unexpected, self.misshaped = list(missing), list(unexpected), list(misshaped)
+    lines = [f'{what}: checkpoint does not match the architecture.']
+    if self.missing:
+      lines.append(f'  missing ({len(self.missing)}): ' + ', '.join(self.missing[:20]))
+    if self.unexpected:
+      lines.append(f'  unexpected ({len(self.unexpected)}): ' + ', '.join(self.unexpected[:20]))
+    if self.misshaped:
+      lines.append(f'  mis-shaped ({len(self.misshaped)}): ' + ', '.join(
+          f'{k} {a} vs expected {b}' for k, a, b in self.misshaped[:20]))
+    super().__init__('\n'.join(lines))
+
+
+# ----------------------------------------------------------------------------- reading
+
+def load_torch_file(path: str) -> dict[str, Any]:
+  """Reads a .pth file into a (possibly nested) dict on the CPU."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'checkpoint file not found: {path}')
+  import torch  # only here: the rest of the package never needs torch
+  try:
+    return torch.load(path, map_location='cpu', weights_only=True)
+  except Exception:  # training checkpoints pickle argument objects beside the tensors
+    return torch.load(path, map_location='cpu', weights_only=False)
+
+
+def extract_state_dict(obj: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """The flat state dict of a release file or a training checkpoint, as numpy float32."""
+  for keys in (('mvar_wo_ddp',), ('trainer', 'mvar_wo_ddp'), ('var_wo_ddp',),
+               ('trainer', 'var_wo_ddp'), ('vae_local',), ('trainer', 'vae_local'),
+               ('state_dict',), ('model',)):
+    cur = obj
+    for k in keys:
+      cur = cur.get(k) if isinstance(cur, Mapping) else None
+    if isinstance(cur, Mapping):
+      obj = cur
+      break
+  out = {}
+  for k, v in obj.items():
+    k = k[len('module.'):] if k.startswith('module.') else k
+    if hasattr(v, 'detach'):
+      v = v.detach().float().cpu().numpy()
+    if isinstance(v, np.ndarray):
+      out[k] = v.astype(np.float32)
+  if not out:
+    raise ValueError('no tensors found in the checkpoint (expected a state dict, or one under '
+                     "'mvar_wo_ddp' or 'trainer.mvar_wo_ddp')")
+  return out
+
+
+# ----------------------------------------------------------------------------- naming rule
+
+def torch_key_to_path(key: str) -> tuple[str, ...]:
+  """'blocks.3.attn.mat_qkv.weight' -> ('blocks_3', 'attn', 'mat_qkv', 'weight')."""
+  path: list[str] = []
+  for seg in key.split('.'):
+    if seg.isdigit() and path:
+      path[-1] = f'{path[-1]}_{seg}'
+    else:
+      path.append(seg)
+  for i, seg in enumerate(path[:-1]):
+    for pattern, new in _RENAMES:
+      if pattern.match(seg):
+        path[i] = new
+  return tuple(path)
+
+
+def _flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
+def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
+  tree: dict = {}
+  for path, v in flat.items():
+    cur = tree
+    for k in path[:-1]:
+      cur = cur.setdefault(k, {})
+    cur[path[-1]] = v
+  return tree
+
+
+def _to_flax(value: np.ndarray, leaf: str) -> np.ndarray:
+  if leaf == 'kernel' and value.ndim == 2:
+    return value.T
+  if leaf == 'kernel' and value.ndim == 4:
+    return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+  return value
+
+
+def _to_torch(value: np.ndarray, leaf: str) -> np.ndarray:
+  if leaf == 'kernel' and value.ndim == 2:
+    return value.T
+  if leaf == 'kernel' and value.ndim == 4:
+    return value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+  return value
+
+
+def state_dict_to_params(state_dict: Mapping[str, np.ndarray], abstract_params, what: str) -> dict:
+  """Maps a flat torch state dict onto the tree of `abstract_params` (shapes only)."""
+  import flax.linen as nn
+  target = {p: tuple(v.shape) for p, v in _flatten(nn.unbox(abstract_params)).items()}
+  converted, unexpected, misshaped, seen_misshaped = {}, [], [], set()
+  for key, value in state_dict.items():
+    if IGNORED_KEYS.search(key):
+      continue
+    path = torch_key_to_path(key)
+    if path[-1] == 'weight':
+      candidates = [path[:-1] + (leaf,) for leaf in ('kernel', 'embedding', 'scale')]
+      path = next((c for c in candidates if c in target), path)
+    if path not in target:
+      unexpected.append(key)
+      continue
+    arr = _to_flax(np.asarray(value, np.float32), path[-1])
+    if tuple(arr.shape) != target[path]:
+      misshaped.append((key, tuple(arr.shape), target[path]))
+      seen_misshaped.add(path)
+      continue
+    converted[path] = arr
+  missing = ['/'.join(p) for p in target if p not in converted and p not in seen_misshaped]
+  if missing or unexpected or misshaped:
+    raise CheckpointMismatchError(what, missing, unexpected, misshaped)
+  return _unflatten(converted)
+
+
+def params_to_state_dict(params) -> dict[str, np.ndarray]:
+  """Inverse of the naming rule (flax tree -> official key names), e.g. to export."""
+  import flax.linen as nn
+  out = {}
+  for path, v in _flatten(nn.unbox(params)).items():
+    leaf = path[-1]
+    parts = []
+    for parent, seg in zip(('',) + path[:-2], path[:-1]):
+      if seg == 'ada_lin':
+        parts.append('ada_lin.1')
+        continue
+      m = re.match(r'^(.*)_(\d+)$', seg)
+      # `mid.block_1` / `mid.attn_1` are attribute names upstream, not list members.
+      indexed = m and m.group(1) in _INDEXED and parent != 'mid'
+      parts.append(f'{m.group(1)}.{m.group(2)}' if indexed else seg)
+    name = {'kernel': 'weight', 'embedding': 'weight', 'scale': 'weight'}.get(leaf, leaf)
+    out['.'.join(parts + [name])] = _to_torch(np.asarray(v), leaf)
+  return out
+
+
+# Module names that the official code indexes with a number (nn.ModuleList members).
+_INDEXED = {'blocks', 'down', 'up', 'block', 'attn', 'qresi_ls'}
+
+
+# ----------------------------------------------------------------------------- transformer
+
+def infer_transformer_config(state_dict: Mapping[str, np.ndarray], **overrides):
+  """Depth, width, heads, vocabulary, classes and MLP ratio read off the tensor shapes."""
+  from mvar_jax import transformer as tfm
+  from mvar_jax.layout import DEFAULT_PATCH_NUMS, ScaleLayout
+  need = ('pos_1LC', 'class_emb.weight', 'word_embed.weight', 'head.weight',
+          'blocks.0.attn.scale_mul_1H11', 'blocks.0.ffn.fc1.weight')
+  absent = [k for k in need if k not in state_dict]
+  if absent:
+    raise CheckpointMismatchError('transformer', missing=absent)
+  depth = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r'blocks\.(\d+)\.', k)))
+  width = state_dict['pos_1LC'].shape[-1]
+  kwargs = dict(
+      depth=depth, width=width,
+      num_heads=state_dict['blocks.0.attn.scale_mul_1H11'].shape[1],
+      mlp_ratio=state_dict['blocks.0.ffn.fc1.weight'].shape[0] / width,
+      num_classes=state_dict['class_emb.weight'].shape[0] - 1,
+      vocab_size=state_dict['head.weight'].shape[0],
+      cvae=state_dict['word_embed.weight'].shape[1],
+      drop_path_rate=0.1 * depth / 24)
+  kwargs.update(overrides)
+  patch_nums = tuple(kwargs.get('patch_nums', DEFAULT_PATCH_NUMS))
+  total = state_dict['pos_1LC'].shape[1]
+  if ScaleLayout(patch_nums).total_len != total:
+    raise CheckpointMismatchError('transformer', misshaped=[(
+        'pos_1LC', tuple(state_dict['pos_1LC'].shape),
+        f'(1, {ScaleLayout(patch_nums).total_len}, C) for patch_nums {patch_nums}; pass patch_nums')])
+  return tfm.TransformerConfig(**kwargs).validate()
+
+
+def convert_transformer(state_dict: Mapping[str, np.ndarray], config=None, **overrides):
+  """(config, params) from a VAR or MVAR state dict; `config` is inferred when None."""
+  import jax
+  from mvar_jax import transformer as tfm
+  config = config or infer_transformer_config(state_dict, **overrides)
+  abstract = jax.eval_shape(lambda: tfm.init_params(config, jax.random.key(0)))['params']
+  return config, state_dict_to_params(state_dict, abstract, 'transformer')
+
+
+# ----------------------------------------------------------------------------- VQ-VAE
+
+def infer_vqvae_config(state_dict: Mapping[str, np.ndarray], **overrides):
+  """Channels, multipliers, depth, code width and vocabulary read off the tensor shapes."""
+  from mvar_jax import vqvae
+  need = ('encoder.conv_in.weight', 'quant_conv.weight', 'quantize.embedding.weight')
+  absent = [k for k in need if k not in state_dict]
+  if absent:
+    raise CheckpointMismatchError('vqvae', missing=absent)
+  ch = state_dict['encoder.conv_in.weight'].shape[0]
+  levels = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r'encoder\.down\.(\d+)\.', k))})
+  ch_mult = tuple(state_dict[f'encoder.down.{i}.block.0.conv1.weight'].shape[0] // ch for i in levels)
+  num_res_blocks = 1 + max(int(m.group(1)) for k in state_dict
+                           if (m := re.match(r'encoder\.down\.0\.block\.(\d+)\.', k)))
+  num_phi = len({m.group(1) for k in state_dict if (m := re.match(r'quantize\.quant_resi\.qresi_ls\.(\d+)\.', k))})
+  vocab, z = state_dict['quantize.embedding.weight'].shape
+  kwargs = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, z_channels=z,
+                vocab_size=vocab, num_phi=max(num_phi, 1))
+  kwargs.update(overrides)
+  return vqvae.VQVAEConfig(**kwargs)
+
+
+def convert_vqvae(state_dict: Mapping[str, np.ndarray], config=None, **overrides):
+  """(config, params) from VAR's VQ-VAE state dict; `config` is inferred when None."""
+  import jax
+  from mvar_jax import vqvae
+  config = config or infer_vqvae_config(state_dict, **overrides)
+  abstract = jax.eval_shape(lambda: vqvae.init_params(config, jax.random.key(0)))['params']
+  return config, state_dict_to_params(state_dict, abstract, 'vqvae')
+
+
+# ----------------------------------------------------------------------------- files
+
+def save_converted(out_dir: str, name: str, config, params) -> None:
+  """Writes `name.msgpack` (params) and `name.json` (config) atomically."""
+  from flax import serialization
+  os.makedirs(out_dir, exist_ok=True)
+  blob = serialization.msgpack_serialize(jax_tree_to_numpy(params))
+  _atomic_write(os.path.join(out_dir, f'{name}.msgpack'), blob)
+  _atomic_write(os.path.join(out_dir, f'{name}.json'),
+                json.dumps(config_to_dict(config), indent=2).encode())
+
+
+def config_to_dict(config) -> dict:
+  d = dataclasses.asdict(config)
+  d['_type'] = type(config).__name__
+  return d
+
+
+def jax_tree_to_numpy(tree):
+  import jax
+  import flax.linen as nn
+  return jax.tree_util.tree_map(np.asarray, nn.unbox(tree))
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'wb') as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def main(argv=None) -> None:
+  import argparse
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--vae', help='VAR VQ-VAE .pth (vae_ch160v4096z32.pth)')
+  parser.add_argument('--transformer', help='var_d*.pth or mvar*.pth')
+  parser.add_argument('--out', required=True, help='output directory')
+  parser.add_argument('--patch_nums', default=None, help='e.g. 1_2_3_4_5_6_8_10_13_16')
+  parser.add_argument('--attention_mode', default='mvar', choices=('mvar', 'var'),
+                      help="'mvar' (scale/spatial-Markov) or 'var' (VAR's block-causal attention)")
+  parser.add_argument('--refine_step', type=int, default=8)
+  parser.add_argument('--kernel_size', type=int, default=7)
+  args = parser.parse_args(argv)
+  if not (args.vae or args.transformer):
+    parser.error('give --vae and/or --transformer')
+  overrides = {}
+  if args.patch_nums:
+    overrides['patch_nums'] = tuple(int(p) for p in args.patch_nums.split('_'))
+  if args.vae:
+    cfg, params = convert_vqvae(extract_state_dict(load_torch_file(args.vae)), **overrides)
+    save_converted(args.out, 'vqvae', cfg, params)
+    print(f'vqvae: {cfg} -> {args.out}/vqvae.msgpack')
+  if args.transformer:
+    from mvar_jax.attention import AttentionConfig
+    attn = AttentionConfig(mode=args.attention_mode, refine_step=args.refine_step,
+                           kernel_size=args.kernel_size)
+    cfg, params = convert_transformer(
+        extract_state_dict(load_torch_file(args.transformer)), attention=attn, **overrides)
+    save_converted(args.out, 'transformer', cfg, params)
+    print(f'transformer: depth {cfg.depth}, width {cfg.width} -> {args.out}/transformer.msgpack')
+
+
+if __name__ == '__main__':
+  main()

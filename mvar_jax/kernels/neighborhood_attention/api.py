@@ -1,0 +1,51 @@
+"""Entry point for 2D neighbourhood attention: one function, several implementations.
+
+  out_BNHD = neighborhood_attention(q, k, v, height=16, width=16, kernel_size=7, scale=1.0)
+
+implementation:
+  'gather'  pure-JAX gathered windows (reference; default on CPU and TPU)
+  'dense'   dense attention under a neighbourhood mask (XLA)
+  'pallas'  fused Pallas GPU kernel (forward and backward)
+  'auto'    'pallas' on GPU when available, else 'gather'
+"""
+
+from __future__ import annotations
+
+import jax
+
+from mvar_jax.kernels.neighborhood_attention import reference
+
+IMPLEMENTATIONS = ('auto', 'gather', 'dense', 'pallas')
+
+
+def resolve_implementation(implementation: str | None) -> str:
+  """Maps 'auto'/None to a concrete implementation for the default backend."""
+  implementation = implementation or 'auto'
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f'implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}')
+  if implementation == 'auto':
+    return 'pallas' if (jax.default_backend() == 'gpu' and _pallas_available()) else 'gather'
+  return implementation
+
+
+def _pallas_available() -> bool:
+  try:
+    from mvar_jax.kernels.neighborhood_attention import pallas_kernel  # noqa: F401
+  except ImportError:
+    return False
+  return True
+
+
+def neighborhood_attention(q_BNHD, k_BNHD, v_BNHD, *, height: int, width: int,
+                           kernel_size: int, scale: float | None = None,
+                           implementation: str | None = 'auto'):
+  """2D neighbourhood attention over raster-ordered maps; returns (B, N, heads, D)."""
+  reference.validate(height, width, kernel_size)
+  impl = resolve_implementation(implementation)
+  kwargs = dict(height=height, width=width, kernel_size=kernel_size, scale=scale)
+  if impl == 'gather':
+    return reference.na2d_gather(q_BNHD, k_BNHD, v_BNHD, **kwargs)
+  if impl == 'dense':
+    return reference.na2d_dense(q_BNHD, k_BNHD, v_BNHD, **kwargs)
+  from mvar_jax.kernels.neighborhood_attention import pallas_kernel
+  return pallas_kernel.na2d_pallas(q_BNHD, k_BNHD, v_BNHD, **kwargs)

@@ -1,0 +1,334 @@
+"""The VAR / MVAR transformer (identical parameters; MVAR only changes attention).
+
+    model = MVARTransformer(preset(16))
+    logits_BLV = model.apply(params, label_B, teacher_BlCv, first=0, last=9)
+
+A call computes the logits of the tokens of scales `first..last`:
+- first == 0: the sequence starts with the class token (class_emb + pos_start) and
+  `x_BlCv` holds the teacher inputs of the other tokens (L_seg - 1 of them; None
+  when only scale 0 is asked for);
+- first > 0: `x_BlCv` holds the inputs of all L_seg tokens.
+
+Per-scale forward passes. Under scale-Markov conditioning a scale's logits depend
+only on its own input, so any subset of scales can be computed in one call or
+scale by scale with identical results (tests/test_transformer.py checks this). We do
+not `vmap` over scales: scales have different lengths (1..256 tokens), so a vmap
+would pad every scale to 256 tokens (10x the tokens of the 8 small scales). All
+token-wise layers (linears, norms, MLP) instead run over the concatenated scales,
+which is what a vmap over scales would compute, without the padding; only the
+attention differs per scale, and `attention.multiscale_attention` splits it
+(block-diagonal dense for the small scales, one neighbourhood op per large map).
+Training can therefore run all scales in one call, or the official segment
+schedule (scales 0..refine_step-1 together, then each large scale alone), with
+the same function.
+
+Parameter names follow the official state dict (`blocks_3/attn/mat_qkv` for
+`blocks.3.attn.mat_qkv`), so the converter is a naming rule plus transposes. Every
+parameter carries logical axis names for sharding rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mvar_jax.attention import AttentionConfig, multiscale_attention
+from mvar_jax.layout import DEFAULT_PATCH_NUMS, ScaleLayout
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Architecture and regularisation of the transformer (frozen: a jit static arg)."""
+
+  depth: int = 16  # number of AdaLN blocks
+  width: int = 1024  # C: token width (64 * depth for the official presets)
+  num_heads: int = 16  # attention heads (head dim = width / num_heads)
+  mlp_ratio: float = 4.0  # FFN hidden width / C
+  num_classes: int = 1000  # class ids 0..num_classes-1; num_classes is the null class (CFG)
+  vocab_size: int = 4096  # V: tokenizer codebook size
+  cvae: int = 32  # tokenizer code width (teacher input channels)
+  patch_nums: tuple[int, ...] = DEFAULT_PATCH_NUMS  # side of each scale's token map
+  attention: AttentionConfig = AttentionConfig()  # scale/spatial-Markov pattern
+  drop_path_rate: float = 0.0  # max stochastic-depth rate (linearly increasing per block)
+  cond_drop_rate: float = 0.1  # class dropout for CFG training
+  norm_eps: float = 1e-6  # LayerNorm epsilon
+  dtype: str = 'float32'  # compute dtype of the blocks ('float32' | 'bfloat16' | 'float16')
+  remat: bool = False  # rematerialise each block in the backward pass (saves memory)
+  init_adaln: float = 0.5  # multiplier of the AdaLN scale/shift rows at init
+  init_adaln_gamma: float = 1e-5  # multiplier of the AdaLN gamma rows at init
+  init_head: float = 0.02  # multiplier of the head weight at init
+
+  @property
+  def layout(self) -> ScaleLayout:
+    return ScaleLayout(self.patch_nums)
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.num_heads
+
+  def validate(self) -> 'TransformerConfig':
+    """Raises ValueError naming the field; returns self for chaining."""
+    for name in ('depth', 'width', 'num_heads', 'num_classes', 'vocab_size', 'cvae'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
+    if self.width % self.num_heads:
+      raise ValueError(f'width {self.width} must be divisible by num_heads {self.num_heads}')
+    if self.dtype not in DTYPES:
+      raise ValueError(f'dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}')
+    for name in ('drop_path_rate', 'cond_drop_rate'):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ValueError(f'{name} must be in [0, 1), got {getattr(self, name)}')
+    self.attention.validate(self.layout)
+    return self
+
+
+def preset(depth: int, **overrides: Any) -> TransformerConfig:
+  """Official VAR/MVAR-d{depth}: width 64*d, d heads, drop path 0.1*d/24."""
+  kwargs = dict(depth=depth, width=64 * depth, num_heads=depth, drop_path_rate=0.1 * depth / 24)
+  kwargs.update(overrides)
+  return TransformerConfig(**kwargs).validate()
+
+
+# ----------------------------------------------------------------------------- init
+
+def trunc_normal(std: float, multiplier: float = 1.0):
+  """torch.nn.init.trunc_normal_(std=std) (bounds are absolute +-2), times `multiplier`."""
+
+  def init(key, shape, dtype=jnp.float32):
+    x = jax.random.truncated_normal(key, -2.0 / std, 2.0 / std, shape, jnp.float32) * std
+    return (x * multiplier).astype(dtype)
+
+  return init
+
+
+def adaln_init(std: float, num_chunks: int, chunk_multipliers: tuple[float, ...]):
+  """Kernel (D, num_chunks*C) init whose output chunks are scaled separately."""
+
+  def init(key, shape, dtype=jnp.float32):
+    w = trunc_normal(std)(key, shape, jnp.float32)
+    c = shape[-1] // num_chunks
+    mult = np.repeat(np.asarray(chunk_multipliers, np.float32), c)
+    return (w * mult).astype(dtype)
+
+  return init
+
+
+def _dense(features, names, kernel_init, dtype, use_bias=True, name=None):
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
+      kernel_init=nn.with_logical_partitioning(kernel_init, names),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]))
+
+
+def _layer_norm(x, eps):
+  """LayerNorm without affine parameters, statistics in fp32."""
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def _l2_normalize(x, eps=1e-12):
+  """x / max(||x||, eps) along the last axis, as torch.nn.functional.normalize."""
+  x32 = x.astype(jnp.float32)
+  norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True))
+  return x32 / jnp.maximum(norm, eps)
+
+
+# ----------------------------------------------------------------------------- layers
+
+class SelfAttention(nn.Module):
+  """l2-normalised multi-head attention with a learnable per-head scale (softmax scale 1)."""
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_BLC, *, first: int, last: int):
+    cfg = self.config
+    dtype = DTYPES[cfg.dtype]
+    std = math.sqrt(1 / (3 * cfg.width))
+    b, l, c = x_BLC.shape
+    h, hd = cfg.num_heads, cfg.head_dim
+    zeros = nn.with_logical_partitioning(nn.initializers.zeros, ('heads',))
+    q_bias = self.param('q_bias', zeros, (c,), jnp.float32)
+    v_bias = self.param('v_bias', zeros, (c,), jnp.float32)
+    scale_mul_1H11 = self.param(
+        'scale_mul_1H11',
+        nn.with_logical_partitioning(nn.initializers.constant(math.log(4.0)), (None, None, None, None)),
+        (1, h, 1, 1), jnp.float32)
+    qkv = _dense(3 * c, ('embed', 'qkv'), trunc_normal(std), dtype, use_bias=False,
+                 name='mat_qkv')(x_BLC)
+    qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
+    q, k, v = jnp.split(qkv.reshape(b, l, 3, h, hd), 3, axis=2)
+    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # (B, L, H, hd)
+    # Clamped at ln(100) so the attention temperature stays bounded.
+    head_scale = jnp.exp(jnp.minimum(scale_mul_1H11, math.log(100.0))).reshape(1, 1, h, 1)
+    q = (_l2_normalize(q) * head_scale).astype(dtype)
+    k = _l2_normalize(k).astype(dtype)
+    o_BLHD = multiscale_attention(q, k, v.astype(dtype), layout=cfg.layout, first=first, last=last,
+                                  config=cfg.attention, scale=1.0)
+    proj_init = trunc_normal(std, 1 / math.sqrt(2 * cfg.depth))
+    return _dense(c, ('qkv', 'embed'), proj_init, dtype, name='proj')(o_BLHD.reshape(b, l, c))
+
+
+class FFN(nn.Module):
+  """fc1 -> GELU (tanh approximation) -> fc2."""
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_BLC):
+    cfg = self.config
+    dtype = DTYPES[cfg.dtype]
+    std = math.sqrt(1 / (3 * cfg.width))
+    hidden = round(cfg.width * cfg.mlp_ratio)
+    x = _dense(hidden, ('embed', 'mlp'), trunc_normal(std), dtype, name='fc1')(x_BLC)
+    x = nn.gelu(x, approximate=True)
+    fc2_init = trunc_normal(std, 1 / math.sqrt(2 * cfg.depth))
+    return _dense(cfg.width, ('mlp', 'embed'), fc2_init, dtype, name='fc2')(x)
+
+
+def drop_path(x_BLC, rate: float, deterministic: bool, rng_module: nn.Module):
+  """Stochastic depth: drops whole samples of a residual branch, rescales the kept ones."""
+  if deterministic or rate == 0.0:
+    return x_BLC
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(rng_module.make_rng('dropout'), keep, (x_BLC.shape[0], 1, 1))
+  return jnp.where(mask, x_BLC / keep, jnp.zeros_like(x_BLC))
+
+
+class AdaLNSelfAttn(nn.Module):
+  """One block: x += a(LN(x)*(1+s1)+t1)*g1; x += f(LN(x)*(1+s2)+t2)*g2."""
+
+  config: TransformerConfig
+  drop_path_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x_BLC, cond_BD, first: int, last: int, deterministic: bool = True):
+    cfg = self.config
+    dtype = DTYPES[cfg.dtype]
+    c = cfg.width
+    std = math.sqrt(1 / (3 * c))
+    # Chunk order of the official ada_lin: gamma1, gamma2, scale1, scale2, shift1, shift2.
+    init = adaln_init(std, 6, (cfg.init_adaln_gamma,) * 2 + (cfg.init_adaln,) * 4)
+    ada = _dense(6 * c, ('embed', 'adaln'), init, dtype, name='ada_lin')(nn.silu(cond_BD))
+    gamma1, gamma2, scale1, scale2, shift1, shift2 = jnp.split(ada[:, None, :], 6, axis=-1)
+    eps = cfg.norm_eps
+    h = _layer_norm(x_BLC, eps) * (1 + scale1) + shift1
+    h = SelfAttention(cfg, name='attn')(h, first=first, last=last) * gamma1
+    x_BLC = x_BLC + drop_path(h, self.drop_path_rate, deterministic, self)
+    h = _layer_norm(x_BLC, eps) * (1 + scale2) + shift2
+    h = FFN(cfg, name='ffn')(h) * gamma2
+    return x_BLC + drop_path(h, self.drop_path_rate, deterministic, self)
+
+
+class AdaLNBeforeHead(nn.Module):
+  """LN(x) * (1 + scale) + shift with (scale, shift) from the condition; fp32."""
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_BLC, cond_BD):
+    cfg = self.config
+    std = math.sqrt(1 / (3 * cfg.width))
+    init = trunc_normal(std, cfg.init_adaln)
+    ada = _dense(2 * cfg.width, ('embed', 'adaln'), init, jnp.float32, name='ada_lin')(
+        nn.silu(cond_BD))
+    scale, shift = jnp.split(ada[:, None, :], 2, axis=-1)
+    return _layer_norm(x_BLC, cfg.norm_eps) * (1 + scale) + shift
+
+
+# ----------------------------------------------------------------------------- model
+
+class MVARTransformer(nn.Module):
+  """Class-conditional next-scale predictor. See the module docstring for the call."""
+
+  config: TransformerConfig
+
+  def setup(self):
+    cfg = self.config
+    c = cfg.width
+    std = math.sqrt(1 / (3 * c))
+    layout = cfg.layout
+    first_l = layout.patch_nums[0] ** 2
+    self.word_embed = _dense(c, ('cvae', 'embed'), trunc_normal(std), jnp.float32)
+    embed_init = lambda names: nn.with_logical_partitioning(trunc_normal(std), names)
+    self.class_emb = nn.Embed(cfg.num_classes + 1, c, param_dtype=jnp.float32,
+                              embedding_init=embed_init(('classes', 'embed')))
+    self.lvl_embed = nn.Embed(layout.num_scales, c, param_dtype=jnp.float32,
+                              embedding_init=embed_init(('levels', 'embed')))
+    self.pos_start = self.param('pos_start', embed_init((None, None, 'embed')), (1, first_l, c))
+    self.pos_1LC = self.param('pos_1LC', embed_init((None, 'tokens', 'embed')),
+                              (1, layout.total_len, c))
+    block_cls = nn.remat(AdaLNSelfAttn, static_argnums=(3, 4, 5)) if cfg.remat else AdaLNSelfAttn
+    rates = np.linspace(0.0, cfg.drop_path_rate, cfg.depth)
+    self.blocks = [block_cls(cfg, drop_path_rate=float(rates[i]), name=f'blocks_{i}')
+                   for i in range(cfg.depth)]
+    self.head_nm = AdaLNBeforeHead(cfg)
+    self.head = _dense(cfg.vocab_size, ('embed', 'vocab'), trunc_normal(std, cfg.init_head),
+                       jnp.float32)
+
+  def condition(self, label_B, *, deterministic: bool = True):
+    """Class dropout (training only) then the class embedding: (B, C) fp32."""
+    cfg = self.config
+    if not deterministic and cfg.cond_drop_rate > 0:
+      drop = jax.random.uniform(self.make_rng('dropout'), label_B.shape) < cfg.cond_drop_rate
+      label_B = jnp.where(drop, cfg.num_classes, label_B)
+    return self.class_emb(label_B)
+
+  def embed_tokens(self, cond_BD, x_BlCv, first: int, last: int):
+    """Token embeddings of scales first..last (fp32, (B, L_seg, C))."""
+    layout = self.config.layout
+    begin, end = layout.span(first, last)
+    parts = []
+    if first == 0:
+      first_l = layout.patch_nums[0] ** 2
+      b = cond_BD.shape[0]
+      parts.append(jnp.broadcast_to(cond_BD[:, None, :], (b, first_l, cond_BD.shape[-1]))
+                   + self.pos_start)
+    if x_BlCv is not None and x_BlCv.shape[1] > 0:
+      parts.append(self.word_embed(x_BlCv.astype(jnp.float32)))
+    x_BLC = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+    if x_BLC.shape[1] != end - begin:
+      raise ValueError(f'scales {first}..{last} hold {end - begin} tokens; got '
+                       f'{x_BLC.shape[1]} (teacher input {None if x_BlCv is None else x_BlCv.shape})')
+    lvl = jnp.asarray(layout.level_ids(first, last))
+    return x_BLC + self.lvl_embed(lvl)[None] + self.pos_1LC[:, begin:end]
+
+  def __call__(self, label_B, x_BlCv=None, *, first: int = 0, last: int | None = None,
+               train: bool = False):
+    """Logits (B, L_seg, V) fp32 for the tokens of scales first..last."""
+    cfg = self.config
+    last = cfg.layout.num_scales - 1 if last is None else last
+    if not 0 <= first <= last < cfg.layout.num_scales:
+      raise ValueError(f'need 0 <= first <= last < {cfg.layout.num_scales}, got {first}..{last}')
+    deterministic = not train
+    cond_BD = self.condition(label_B, deterministic=deterministic)
+    x_BLC = self.embed_tokens(cond_BD, x_BlCv, first, last)
+    dtype = DTYPES[cfg.dtype]
+    x_BLC, cond_c = x_BLC.astype(dtype), cond_BD.astype(dtype)
+    for block in self.blocks:
+      x_BLC = block(x_BLC, cond_c, first, last, deterministic)
+    h = self.head_nm(x_BLC.astype(jnp.float32), cond_BD)
+    return self.head(h).astype(jnp.float32)
+
+
+def init_params(config: TransformerConfig, rng, batch_size: int = 1):
+  """Freshly initialised (boxed, logically partitioned) parameters."""
+  model = MVARTransformer(config)
+  layout = config.layout
+  label = jnp.zeros((batch_size,), jnp.int32)
+  x = jnp.zeros((batch_size, layout.total_len - layout.patch_nums[0] ** 2, config.cvae))
+  return model.init({'params': rng}, label, x)
+
+
+def count_params(params) -> int:
+  return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(nn.unbox(params)))
