@@ -5,8 +5,8 @@
 implementation:
   'gather'  pure-JAX gathered windows (reference; default on CPU and TPU)
   'dense'   dense attention under a neighbourhood mask (XLA)
-  'pallas'  fused Pallas GPU kernel (forward and backward)
-  'auto'    'pallas' on GPU when available, else 'gather'
+  'pallas'  fused Pallas GPU kernel (forward and backward; interpret=True runs it on CPU)
+  'auto'    'pallas' on GPU when available (and the head dim/dtype are supported), else 'gather'
 """
 
 from __future__ import annotations
@@ -38,14 +38,23 @@ def _pallas_available() -> bool:
 
 def neighborhood_attention(q_BNHD, k_BNHD, v_BNHD, *, height: int, width: int,
                            kernel_size: int, scale: float | None = None,
-                           implementation: str | None = 'auto'):
-  """2D neighbourhood attention over raster-ordered maps; returns (B, N, heads, D)."""
+                           implementation: str | None = 'auto', block_sizes=None,
+                           interpret: bool | None = None):
+  """2D neighbourhood attention over raster-ordered maps; returns (B, N, heads, D).
+
+  block_sizes (`pallas_kernel.BlockSizes`) and interpret only affect the 'pallas' kernel.
+  """
   reference.validate(height, width, kernel_size)
   impl = resolve_implementation(implementation)
+  if impl == 'pallas' and implementation in (None, 'auto'):
+    from mvar_jax.kernels.neighborhood_attention import pallas_kernel
+    if not pallas_kernel.supports(q_BNHD.shape[-1], q_BNHD.dtype):
+      impl = 'gather'  # e.g. head dim 48: 'auto' must not fail where the reference works
   kwargs = dict(height=height, width=width, kernel_size=kernel_size, scale=scale)
   if impl == 'gather':
     return reference.na2d_gather(q_BNHD, k_BNHD, v_BNHD, **kwargs)
   if impl == 'dense':
     return reference.na2d_dense(q_BNHD, k_BNHD, v_BNHD, **kwargs)
   from mvar_jax.kernels.neighborhood_attention import pallas_kernel
-  return pallas_kernel.na2d_pallas(q_BNHD, k_BNHD, v_BNHD, **kwargs)
+  return pallas_kernel.na2d_pallas(q_BNHD, k_BNHD, v_BNHD, block_sizes=block_sizes,
+                                   interpret=interpret, **kwargs)
