@@ -1,0 +1,579 @@
+"""VAR's multi-scale residual VQ-VAE (the tokenizer), NHWC, checkpoint-compatible.
+
+    tok = Tokenizer(VQVAEConfig())                 # params-first functions, jit-friendly
+    ids = tok.img_to_ids(params, img_BHW3)          # K arrays (B, pn*pn) int32, img in [-1, 1]
+    img_BHW3 = tok.ids_to_img(params, ids)          # clamped to [-1, 1]
+    x_BLC = tok.ids_to_teacher_input(params, ids)   # (B, L - pn_0**2, Cvae) fp32
+
+`Tokenizer` is a thin frozen (hashable, so a valid jit static argument) wrapper over
+`VQVAE(config).apply(params, ..., method=VQVAE.<name>)`; both spellings are public.
+`params` may be the bare parameter tree or {'params': tree}.
+
+Encoding: f = quant_conv(encoder(img)); per scale k, z = area-resize(f_rest -> pn_k)
+(the last scale uses f_rest as is), ids = argmin ||z - e||, h = Phi_k(bicubic-up(e[ids]))
+(no resize at the last scale), f_hat += h, f_rest -= h. Decoding sums the same h.
+
+Parameter names follow the official state dict under one rule (numeric segments
+join the previous name: `encoder.down.0.block.1.conv1.weight` ->
+encoder/down_0/block_1/conv1/kernel), so `mvar_jax.convert` needs no table. The
+buffer `quantize.ema_vocab_hit_SV` has no counterpart: the training forward
+returns per-scale code hit counts instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mvar_jax.layout import DEFAULT_PATCH_NUMS, ScaleLayout, phi_index
+from mvar_jax.resize import resize_area, resize_bicubic
+
+PRECISIONS = {'default': jax.lax.Precision.DEFAULT, 'high': jax.lax.Precision.HIGH,
+              'highest': jax.lax.Precision.HIGHEST}
+
+
+@dataclasses.dataclass(frozen=True)
+class VQVAEConfig:
+  """Tokenizer architecture (frozen: a jit static argument). Validated on construction."""
+
+  ch: int = 160  # base width of encoder and decoder
+  ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # width multiplier per resolution level
+  num_res_blocks: int = 2  # res blocks per encoder level (the decoder has one more)
+  z_channels: int = 32  # Cvae: latent and code-vector width
+  vocab_size: int = 4096  # V: codebook entries
+  patch_nums: tuple[int, ...] = DEFAULT_PATCH_NUMS  # side of each scale's token map
+  num_phi: int = 4  # shared Phi convs (VAR's share_quant_resi; 1 = a single shared Phi)
+  phi_ratio: float = 0.5  # Phi(h) = (1 - r) h + r conv3x3(h)
+  beta: float = 0.25  # commitment weight of the VQ loss (VAE training only)
+  using_sa: bool = True  # attention blocks at the lowest-resolution level
+  using_mid_sa: bool = True  # attention block in the middle
+  in_channels: int = 3  # image channels
+  norm_groups: int = 32  # GroupNorm groups (every width must be divisible by it)
+  image_size: int | None = None  # None: patch_nums[-1] * downsample
+  precision: str = 'highest'  # convs and attention; 'default' allows TF32/bf16 passes (faster)
+  eini: float = -1.0  # codebook init: <0 uniform(+-|eini|/V) (VAR), >0 trunc-normal std, 0 N(0, 1)
+
+  def __post_init__(self):
+    # JSON round trips hand back lists; tuples keep the config hashable.
+    object.__setattr__(self, 'ch_mult', tuple(int(m) for m in self.ch_mult))
+    object.__setattr__(self, 'patch_nums', tuple(int(p) for p in self.patch_nums))
+    self.validate()
+
+  @property
+  def layout(self) -> ScaleLayout:
+    return ScaleLayout(self.patch_nums)
+
+  @property
+  def downsample(self) -> int:
+    return 2 ** (len(self.ch_mult) - 1)
+
+  @property
+  def resolution(self) -> int:
+    """Image side in pixels."""
+    return self.image_size or self.patch_nums[-1] * self.downsample
+
+  @property
+  def widths(self) -> tuple[int, ...]:
+    return tuple(self.ch * m for m in self.ch_mult)
+
+  def validate(self) -> 'VQVAEConfig':
+    """Raises ValueError naming the field; returns self for chaining."""
+    for name in ('ch', 'num_res_blocks', 'z_channels', 'vocab_size', 'num_phi', 'in_channels',
+                 'norm_groups'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
+    if not self.ch_mult or any(m < 1 for m in self.ch_mult):
+      raise ValueError(f'ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult}')
+    for w in (self.ch,) + self.widths:
+      if w % self.norm_groups:
+        raise ValueError(f'ch * ch_mult gives width {w}, not divisible by norm_groups '
+                         f'{self.norm_groups} (ch={self.ch}, ch_mult={self.ch_mult})')
+    self.layout  # noqa: B018  (validates patch_nums: positive, strictly increasing)
+    if self.image_size is not None and self.image_size != self.patch_nums[-1] * self.downsample:
+      raise ValueError(f'image_size {self.image_size} / downsample {self.downsample} must equal '
+                       f'patch_nums[-1] = {self.patch_nums[-1]}')
+    if not 0.0 < self.phi_ratio <= 1.0:
+      raise ValueError(f'phi_ratio must be in (0, 1], got {self.phi_ratio}')
+    if self.beta < 0:
+      raise ValueError(f'beta must be >= 0, got {self.beta}')
+    if self.precision not in PRECISIONS:
+      raise ValueError(f'precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}')
+    return self
+
+
+# ----------------------------------------------------------------------------- layers
+
+def _conv(cfg: VQVAEConfig, features: int, kernel: int, name: str, *, stride: int = 1,
+          padding: Any = None) -> nn.Conv:
+  """Conv with torch's default weight init (uniform +-1/sqrt(fan_in)), zero bias."""
+  pad = kernel // 2 if padding is None else padding
+  return nn.Conv(
+      features, (kernel, kernel), strides=stride, padding=pad, name=name,
+      precision=PRECISIONS[cfg.precision],
+      kernel_init=nn.with_logical_partitioning(
+          nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'),
+          (None, None, 'vae_in', 'vae_out')),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('vae_out',)))
+
+
+def _norm(cfg: VQVAEConfig, name: str) -> nn.GroupNorm:
+  # Two-pass variance, as torch; the fast E[x^2]-E[x]^2 form drifts by ~1e-5.
+  return nn.GroupNorm(
+      num_groups=cfg.norm_groups, epsilon=1e-6, use_fast_variance=False, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('vae_out',)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('vae_out',)))
+
+
+class ResnetBlock(nn.Module):
+  """GN, SiLU, conv3, GN, SiLU, conv3; 1x1 `nin_shortcut` when the width changes."""
+
+  config: VQVAEConfig
+  features: int
+
+  @nn.compact
+  def __call__(self, x_BHWC):
+    cfg = self.config
+    h = _conv(cfg, self.features, 3, 'conv1')(nn.silu(_norm(cfg, 'norm1')(x_BHWC)))
+    h = _conv(cfg, self.features, 3, 'conv2')(nn.silu(_norm(cfg, 'norm2')(h)))
+    if x_BHWC.shape[-1] != self.features:
+      x_BHWC = _conv(cfg, self.features, 1, 'nin_shortcut')(x_BHWC)
+    return x_BHWC + h
+
+
+class AttnBlock(nn.Module):
+  """Single-head self-attention over all pixels, residual."""
+
+  config: VQVAEConfig
+
+  @nn.compact
+  def __call__(self, x_BHWC):
+    cfg = self.config
+    b, h, w, c = x_BHWC.shape
+    prec = PRECISIONS[cfg.precision]
+    qkv = _conv(cfg, 3 * c, 1, 'qkv')(_norm(cfg, 'norm')(x_BHWC)).reshape(b, h * w, 3 * c)
+    # torch views the 3C channels as (3, C): q, k, v are contiguous thirds.
+    q_BLC, k_BLC, v_BLC = jnp.split(qkv, 3, axis=-1)
+    w_BLL = jnp.einsum('bic,bjc->bij', q_BLC, k_BLC, precision=prec) * c ** -0.5
+    o_BLC = jnp.einsum('bij,bjc->bic', jax.nn.softmax(w_BLL, axis=-1), v_BLC, precision=prec)
+    return x_BHWC + _conv(cfg, c, 1, 'proj_out')(o_BLC.reshape(b, h, w, c))
+
+
+class Downsample(nn.Module):
+  """Pad right/bottom by one, 3x3 stride-2 VALID conv (the official asymmetric padding)."""
+
+  config: VQVAEConfig
+
+  @nn.compact
+  def __call__(self, x_BHWC):
+    x = jnp.pad(x_BHWC, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    return _conv(self.config, x.shape[-1], 3, 'conv', stride=2, padding='VALID')(x)
+
+
+class Upsample(nn.Module):
+  """Nearest x2 then 3x3 conv."""
+
+  config: VQVAEConfig
+
+  @nn.compact
+  def __call__(self, x_BHWC):
+    x = jnp.repeat(jnp.repeat(x_BHWC, 2, axis=1), 2, axis=2)
+    return _conv(self.config, x.shape[-1], 3, 'conv')(x)
+
+
+class Level(nn.Module):
+  """One resolution level: res blocks (each followed by attention if `attn`), then resample."""
+
+  config: VQVAEConfig
+  features: int
+  num_blocks: int
+  attn: bool
+  resample: str | None  # 'down' | 'up' | None
+
+  @nn.compact
+  def __call__(self, x_BHWC):
+    for j in range(self.num_blocks):
+      x_BHWC = ResnetBlock(self.config, self.features, name=f'block_{j}')(x_BHWC)
+      if self.attn:
+        x_BHWC = AttnBlock(self.config, name=f'attn_{j}')(x_BHWC)
+    if self.resample == 'down':
+      x_BHWC = Downsample(self.config, name='downsample')(x_BHWC)
+    elif self.resample == 'up':
+      x_BHWC = Upsample(self.config, name='upsample')(x_BHWC)
+    return x_BHWC
+
+
+class Mid(nn.Module):
+  """block_1, attn_1 (optional), block_2 at the lowest resolution."""
+
+  config: VQVAEConfig
+
+  @nn.compact
+  def __call__(self, x_BHWC):
+    cfg = self.config
+    c = x_BHWC.shape[-1]
+    x_BHWC = ResnetBlock(cfg, c, name='block_1')(x_BHWC)
+    if cfg.using_mid_sa:
+      x_BHWC = AttnBlock(cfg, name='attn_1')(x_BHWC)
+    return ResnetBlock(cfg, c, name='block_2')(x_BHWC)
+
+
+class Encoder(nn.Module):
+  """(B, H, W, in_channels) -> (B, H/d, W/d, z_channels), d = 2**(len(ch_mult)-1)."""
+
+  config: VQVAEConfig
+
+  @nn.compact
+  def __call__(self, img_BHWC):
+    cfg = self.config
+    n = len(cfg.ch_mult)
+    x = _conv(cfg, cfg.ch, 3, 'conv_in')(img_BHWC)
+    for i, width in enumerate(cfg.widths):
+      last = i == n - 1
+      x = Level(cfg, width, cfg.num_res_blocks, attn=last and cfg.using_sa,
+                resample=None if last else 'down', name=f'down_{i}')(x)
+    x = Mid(cfg, name='mid')(x)
+    return _conv(cfg, cfg.z_channels, 3, 'conv_out')(nn.silu(_norm(cfg, 'norm_out')(x)))
+
+
+class Decoder(nn.Module):
+  """(B, h, w, z_channels) -> (B, h*d, w*d, in_channels), unclamped."""
+
+  config: VQVAEConfig
+
+  @nn.compact
+  def __call__(self, z_BhwC):
+    cfg = self.config
+    n = len(cfg.ch_mult)
+    x = _conv(cfg, cfg.widths[-1], 3, 'conv_in')(z_BhwC)
+    x = Mid(cfg, name='mid')(x)
+    # Named as upstream: up_{n-1} (lowest resolution) runs first, up_0 last.
+    for i in reversed(range(n)):
+      x = Level(cfg, cfg.widths[i], cfg.num_res_blocks + 1, attn=i == n - 1 and cfg.using_sa,
+                resample='up' if i else None, name=f'up_{i}')(x)
+    return _conv(cfg, cfg.in_channels, 3, 'conv_out')(nn.silu(_norm(cfg, 'norm_out')(x)))
+
+
+class PhiBank(nn.Module):
+  """The shared Phi convs: `qresi_ls_{i}` (or one `qresi` when num_phi == 1), as upstream."""
+
+  config: VQVAEConfig
+
+  def setup(self):
+    cfg = self.config
+    if cfg.num_phi == 1:
+      self.qresi = _conv(cfg, cfg.z_channels, 3, None)
+    else:
+      self.qresi_ls = [_conv(cfg, cfg.z_channels, 3, None) for _ in range(cfg.num_phi)]
+
+  def __call__(self, si: int, h_BhwC):
+    """Phi of scale si: (1 - r) h + r conv(h), same shape."""
+    cfg = self.config
+    if cfg.num_phi == 1:
+      conv = self.qresi
+    else:
+      conv = self.qresi_ls[phi_index(si, len(cfg.patch_nums), cfg.num_phi)]
+    r = cfg.phi_ratio
+    return h_BhwC * (1 - r) + conv(h_BhwC) * r
+
+  def touch_all(self, h_BhwC):
+    """Runs every conv once, so init creates them all (few scales may not reach each Phi)."""
+    convs = [self.qresi] if self.config.num_phi == 1 else self.qresi_ls
+    for conv in convs:
+      conv(h_BhwC)
+
+
+def _codebook_init(eini: float, vocab_size: int):
+  """VAR's `eini`: <0 uniform(+-|eini|/V), >0 trunc-normal (bounds +-2 absolute), 0 N(0, 1)."""
+  if eini < 0:
+    bound = abs(eini) / vocab_size
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -bound, bound)
+  if eini > 0:
+    return lambda key, shape, dtype=jnp.float32: (
+        jax.random.truncated_normal(key, -2.0 / eini, 2.0 / eini, shape, dtype) * eini)
+  return nn.initializers.normal(1.0)
+
+
+class MultiScaleQuantizer(nn.Module):
+  """Residual quantisation over the scales of `config.patch_nums` (VAR's VectorQuantizer2).
+
+  Feature maps are (B, pn_K, pn_K, Cvae) with pn_K = patch_nums[-1]; everything is fp32.
+  """
+
+  config: VQVAEConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embedding = nn.Embed(
+        cfg.vocab_size, cfg.z_channels, param_dtype=jnp.float32,
+        embedding_init=nn.with_logical_partitioning(_codebook_init(cfg.eini, cfg.vocab_size),
+                                                    ('vae_vocab', 'vae_code')))
+    self.quant_resi = PhiBank(cfg)
+
+  def codebook(self):
+    """(V, Cvae) code vectors."""
+    return self.embedding.embedding
+
+  def embed_ids(self, ids_BL):
+    """(B, L) int -> (B, L, Cvae)."""
+    return jnp.take(self.codebook(), ids_BL, axis=0)
+
+  def _code_map(self, si: int, ids_BL):
+    pn = self.config.patch_nums[si]
+    if ids_BL.shape[1:] != (pn * pn,):
+      raise ValueError(f'ids of scale {si} must be (B, {pn * pn}), got {ids_BL.shape}')
+    return self.embed_ids(ids_BL).reshape(ids_BL.shape[0], pn, pn, -1)
+
+  def upsample_phi(self, si: int, h_BhwC):
+    """Phi_si(bicubic h to pn_K x pn_K); the last scale is already that size."""
+    last = self.config.patch_nums[-1]
+    if si != len(self.config.patch_nums) - 1:
+      h_BhwC = resize_bicubic(h_BhwC, (last, last))
+    return self.quant_resi(si, h_BhwC)
+
+  def nearest(self, z_BhwC):
+    """(B, h, w, Cvae) -> (B, h*w) int32 ids of the nearest code vectors (Euclidean)."""
+    b, h, w, c = z_BhwC.shape
+    z_NC = jax.lax.stop_gradient(z_BhwC).reshape(-1, c)
+    e_VC = jax.lax.stop_gradient(self.codebook())
+    # Same expansion as upstream (|z|^2 + |e|^2 - 2 z.e); HIGHEST keeps near-ties as in fp32.
+    d_NV = (jnp.sum(z_NC * z_NC, axis=1, keepdims=True) + jnp.sum(e_VC * e_VC, axis=1)
+            - 2.0 * jnp.matmul(z_NC, e_VC.T, precision=jax.lax.Precision.HIGHEST))
+    return jnp.argmin(d_NV, axis=1).astype(jnp.int32).reshape(b, h * w)
+
+  def quantize(self, f_BhwC):
+    """Residual quantisation of sg(f): (ids per scale, f_hat after each scale).
+
+    The f_hats carry gradients into the codebook and the Phi convs (the VQ loss needs them);
+    the residual that picks the ids does not.
+    """
+    cfg = self.config
+    k = len(cfg.patch_nums)
+    last = cfg.patch_nums[-1]
+    if f_BhwC.shape[1:3] != (last, last):
+      raise ValueError(f'features must be (B, {last}, {last}, C) for patch_nums[-1]={last}, '
+                       f'got {f_BhwC.shape}')
+    f_rest = jax.lax.stop_gradient(f_BhwC).astype(jnp.float32)
+    f_hat = jnp.zeros_like(f_rest)
+    ids, f_hats = [], []
+    for si, pn in enumerate(cfg.patch_nums):
+      z = f_rest if si == k - 1 else resize_area(f_rest, (pn, pn))
+      ids_BL = self.nearest(z)
+      h = self.upsample_phi(si, self._code_map(si, ids_BL))
+      f_hat = f_hat + h
+      f_rest = f_rest - jax.lax.stop_gradient(h)
+      ids.append(ids_BL)
+      f_hats.append(f_hat)
+    return ids, f_hats
+
+  def ids_to_fhat(self, ids: Sequence[jax.Array]):
+    """K arrays (B, pn*pn) -> f_hat (B, pn_K, pn_K, Cvae) fp32."""
+    self._check_ids(ids)
+    f_hat = 0.0
+    for si, ids_BL in enumerate(ids):
+      f_hat = f_hat + self.upsample_phi(si, self._code_map(si, ids_BL))
+    return f_hat
+
+  def ids_to_teacher_input(self, ids: Sequence[jax.Array]):
+    """K arrays (B, pn*pn) -> (B, L - pn_0**2, Cvae) fp32: area-resized running f_hat per scale."""
+    self._check_ids(ids)
+    pns = self.config.patch_nums
+    b = ids[0].shape[0]
+    f_hat, parts = 0.0, []
+    for si in range(len(pns) - 1):  # the last scale's codes feed no later input
+      f_hat = f_hat + self.upsample_phi(si, self._code_map(si, ids[si]))
+      nxt = pns[si + 1]
+      parts.append(resize_area(f_hat, (nxt, nxt)).reshape(b, nxt * nxt, -1))
+    if not parts:
+      return jnp.zeros((b, 0, self.config.z_channels), jnp.float32)
+    return jnp.concatenate(parts, axis=1)
+
+  def next_autoregressive_input(self, si: int, f_hat_BhwC, h_BhwC):
+    """Adds scale si's code map (B, pn, pn, C) or (B, pn*pn, C) to f_hat; returns (f_hat, next).
+
+    `next` is f_hat area-resized to pn_{si+1} (the next scale's input), or f_hat itself
+    after the last scale. f_hat None means zeros.
+    """
+    cfg = self.config
+    k, pn, last = len(cfg.patch_nums), cfg.patch_nums[si], cfg.patch_nums[-1]
+    b = h_BhwC.shape[0]
+    h_BhwC = h_BhwC.reshape(b, pn, pn, -1).astype(jnp.float32)
+    if f_hat_BhwC is None:
+      f_hat_BhwC = jnp.zeros((b, last, last, h_BhwC.shape[-1]), jnp.float32)
+    f_hat_BhwC = f_hat_BhwC + self.upsample_phi(si, h_BhwC)
+    if si == k - 1:
+      return f_hat_BhwC, f_hat_BhwC
+    nxt = cfg.patch_nums[si + 1]
+    return f_hat_BhwC, resize_area(f_hat_BhwC, (nxt, nxt))
+
+  def __call__(self, f_BhwC):
+    """Training forward: (straight-through f_hat, vq_loss, hits_SV int32 code hit counts)."""
+    cfg = self.config
+    if self.is_initializing():
+      self.quant_resi.touch_all(jnp.zeros_like(f_BhwC, jnp.float32))
+    f = f_BhwC.astype(jnp.float32)
+    f_sg = jax.lax.stop_gradient(f)
+    ids, f_hats = self.quantize(f)
+    sg = jax.lax.stop_gradient
+    # Commitment pulls f towards the codes; the codebook term pulls the codes (via Phi) to f.
+    losses = [cfg.beta * jnp.mean(jnp.square(sg(fh) - f)) + jnp.mean(jnp.square(fh - f_sg))
+              for fh in f_hats]
+    vq_loss = sum(losses) / len(losses)
+    f_st = (sg(f_hats[-1]) - f_sg) + f  # straight-through: value f_hat, gradient to f
+    hits_SV = jnp.stack([jnp.zeros((cfg.vocab_size,), jnp.int32).at[i.reshape(-1)].add(1)
+                         for i in ids])
+    return f_st, vq_loss, hits_SV
+
+  def _check_ids(self, ids):
+    k = len(self.config.patch_nums)
+    if len(ids) != k:
+      raise ValueError(f'expected ids for {k} scales (patch_nums={self.config.patch_nums}), '
+                       f'got {len(ids)}')
+
+
+# ----------------------------------------------------------------------------- model
+
+class VQVAE(nn.Module):
+  """Encoder, multi-scale quantizer and decoder. Call the methods with `apply(..., method=)`."""
+
+  config: VQVAEConfig
+
+  def setup(self):
+    cfg = self.config
+    self.encoder = Encoder(cfg)
+    self.decoder = Decoder(cfg)
+    self.quantize = MultiScaleQuantizer(cfg)
+    self.quant_conv = _conv(cfg, cfg.z_channels, 3, None)
+    self.post_quant_conv = _conv(cfg, cfg.z_channels, 3, None)
+
+  def encode(self, img_BHWC):
+    """Images in [-1, 1] (B, H, W, in_channels) -> f (B, pn_K, pn_K, Cvae)."""
+    cfg = self.config
+    s = cfg.resolution
+    if img_BHWC.ndim != 4 or img_BHWC.shape[1:] != (s, s, cfg.in_channels):
+      raise ValueError(f'images must be (B, {s}, {s}, {cfg.in_channels}), got {img_BHWC.shape}')
+    return self.quant_conv(self.encoder(img_BHWC))
+
+  def decode(self, f_hat_BhwC):
+    """f_hat (B, pn_K, pn_K, Cvae) -> images (B, H, W, in_channels), unclamped."""
+    return self.decoder(self.post_quant_conv(f_hat_BhwC))
+
+  def img_to_ids(self, img_BHWC, return_fhat: bool = False):
+    """K arrays (B, pn*pn) int32 (raster order); with return_fhat also f_hat (B, pn_K, pn_K, C)."""
+    ids, f_hats = self.quantize.quantize(self.encode(img_BHWC))
+    return (ids, f_hats[-1]) if return_fhat else ids
+
+  def ids_to_fhat(self, ids):
+    return self.quantize.ids_to_fhat(ids)
+
+  def fhat_to_img(self, f_hat_BhwC):
+    """f_hat -> images clamped to [-1, 1]."""
+    return jnp.clip(self.decode(f_hat_BhwC), -1.0, 1.0)
+
+  def ids_to_img(self, ids):
+    return self.fhat_to_img(self.ids_to_fhat(ids))
+
+  def ids_to_teacher_input(self, ids):
+    return self.quantize.ids_to_teacher_input(ids)
+
+  def next_autoregressive_input(self, si: int, f_hat_BhwC, h_BhwC):
+    return self.quantize.next_autoregressive_input(si, f_hat_BhwC, h_BhwC)
+
+  def embed_ids(self, ids_BL):
+    return self.quantize.embed_ids(ids_BL)
+
+  def codebook(self):
+    return self.quantize.codebook()
+
+  def __call__(self, img_BHWC):
+    """VAE training forward: (reconstruction (B, H, W, C) unclamped, vq_loss, hits_SV (K, V))."""
+    f_st, vq_loss, hits_SV = self.quantize(self.encode(img_BHWC))
+    return self.decode(f_st), vq_loss, hits_SV
+
+
+# ----------------------------------------------------------------------------- functions
+
+_jit_self = functools.partial(jax.jit, static_argnums=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenizer:
+  """Params-first, jitted view of `VQVAE(config)`: tok.img_to_ids(params, img) etc.
+
+  Hashable (the config is the only field), so it is also a valid static argument of an
+  enclosing jit; calling these methods inside one simply inlines them.
+  """
+
+  config: VQVAEConfig
+
+  @property
+  def module(self) -> VQVAE:
+    return VQVAE(self.config)
+
+  def _apply(self, params, method, *args, **kwargs):
+    variables = params if 'params' in params else {'params': params}
+    return self.module.apply(variables, *args, method=method, **kwargs)
+
+  @_jit_self
+  def encode(self, params, img_BHWC):
+    return self._apply(params, VQVAE.encode, img_BHWC)
+
+  @_jit_self
+  def decode(self, params, f_hat_BhwC):
+    return self._apply(params, VQVAE.decode, f_hat_BhwC)
+
+  @functools.partial(jax.jit, static_argnums=0, static_argnames='return_fhat')
+  def img_to_ids(self, params, img_BHWC, return_fhat: bool = False):
+    return self._apply(params, VQVAE.img_to_ids, img_BHWC, return_fhat=return_fhat)
+
+  @_jit_self
+  def ids_to_fhat(self, params, ids):
+    return self._apply(params, VQVAE.ids_to_fhat, ids)
+
+  @_jit_self
+  def fhat_to_img(self, params, f_hat_BhwC):
+    return self._apply(params, VQVAE.fhat_to_img, f_hat_BhwC)
+
+  @_jit_self
+  def ids_to_img(self, params, ids):
+    return self._apply(params, VQVAE.ids_to_img, ids)
+
+  @_jit_self
+  def ids_to_teacher_input(self, params, ids):
+    return self._apply(params, VQVAE.ids_to_teacher_input, ids)
+
+  @functools.partial(jax.jit, static_argnums=(0, 2))
+  def next_autoregressive_input(self, params, si: int, f_hat_BhwC, h_BhwC):
+    return self._apply(params, VQVAE.next_autoregressive_input, si, f_hat_BhwC, h_BhwC)
+
+  next_input = next_autoregressive_input  # the sampler's short name
+
+  @_jit_self
+  def embed_ids(self, params, ids_BL):
+    return self._apply(params, VQVAE.embed_ids, ids_BL)
+
+  @_jit_self
+  def codebook(self, params):
+    return self._apply(params, VQVAE.codebook)
+
+  @_jit_self
+  def __call__(self, params, img_BHWC):
+    return self._apply(params, VQVAE.__call__, img_BHWC)
+
+
+def init_params(config: VQVAEConfig, rng, batch_size: int = 1):
+  """Freshly initialised variables {'params': ...} (boxed with logical axis names)."""
+  s = config.resolution
+  img = jnp.zeros((batch_size, s, s, config.in_channels), jnp.float32)
+  # jit: eager flax init dispatches op by op (tens of seconds on CPU for a tiny model).
+  return jax.jit(VQVAE(config).init)({'params': rng}, img)
+
+
+def count_params(params) -> int:
+  return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(nn.unbox(params)))
