@@ -1,0 +1,162 @@
+"""KV-cache-free class-conditional sampling.
+
+    out = sample(transformer, t_params, vqvae, v_params, key=jax.random.key(0),
+                 labels=jnp.array([207, 360]), cfg=2.7, top_k=1200, top_p=0.99)
+    out.images_BHW3  # float32 in [0, 1]
+    out.ids          # one (B, pn*pn) int32 array per scale
+
+Under scale-Markov conditioning each scale's forward pass sees only that scale's
+tokens (the accumulated feature map resized to the scale), so no KV cache is kept.
+In 'var' attention mode the prefix is recomputed every scale (exact, slower).
+
+Per scale si of K: logits of the (CFG-doubled) batch; guidance
+(1 + t) * cond - t * uncond with t = cfg * si / (K - 1) and the null class
+(skipped altogether when cfg == 1, as upstream); top-k (drop logits below the k-th
+largest), then top-p (sort ascending, drop where the cumulative softmax <= 1 - p,
+never the max); sample. `more_smooth` (visualisation only) replaces the code
+vectors by a Gumbel-softmax mixture with tau = max(0.27 (1 - 0.95 r), 0.005) on
+logits * (1 + r), r = si / (K - 1).
+
+One jitted function per (batch size, static options) is cached; cfg and top_p are
+traced, so changing them does not recompile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOutput:
+  ids: list  # per scale, (B, pn*pn) int32
+  images_BHW3: jax.Array  # float32 in [0, 1]
+  labels_B: jax.Array  # int32 conditioning labels
+
+
+def top_k_top_p_filter(logits_BlV, *, top_k: int, top_p):
+  """Sets filtered logits to -inf with the official semantics (top-k first, then top-p).
+
+  top_k: keep logits >= the k-th largest (ties kept); 0 disables.
+  top_p: sort ascending, drop tokens whose cumulative softmax is <= 1 - top_p; the
+    largest logit is always kept; 1.0 keeps every token of non-zero probability.
+  """
+  v = logits_BlV.shape[-1]
+  if top_k > 0 and top_k < v:
+    kth_largest = jax.lax.top_k(logits_BlV, top_k)[0][..., -1:]
+    logits_BlV = jnp.where(logits_BlV < kth_largest, -jnp.inf, logits_BlV)
+  sorted_idx = jnp.argsort(logits_BlV, axis=-1)  # ascending
+  sorted_logits = jnp.take_along_axis(logits_BlV, sorted_idx, axis=-1)
+  cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+  remove_sorted = cum <= (1.0 - top_p)
+  remove_sorted = remove_sorted.at[..., -1].set(False)
+  # Scatter the sorted decision back to vocabulary order.
+  inv = jnp.argsort(sorted_idx, axis=-1)
+  remove = jnp.take_along_axis(remove_sorted, inv, axis=-1)
+  return jnp.where(remove, -jnp.inf, logits_BlV)
+
+
+def guidance(logits_2BlV, t):
+  """(1 + t) * cond - t * uncond for a batch stacked as [cond; uncond]."""
+  b = logits_2BlV.shape[0] // 2
+  return (1 + t) * logits_2BlV[:b] - t * logits_2BlV[b:]
+
+
+def validate_sampling_args(*, num_classes: int, labels, cfg, top_k, top_p) -> None:
+  """Raises ValueError naming the argument and the allowed range."""
+  if not np.isfinite(cfg) or cfg < 0:
+    raise ValueError(f'cfg must be a finite number >= 0, got {cfg}')
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f'top_p must be in (0, 1] (1 disables it), got {top_p}')
+  if int(top_k) != top_k or top_k < 0:
+    raise ValueError(f'top_k must be an integer >= 0 (0 disables it), got {top_k}')
+  if labels is not None:
+    arr = np.asarray(labels)
+    if arr.ndim != 1:
+      raise ValueError(f'labels must be a 1-D array of class ids, got shape {arr.shape}')
+    if arr.size and (arr.min() < 0 or arr.max() > num_classes):
+      raise ValueError(f'labels must be in [0, {num_classes}] ({num_classes} = unconditional), '
+                       f'got values in [{arr.min()}, {arr.max()}]')
+
+
+def _scale_loop(t_params, v_params, labels_B, key, cfg, top_p, *, transformer, vqvae, top_k,
+                more_smooth, use_cfg):
+  """The traced body: returns (ids per scale, images in [0, 1])."""
+  tcfg = transformer.config
+  layout = tcfg.layout
+  k_scales = layout.num_scales
+  b = labels_B.shape[0]
+  null = jnp.full_like(labels_B, tcfg.num_classes)
+  model_labels = jnp.concatenate([labels_B, null]) if use_cfg else labels_B
+  codebook_VC = vqvae.codebook(v_params)
+  pn_last = layout.patch_nums[-1]
+  f_hat = jnp.zeros((b, pn_last, pn_last, tcfg.cvae), jnp.float32)
+  next_BlC = None  # teacher input of the current scale (None at scale 0)
+  prefix = []  # 'var' mode recomputes the prefix
+  ids = []
+  keys = jax.random.split(key, 2 * k_scales)
+  for si, pn in enumerate(layout.patch_nums):
+    ratio = si / (k_scales - 1) if k_scales > 1 else 0.0
+    if tcfg.attention.mode == 'var':
+      x = jnp.concatenate(prefix, axis=1) if prefix else None
+      first = 0
+    else:
+      x, first = next_BlC, si
+    if x is not None and use_cfg:
+      x = jnp.concatenate([x, x])
+    logits = transformer.apply(t_params, model_labels, x, first=first, last=si)
+    logits = logits[:, -pn * pn:]
+    if use_cfg:
+      logits = guidance(logits, cfg * ratio)
+    logits = top_k_top_p_filter(logits, top_k=top_k, top_p=top_p)
+    idx_Bl = jax.random.categorical(keys[2 * si], logits, axis=-1).astype(jnp.int32)
+    ids.append(idx_Bl)
+    if more_smooth:
+      tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
+      gumbel = jax.random.gumbel(keys[2 * si + 1], logits.shape)
+      weights = jax.nn.softmax((logits * (1 + ratio) + gumbel) / tau, axis=-1)
+      h_BlC = weights @ codebook_VC
+    else:
+      h_BlC = codebook_VC[idx_Bl]
+    h_BhwC = h_BlC.reshape(b, pn, pn, -1)
+    f_hat, next_map = vqvae.next_input(v_params, si, f_hat, h_BhwC)
+    if si + 1 < k_scales:
+      next_BlC = next_map.reshape(b, -1, next_map.shape[-1])
+      prefix.append(next_BlC)
+  images = (vqvae.fhat_to_img(v_params, f_hat) + 1.0) * 0.5
+  return ids, images
+
+
+def _variables(params):
+  """Accepts bare params or a {'params': ...} variables dict."""
+  return params if 'params' in params else {'params': params}
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(transformer, vqvae, batch_size: int, top_k: int, more_smooth: bool, use_cfg: bool):
+  del batch_size  # part of the cache key: one executable per batch size
+  return jax.jit(functools.partial(_scale_loop, transformer=transformer, vqvae=vqvae, top_k=top_k,
+                                   more_smooth=more_smooth, use_cfg=use_cfg))
+
+
+def sample(transformer, t_params, vqvae, v_params, *, key, labels=None, batch_size=None,
+           cfg: float = 1.5, top_k: int = 0, top_p: float = 1.0,
+           more_smooth: bool = False) -> SampleOutput:
+  """Samples images; `labels` (B,) or None for uniformly random labels (then batch_size)."""
+  num_classes = transformer.config.num_classes
+  validate_sampling_args(num_classes=num_classes, labels=labels, cfg=cfg, top_k=top_k, top_p=top_p)
+  label_key, key = jax.random.split(key)
+  if labels is None:
+    if not batch_size or batch_size < 1:
+      raise ValueError(f'give labels or batch_size >= 1, got batch_size={batch_size}')
+    labels = jax.random.randint(label_key, (batch_size,), 0, num_classes)
+  labels = jnp.asarray(labels, jnp.int32)
+  fn = _compiled(transformer, vqvae, int(labels.shape[0]), int(top_k), bool(more_smooth),
+                 bool(cfg != 1.0))
+  ids, images = fn(_variables(t_params), v_params, labels, key, jnp.float32(cfg),
+                   jnp.float32(top_p))
+  return SampleOutput(ids=ids, images_BHW3=images, labels_B=labels)

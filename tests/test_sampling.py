@@ -1,0 +1,155 @@
+"""The sampler: filtering semantics, guidance, determinism, input validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from mvar_jax import api, sampling, transformer, vqvae
+from mvar_jax.attention import AttentionConfig
+
+PATCH_NUMS = (1, 2, 3, 4, 6)
+
+
+def kept(logits):
+  return set(np.flatnonzero(np.isfinite(np.asarray(logits).reshape(-1))).tolist())
+
+
+def filter1d(values, top_k=0, top_p=1.0):
+  logits = jnp.asarray(values, jnp.float32)[None, None]
+  return sampling.top_k_top_p_filter(logits, top_k=top_k, top_p=top_p)
+
+
+def torch_official_filter(logits_BlV, top_k, top_p):
+  """The upstream rule, restated in torch: top-k by threshold, then top-p on sorted probs."""
+  logits = logits_BlV.clone()
+  if top_k > 0:
+    thresh = logits.topk(top_k, dim=-1).values.amin(dim=-1, keepdim=True)
+    logits[logits < thresh] = -torch.inf
+  if top_p > 0:
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+    remove = sorted_logits.softmax(-1).cumsum(-1) <= (1 - top_p)
+    remove[..., -1] = False
+    logits = logits.masked_fill(remove.scatter(-1, sorted_idx, remove), -torch.inf)
+  return logits
+
+
+class TestFiltering:
+
+  def test_top_k_keeps_the_k_largest(self):
+    assert kept(filter1d([0.1, 3.0, -1.0, 2.0, 2.5], top_k=2)) == {1, 4}
+
+  def test_top_k_keeps_ties_at_the_threshold(self):
+    assert kept(filter1d([1.0, 2.0, 2.0, 0.0], top_k=2)) == {1, 2}
+    assert kept(filter1d([1.0, 2.0, 2.0, 0.0], top_k=1)) == {1, 2}
+
+  def test_top_k_zero_or_vocab_keeps_everything(self):
+    assert kept(filter1d([1.0, 2.0, 3.0], top_k=0)) == {0, 1, 2}
+    assert kept(filter1d([1.0, 2.0, 3.0], top_k=3)) == {0, 1, 2}
+
+  def test_top_p_drops_the_low_tail(self):
+    # probabilities 0.5, 0.3, 0.15, 0.05: ascending cumsum 0.05, 0.2, 0.5, 1.0.
+    logits = np.log([0.5, 0.3, 0.15, 0.05])
+    # top_p=0.8: drop where cumsum <= 0.2 -> tokens with p=0.05 and p=0.15.
+    assert kept(filter1d(logits, top_p=0.8)) == {0, 1}
+    # top_p=0.9: drop where cumsum <= 0.1 -> only p=0.05.
+    assert kept(filter1d(logits, top_p=0.9)) == {0, 1, 2}
+
+  def test_top_p_always_keeps_the_max(self):
+    assert kept(filter1d(np.log([0.97, 0.01, 0.01, 0.01]), top_p=1e-6)) == {0}
+
+  def test_top_p_one_keeps_everything(self):
+    assert kept(filter1d(np.log([0.4, 0.3, 0.2, 0.1]), top_p=1.0)) == {0, 1, 2, 3}
+
+  def test_top_k_then_top_p_renormalises_over_the_top_k(self):
+    # After top-2 the survivors are 0.5 and 0.3 -> renormalised 0.625, 0.375; top_p=0.6
+    # drops where cumsum <= 0.4, i.e. the 0.375 one.
+    logits = np.log([0.5, 0.3, 0.15, 0.05])
+    assert kept(filter1d(logits, top_k=2, top_p=0.6)) == {0}
+
+  @pytest.mark.parametrize('top_k,top_p', [(0, 0.9), (5, 1.0), (7, 0.7), (30, 0.96), (1, 0.5)])
+  def test_matches_the_upstream_rule_on_random_logits(self, top_k, top_p):
+    rng = np.random.default_rng(top_k)
+    logits = rng.normal(size=(3, 4, 40)).astype(np.float32) * 2
+    ours = np.isfinite(np.asarray(sampling.top_k_top_p_filter(
+        jnp.asarray(logits), top_k=top_k, top_p=top_p)))
+    theirs = torch.isfinite(torch_official_filter(torch.from_numpy(logits), top_k, top_p)).numpy()
+    np.testing.assert_array_equal(ours, theirs)
+
+  def test_guidance_formula(self):
+    cond = jnp.array([[[1.0, 2.0]]])
+    uncond = jnp.array([[[3.0, -1.0]]])
+    out = sampling.guidance(jnp.concatenate([cond, uncond]), 0.5)
+    np.testing.assert_allclose(out, 1.5 * cond - 0.5 * uncond)
+
+
+@pytest.fixture(scope='module')
+def pipe():
+  v_cfg = vqvae.VQVAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=32,
+                            patch_nums=PATCH_NUMS, using_sa=False)
+  t_cfg = transformer.TransformerConfig(
+      depth=1, width=32, num_heads=2, vocab_size=32, cvae=8, num_classes=5, patch_nums=PATCH_NUMS,
+      attention=AttentionConfig(refine_step=4, kernel_size=3)).validate()
+  v_params = vqvae.init_params(v_cfg, jax.random.key(0))['params']
+  t_params = transformer.init_params(t_cfg, jax.random.key(1))['params']
+  return api.MVARPipeline(v_cfg, v_params, t_cfg, t_params)
+
+
+class TestSample:
+
+  def test_same_key_same_images_other_key_other_ids(self, pipe):
+    kw = dict(labels=[0, 3, 4], cfg=2.0, top_k=8, top_p=0.9)
+    a = pipe.sample(jax.random.key(7), **kw)
+    b = pipe.sample(jax.random.key(7), **kw)
+    c = pipe.sample(jax.random.key(8), **kw)
+    np.testing.assert_array_equal(a.images_BHW3, b.images_BHW3)
+    for x, y in zip(a.ids, b.ids):
+      np.testing.assert_array_equal(x, y)
+    assert any(not np.array_equal(x, y) for x, y in zip(a.ids, c.ids))
+
+  def test_shapes_ranges_and_consistency_with_the_tokenizer(self, pipe):
+    out = pipe.sample(jax.random.key(0), labels=[1, 2], cfg=1.5, top_k=0, top_p=1.0)
+    assert out.images_BHW3.shape == (2, pipe.image_size, pipe.image_size, 3)
+    assert float(out.images_BHW3.min()) >= 0.0 and float(out.images_BHW3.max()) <= 1.0
+    assert [i.shape for i in out.ids] == [(2, p * p) for p in PATCH_NUMS]
+    assert all(int(i.min()) >= 0 and int(i.max()) < 32 for i in out.ids)
+    # The images are exactly the tokenizer's decoding of the sampled ids.
+    np.testing.assert_allclose(pipe.decode(out.ids), out.images_BHW3, atol=1e-5)
+
+  def test_top_k_one_is_greedy_and_ignores_the_key(self, pipe):
+    a = pipe.sample(jax.random.key(1), labels=[2], cfg=1.0, top_k=1)
+    b = pipe.sample(jax.random.key(2), labels=[2], cfg=1.0, top_k=1)
+    for x, y in zip(a.ids, b.ids):
+      np.testing.assert_array_equal(x, y)
+
+  def test_random_labels_are_in_range_and_reproducible(self, pipe):
+    a = pipe.sample(jax.random.key(3), batch_size=6, cfg=1.0)
+    b = pipe.sample(jax.random.key(3), batch_size=6, cfg=1.0)
+    np.testing.assert_array_equal(a.labels_B, b.labels_B)
+    assert a.labels_B.shape == (6,) and 0 <= int(a.labels_B.min()) and int(a.labels_B.max()) < 5
+
+  def test_more_smooth_runs_and_stays_in_range(self, pipe):
+    out = pipe.sample(jax.random.key(4), labels=[0, 1], cfg=2.0, more_smooth=True)
+    assert np.isfinite(np.asarray(out.images_BHW3)).all()
+
+  @pytest.mark.parametrize('mode', ['mvar', 'var'])
+  def test_greedy_samples_are_the_argmax_of_teacher_forced_logits(self, pipe, mode):
+    """KV-cache-free sampling computes what teacher forcing computes on the sampled ids."""
+    import dataclasses
+    cfg = dataclasses.replace(pipe.transformer_config, attention=dataclasses.replace(
+        pipe.transformer_config.attention, mode=mode))
+    p = api.MVARPipeline(pipe.tokenizer_config, pipe.tokenizer_params, cfg,
+                         pipe.transformer_params)
+    out = p.sample(jax.random.key(0), labels=[1, 4], cfg=1.0, top_k=1)
+    logits = np.asarray(p.logits(out.ids, [1, 4]))
+    np.testing.assert_array_equal(logits.argmax(-1), np.concatenate(out.ids, axis=1))
+
+  @pytest.mark.parametrize('kwargs,field', [
+      (dict(labels=[0, 6]), 'labels'), (dict(labels=[-1]), 'labels'), (dict(cfg=-1.0), 'cfg'),
+      (dict(top_p=0.0), 'top_p'), (dict(top_p=1.5), 'top_p'), (dict(top_k=-2), 'top_k'),
+      (dict(labels=None, batch_size=0), 'batch_size')])
+  def test_bad_arguments_name_the_field(self, pipe, kwargs, field):
+    kwargs = {'labels': [0], **kwargs}
+    with pytest.raises(ValueError, match=field):
+      pipe.sample(jax.random.key(0), **kwargs)
