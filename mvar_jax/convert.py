@@ -153,7 +153,9 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], abstract_params, 
       continue
     arr = _to_flax(np.asarray(value, np.float32), path[-1])
     if tuple(arr.shape) != target[path]:
-      misshaped.append((key, tuple(arr.shape), target[path]))
+      # Reported in the checkpoint's (torch) layout, like the key it names.
+      expected = _to_torch(np.broadcast_to(np.float32(0), target[path]), path[-1]).shape
+      misshaped.append((key, tuple(np.shape(value)), tuple(expected)))
       seen_misshaped.add(path)
       continue
     converted[path] = arr
