@@ -1,0 +1,68 @@
+"""Entry point: train MVAR, or sample from a trained or converted checkpoint.
+
+    python main.py --config=configs/mvar_d16.py --workdir=workdirs/d16 \
+        --config.tokenizer.checkpoint=weights/vqvae
+    python main.py --mode=sample --config=configs/mvar_d16.py --workdir=workdirs/d16 \
+        --config.tokenizer.checkpoint=weights/vqvae [--config.sample.checkpoint=weights/mvar_d16]
+
+Config fields can be overridden on the command line (`--config.train.batch_size=64`).
+`--mode=sample` writes `samples.npz` (ADM evaluator format: arr_0 uint8 (N, H, W, 3),
+arr_1 int labels) and `samples.png` (a grid of the first images) to
+config.sample.output_dir (default <workdir>/samples).
+"""
+
+import os
+
+# TensorFlow (tf.data, TensorBoard writers) must never claim the accelerators JAX uses.
+# Hiding GPUs through TF's own API has to happen before TF initialises them.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+
+def _hide_gpus_from_tensorflow():
+  try:
+    import tensorflow as tf
+  except ImportError:
+    return
+  tf.config.set_visible_devices([], 'GPU')
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard events and samples.')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample'], 'train: train_and_evaluate; sample: '
+                  'sample config.sample.num_images images to samples.npz.')
+config_flags.DEFINE_config_file('config', None, 'Run configuration (configs/*.py[:arg]).',
+                                lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  _hide_gpus_from_tensorflow()
+
+  import jax  # after TF has been told to keep off the GPUs
+  from mvar_jax import sharding
+  from mvar_jax import train
+
+  # Multi-host start-up must precede every other JAX call.
+  how = sharding.initialize_distributed()
+  logging.info('JAX %s: process %d of %d (%s), %d local / %d global devices (%s)', jax.__version__,
+               jax.process_index(), jax.process_count(), how, jax.local_device_count(),
+               jax.device_count(), jax.devices()[0].platform)
+
+  if FLAGS.mode == 'train' and FLAGS.config.get('demo', False):
+    from mvar_jax import demo  # tokenizer -> token cache -> MVAR -> samples -> report
+    demo.run(FLAGS.config, FLAGS.workdir)
+  elif FLAGS.mode == 'train':
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  else:
+    train.sample_to_files(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,364 @@
+"""The trainer: schedules, decay mask, segment order, loss, config errors, and real runs.
+
+The end-to-end tests train a 2-block, width-32 transformer on random token ids over a tiny
+randomly initialised VQ-VAE (patch nums 1,2,3,4; refine_step 3; kernel 3) on one CPU device.
+"""
+
+import glob
+import math
+import os
+import signal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import common
+from mvar_jax import checkpointing, config_utils, convert, train
+from mvar_jax import transformer as tfm
+from mvar_jax import vqvae as vq
+from mvar_jax.data import token_cache
+
+PATCH_NUMS = (1, 2, 3, 4)
+L = sum(p * p for p in PATCH_NUMS)  # 30 tokens
+VOCAB = 16
+
+
+# ============================================================================= lr and weight decay
+
+def _upstream_lin0(it, wp, total, wp0, wpe):
+  """The lin0 shape as upstream's lr_wd_annealing describes it (factor of the peak lr)."""
+  if it < wp:
+    return wp0 + (1 - wp0) * it / wp
+  progress = (it - wp) / (total - 1 - wp)
+  return 1.0 if progress < 0.05 else wpe + (1 - wpe) * (1 - progress) / 0.95
+
+
+def test_lin0_schedule_shape():
+  kw = dict(kind='lin0', warmup_steps=100, total_steps=1000, warmup_start=0.005, lr_end=0.1)
+  f = lambda s: float(train.lr_factor(s, **kw))
+  assert f(0) == pytest.approx(0.005)  # warm-up starts at wp0
+  assert f(50) == pytest.approx(0.005 + 0.995 * 0.5)
+  assert f(100) == pytest.approx(1.0)  # peak after warm-up
+  assert f(100 + 44) == pytest.approx(1.0)  # held for 5% of the rest
+  assert f(999) == pytest.approx(0.1)  # ends at wpe
+  for s in range(0, 1000, 7):
+    assert f(s) == pytest.approx(_upstream_lin0(s, 100, 1000, 0.005, 0.1), rel=1e-5)
+  steps = np.arange(100, 1000)
+  values = np.asarray(train.lr_factor(steps, **kw))
+  assert np.all(np.diff(values) <= 1e-7)  # never increases after the peak
+
+
+def test_peak_lr_scales_with_the_global_batch():
+  c = common.get_config()
+  c.train.batch_size, c.train.tblr = 448, 1e-4
+  assert config_utils.peak_lr(c) == pytest.approx(1e-4 * 448 / 256)
+  sched = train.Schedule.from_config(c, data_steps_per_epoch=2860)
+  assert sched.total_steps == 300 * 2860
+  assert sched.warmup_steps == round(300 / 50 * 2860)  # warm-up ep/50 epochs
+
+
+def test_weight_decay_schedule_constant_or_cosine():
+  const = train.weight_decay_value(500, weight_decay=0.05, weight_decay_end=-1, total_steps=1000)
+  assert float(const) == pytest.approx(0.05)
+  kw = dict(weight_decay=0.05, weight_decay_end=0.08, total_steps=1001)
+  assert float(train.weight_decay_value(0, **kw)) == pytest.approx(0.05)
+  assert float(train.weight_decay_value(500, **kw)) == pytest.approx(0.065)
+  assert float(train.weight_decay_value(1000, **kw)) == pytest.approx(0.08)
+
+
+def test_weight_decay_mask_follows_upstream():
+  cfg = tfm.TransformerConfig(depth=1, width=32, num_heads=2, vocab_size=VOCAB, cvae=4,
+                              num_classes=10, patch_nums=PATCH_NUMS)
+  params = jax.eval_shape(lambda: nn.unbox(tfm.init_params(cfg, jax.random.key(0))['params']))
+  mask = train.weight_decay_mask(params)
+  decayed = {jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_leaves_with_path(mask) if v}
+  kept = {jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_leaves_with_path(mask) if not v}
+  assert "['blocks_0']['attn']['mat_qkv']['kernel']" in decayed
+  assert "['blocks_0']['ffn']['fc1']['kernel']" in decayed
+  assert "['class_emb']['embedding']" in decayed  # a 2-D embedding without a no-decay key
+  assert "['head']['kernel']" in decayed and "['word_embed']['kernel']" in decayed
+  for name in ("['pos_1LC']", "['pos_start']", "['lvl_embed']['embedding']",
+               "['blocks_0']['attn']['scale_mul_1H11']", "['blocks_0']['attn']['q_bias']",
+               "['blocks_0']['attn']['v_bias']", "['blocks_0']['ffn']['fc1']['bias']",
+               "['head']['bias']"):
+    assert name in kept, name
+  # Every kept leaf is 1-D, a bias, or named by a no-decay key.
+  for name in kept:
+    assert 'bias' in name or any(k in name for k in train.NO_WEIGHT_DECAY_KEYS)
+
+
+def test_optimizer_clips_the_global_norm_before_adamw():
+  c = common.get_config()
+  c.train.grad_clip, c.train.weight_decay = 2.0, 0.0
+  tx = train.make_optimizer(c, train.Schedule(10, 0, 10, 1.0))
+  params = {'w': jnp.ones((2, 2))}
+  grads = {'w': jnp.full((2, 2), 100.0)}  # global norm 200 -> clipped to 2: entries 1.0
+  updates, state = tx.update(grads, tx.init(params), params)
+  mu = optax.tree_utils.tree_get(state, 'mu')
+  np.testing.assert_allclose(mu['w'], (1 - 0.9) * np.ones((2, 2)), rtol=1e-6)  # b1 = 0.9
+  # Adam's first step is lr * g / |g| whatever the gradient size; lr(0) = peak without warm-up.
+  np.testing.assert_allclose(updates['w'], -np.ones((2, 2)), rtol=1e-4)
+
+
+# ============================================================================= segments
+
+def test_segment_sequence_ratio_k8_K10_refine8():
+  seq = [train.segment_at(g, schedule='segments', num_scales=10, refine_step=8, ratio_k=8)
+         for g in range(30)]
+  cycle = [(0, 7)] * 8 + [(8, 8), (9, 9)]
+  assert seq == cycle * 3
+  assert train.segments('segments', 10, 8) == [(0, 7), (8, 8), (9, 9)]
+  assert train.segments('all', 10, 8) == [(0, 9)]
+  assert train.segment_at(5, schedule='all', num_scales=10, refine_step=8, ratio_k=8) == (0, 9)
+
+
+# ============================================================================= loss
+
+def test_cross_entropy_matches_optax_with_label_smoothing():
+  logits = jax.random.normal(jax.random.key(0), (3, 5, VOCAB))
+  targets = jax.random.randint(jax.random.key(1), (3, 5), 0, VOCAB)
+  loss, nll = train.cross_entropy(logits, targets, 0.1)
+  smoothed = optax.smooth_labels(jax.nn.one_hot(targets, VOCAB), 0.1)
+  np.testing.assert_allclose(loss, optax.softmax_cross_entropy(logits, smoothed), rtol=1e-5)
+  np.testing.assert_allclose(nll, optax.softmax_cross_entropy_with_integer_labels(logits, targets),
+                             rtol=1e-5)
+
+
+def test_train_loss_weights_every_token_by_one_over_L(tiny_tokenizer):
+  """Segment loss = sum over its tokens of CE / L, batch mean: checked against eval's sums."""
+  tokenizer, vparams = tiny_tokenizer
+  cfg = tfm.TransformerConfig(depth=1, width=32, num_heads=2, vocab_size=VOCAB, cvae=4,
+                              num_classes=10, patch_nums=PATCH_NUMS, cond_drop_rate=0.0,
+                              attention=tfm.AttentionConfig(refine_step=3, kernel_size=3))
+  model = tfm.MVARTransformer(cfg)
+  params = jax.jit(lambda k: nn.unbox(tfm.init_params(cfg, k)['params']))(jax.random.key(0))
+  tx = optax.sgd(0.0)
+  state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0)}
+  rng = np.random.default_rng(0)
+  b = 4
+  batch = {'ids': jnp.asarray(rng.integers(0, VOCAB, (b, L)), jnp.int32),
+           'label': jnp.asarray(rng.integers(0, 10, (b,)), jnp.int32)}
+  tok_params = {'quantize': vparams['quantize']}
+  step = jax.jit(lambda s, bt, p: train.train_step(
+      s, bt, jax.random.key(0), p, model=model, tokenizer=tokenizer, tx=tx, first=0, last=2))
+  _, m = step(state, batch, tok_params)
+  ev = jax.jit(lambda p, bt, tp: train.eval_step(p, bt, tp, model=model, tokenizer=tokenizer))(
+      params, batch, tok_params)
+  # No dropout in this model: the training forward equals the all-scales eval forward.
+  np.testing.assert_allclose(m['nll_K'][:3], ev['nll_K'][:3], rtol=1e-5)
+  assert float(m['loss']) == pytest.approx(float(np.sum(ev['nll_K'][:3])) / (b * L), rel=1e-5)
+  np.testing.assert_array_equal(m['count_K'], [b * 1, b * 4, b * 9, 0])
+  np.testing.assert_array_equal(ev['count_K'], [b * 1, b * 4, b * 9, b * 16])
+  assert float(np.sum(ev['nll_K'])) / (b * L) == pytest.approx(math.log(VOCAB), rel=0.05)
+
+
+# ============================================================================= config validation
+
+@pytest.mark.parametrize('field, value, message', [
+    ('train.schedule', 'random',
+     r"train.schedule must be one of \('segments', 'all'\), got 'random'"),
+    ('train.lr_schedule', 'step',
+     r"train.lr_schedule must be one of \('lin0', 'lin', 'lin00', 'cos', 'constant'\)"),
+    ('model.dtype', 'fp8', r"model.dtype must be one of \('float32', 'bfloat16', 'float16'\)"),
+    ('model.attention_mode', 'full', r"model.attention_mode must be one of \('mvar', 'var'\)"),
+    ('train.batch_size', 0, 'train.batch_size must be > 0'),
+    ('train.label_smoothing', 1.5, r'train.label_smoothing must be in \[0.0, 1.0\)'),
+    ('train.ema_decay', 1.0, r'train.ema_decay must be in \[0.0, 1.0\)'),
+    ('model.refine_step', 11, r'model.refine_step must be in \[0, 10\]'),
+    ('sample.top_p', 0.0, r'sample.top_p must be in \(0, 1\]'),
+    ('mesh.data', 3, r'mesh.data \* mesh.fsdp must equal the device count'),
+    ('train.batch_size', 12, r'train.batch_size \(12\) must be a multiple of the batch shards'),
+    ('data.name', 'cifar', "data.name='cifar' is invalid"),
+    ('tokenizer.checkpoint', '', 'tokenizer.checkpoint must name a converted VQ-VAE directory'),
+])
+def test_invalid_config_names_the_field(field, value, message):
+  c = common.get_config()
+  c.tokenizer.checkpoint = '/somewhere'
+  c.train.batch_size = 16
+  config_utils.validate_config(c)  # the baseline is valid
+  section, name = field.split('.')
+  c[section][name] = value
+  with pytest.raises(ValueError, match=message):
+    config_utils.validate_config(c)
+
+
+def test_model_configs_load_and_validate():
+  import importlib
+  for name, depth, batch in (('mvar_d16', 16, 448), ('mvar_d20', 20, 768), ('mvar_d24', 24, 768),
+                             ('mvar_d30', 30, 1024), ('mvar_d16_finetune', 16, 448),
+                             ('mvar_d20_finetune', 20, 192), ('mvar_d24_finetune', 24, 448)):
+    c = importlib.import_module(f'configs.{name}').get_config()
+    assert c.model.depth == depth and c.train.batch_size == batch, name
+    assert bool(c.init_from) == name.endswith('finetune'), name
+    tc = config_utils.transformer_config_from(c)
+    assert tc.width == 64 * depth and tc.num_heads == depth
+    assert tc.drop_path_rate == pytest.approx(0.1 * depth / 24)
+    c.tokenizer.checkpoint = '/x'
+    config_utils.validate_config(c, check_mesh=False)
+  c = importlib.import_module('configs.mvar_d16').get_config('runlocal')
+  assert c.model.depth == 2
+  sched = train.Schedule.from_config(c, data_steps_per_epoch=None)
+  assert (sched.total_steps, sched.warmup_steps) == (20, 2)
+  with pytest.raises(ValueError, match="unknown config arg 'fast'"):
+    importlib.import_module('configs.mvar_d16').get_config('fast')
+
+
+# ============================================================================= data order
+
+def test_step_indexed_source_is_a_pure_function_of_step():
+  arrays = {'x': np.arange(10), 'label': np.arange(10)}
+  src = train.StepIndexedSource(arrays, 4, seed=3, num_examples=10)
+  assert src.steps_per_epoch == 3  # ceil(10 / 4), the last batch filled from the start
+  epoch0 = np.concatenate([src.batch(s)['x'] for s in range(3)])
+  assert sorted(epoch0[:10].tolist()) == list(range(10))
+  np.testing.assert_array_equal(epoch0[10:], epoch0[:2])
+  again = train.StepIndexedSource(arrays, 4, seed=3, num_examples=10)
+  for s in (7, 2, 5, 5, 0):  # any order, any restart: same batch for the same step
+    np.testing.assert_array_equal(again.batch(s)['x'], src.batch(s)['x'])
+  assert not np.array_equal(src.batch(3)['x'], src.batch(0)['x'])  # a new epoch reshuffles
+
+
+# ============================================================================= end to end
+
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache(tmp_path_factory):
+  """Runs of this module compile the same steps again (restarts): reuse the executables."""
+  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
+           'jax_persistent_cache_min_entry_size_bytes')
+  before = {n: getattr(jax.config, n) for n in names}
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('xla_cache')))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  yield
+  for n, v in before.items():
+    jax.config.update(n, v)
+
+
+@pytest.fixture(scope='module')
+def tiny_tokenizer():
+  # No down-sampling level: the tests feed token ids, so only the quantiser ever runs.
+  cfg = vq.VQVAEConfig(ch=8, ch_mult=(1,), num_res_blocks=1, z_channels=4, vocab_size=VOCAB,
+                       patch_nums=PATCH_NUMS, norm_groups=4, using_sa=False, using_mid_sa=False)
+  # Random values in the initialiser's shapes: compiling VQVAE.init costs more than this module.
+  shapes = jax.eval_shape(lambda: nn.unbox(vq.init_params(cfg, jax.random.key(0))['params']))
+  rng = np.random.default_rng(1)
+  params = jax.tree_util.tree_map(
+      lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+  return vq.Tokenizer(cfg), params
+
+
+@pytest.fixture(scope='module')
+def assets(tmp_path_factory, tiny_tokenizer):
+  """A converted tiny VQ-VAE directory and a token cache of random fixed ids."""
+  root = tmp_path_factory.mktemp('assets')
+  tokenizer, params = tiny_tokenizer
+  convert.save_converted(str(root / 'tok'), 'vqvae', tokenizer.config, params)
+  rng = np.random.default_rng(0)
+  for split, n in (('train', 48), ('val', 12)):
+    ids = rng.integers(0, VOCAB, (n, L))
+    labels = rng.integers(0, 10, (n,))
+    fake_images = [{'image': np.zeros((n, 1, 1, 3), np.float32), 'label': labels}]
+    token_cache.build_token_cache(fake_images, lambda _, ids=ids: ids, str(root / 'cache' / split),
+                                  num_scales_len=L, vocab_size=VOCAB, patch_nums=PATCH_NUMS,
+                                  image_size=32)
+  return root
+
+
+def tiny_config(assets, **train_overrides):
+  c = common.get_config()
+  c.data.name, c.data.data_dir, c.data.num_classes = 'tokens', str(assets / 'cache'), 10
+  c.data.image_size = 32  # what the cache was built for
+  c.tokenizer.checkpoint = str(assets / 'tok')
+  m = c.model
+  m.depth, m.width, m.num_heads, m.num_classes, m.vocab_size, m.cvae = 2, 32, 2, 10, VOCAB, 4
+  m.patch_nums, m.refine_step, m.kernel_size, m.dtype = PATCH_NUMS, 3, 3, 'float32'
+  c.mesh.data, c.mesh.fsdp, c.mesh.num_devices = 1, 1, 1
+  t = c.train
+  t.batch_size, t.num_steps, t.ratio_k, t.epochs = 8, 6, 2, 1.0
+  t.tblr = 1e-2  # big enough that parameters visibly move in 6 steps
+  t.log_every, t.checkpoint_every, t.eval_every, t.sample_every = 2, 2, 3, 0
+  t.eval_batches, t.profile_steps, t.sample_images = 1, 0, 4
+  t.ema_decay = 0.5
+  t.update(train_overrides)
+  return c
+
+
+def _read_tags(workdir):
+  from tensorboard.backend.event_processing import event_accumulator
+  acc = event_accumulator.EventAccumulator(str(workdir), size_guidance={'tensors': 0})
+  acc.Reload()
+  return set(acc.Tags()['tensors'])
+
+
+def _final_state(config, workdir):
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  step = ckpt.latest_step()
+  sched = train.Schedule.from_config(config, data_steps_per_epoch=6)
+  setup = train.build(config, sched)
+  state, meta = ckpt.restore(setup.abstract_state)
+  ckpt.close()
+  return step, jax.device_get(state), meta
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(assets, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('full'))
+  config = tiny_config(assets, sample_every=6)
+  metrics = train.train_and_evaluate(config, workdir)
+  return config, workdir, metrics
+
+
+def test_end_to_end_writes_checkpoints_events_and_metrics(uninterrupted):
+  config, workdir, metrics = uninterrupted
+  steps = sorted(int(os.path.basename(p)) for p in glob.glob(f'{workdir}/checkpoints/*'))
+  assert steps == [2, 4, 6]
+  assert glob.glob(f'{workdir}/events.out.tfevents.*')
+  tags = _read_tags(workdir)
+  for si, pn in enumerate(PATCH_NUMS):
+    for kind in ('train_loss', 'train_acc', 'val_loss', 'val_acc'):
+      assert f'{kind}/s{si:02d}_{pn}x{pn}' in tags
+  assert {'train/loss', 'train/lr', 'train/grad_norm', 'val/loss', 'steps_per_sec',
+          'samples'} <= tags
+  assert all(np.isfinite(v) for v in metrics.values())
+  step, state, _ = _final_state(config, workdir)
+  assert step == 6 and int(state['step']) == 6 and 'ema_params' in state
+
+
+def test_resume_after_preemption_is_exact(uninterrupted, assets, tmp_path):
+  """Killed (SIGTERM) at step 3 and restarted: same final params and metrics as never stopped."""
+  config, full_dir, full_metrics = uninterrupted
+  workdir = str(tmp_path / 'resumed')
+  config = tiny_config(assets, sample_every=6)
+
+  def kill_at_3(step):
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  partial = train.train_and_evaluate(config, workdir, step_hook=kill_at_3)
+  assert checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints')).latest_step() == 3
+  assert 'val/loss' not in partial  # stopped before the first evaluation (step 3 saved, no eval)
+  resumed_metrics = train.train_and_evaluate(config, workdir)
+
+  _, full, _ = _final_state(config, full_dir)
+  _, resumed, _ = _final_state(config, workdir)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, resumed, full)
+  # The last log window (steps 5-6) and the final evaluation are identical.
+  assert resumed_metrics.keys() == full_metrics.keys()
+  for k in full_metrics:
+    assert resumed_metrics[k] == full_metrics[k], k
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(assets, tmp_path):
+  """An absurd learning rate blows the weights up; the loss of step 2 is NaN."""
+  workdir = str(tmp_path / 'nan')
+  config = tiny_config(assets, tblr=1e30, checkpoint_every=1, log_every=10, eval_every=0)
+  with pytest.raises(train.NonFiniteLossError, match=r'\(NaN/Inf\) at step 2 .*Last good '
+                     r'checkpoint: step 1'):
+    train.train_and_evaluate(config, workdir)
+  step, state, _ = _final_state(config, workdir)
+  assert step == 1 and int(state['step']) == 1
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state['params']))
