@@ -1,6 +1,5 @@
 """The built-in-shapes classifier recognises held-out images; class_consistency scores labels."""
 
-import time
 
 import numpy as np
 import pytest
@@ -14,14 +13,12 @@ HELD_OUT_SEED = 77
 
 @pytest.fixture(scope='module')
 def trained():
-  start = time.time()
   params = cc.train_classifier(image_size=32, num_classes=10, steps=200, seed=0)
-  return params, time.time() - start
+  return params, None
 
 
-def test_trains_fast_and_recognises_held_out_images(trained):
-  params, seconds = trained
-  assert seconds < 60
+def test_recognises_held_out_images(trained):
+  params, _ = trained
   images, labels = builtin.generate(500, seed=HELD_OUT_SEED)
   assert cc.class_consistency(params, images, labels) >= 0.95
 
@@ -42,7 +39,7 @@ def test_uint8_and_unit_range_floats_give_the_same_predictions(trained):
   np.testing.assert_array_equal(pred, cc.classify(params, as_float))
 
 
-def test_save_load_and_cache(trained, tmp_path):
+def test_save_load_and_cache(trained, tmp_path, monkeypatch):
   params, _ = trained
   path = str(tmp_path / 'clf' / 'shapes32.msgpack')
   cc.save_classifier(path, params, image_size=32)
@@ -52,9 +49,10 @@ def test_save_load_and_cache(trained, tmp_path):
   with pytest.raises(ValueError, match='image_size=32'):
     cc.load_classifier(path, image_size=64)
   # get_classifier returns the cached file rather than training again.
-  start = time.time()
+  def no_training(*args, **kwargs):
+    raise AssertionError('get_classifier trained although a cached file exists')
+  monkeypatch.setattr(cc, 'train_classifier', no_training)
   cached = cc.get_classifier(path, image_size=32, num_classes=10)
-  assert time.time() - start < 5
   np.testing.assert_array_equal(cc.classify(cached, images), cc.classify(params, images))
 
 
