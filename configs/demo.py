@@ -40,7 +40,7 @@ def get_config(arg: str | None = None):
   t.patch_nums = PATCH_NUMS  # token pyramid
   t.using_sa = False  # no attention blocks: convolutions suffice at 8x8
   t.using_mid_sa = False  # likewise in the middle
-  t.steps = 400  # tokenizer optimizer steps
+  t.steps = 300  # tokenizer optimizer steps
   t.batch_size = 32  # tokenizer batch
   t.lr = 2e-3  # tokenizer peak learning rate
 
@@ -62,7 +62,7 @@ def get_config(arg: str | None = None):
   tr = config.train
   tr.schedule = 'all'  # every step trains all scales (both attention paths each step)
   tr.batch_size = 64  # global batch
-  tr.num_steps = 400  # optimizer steps
+  tr.num_steps = 360  # optimizer steps
   tr.tblr = 4e-3  # peak lr = tblr * 64 / 256 = 1e-3
   tr.warmup_epochs = 0.3  # short warm-up
   tr.log_every = 50  # steps between logged metrics

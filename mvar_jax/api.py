@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any
 
@@ -152,18 +151,11 @@ def load_pretrained(directory: str, *, attention: AttentionConfig | None = None,
 
 def load_converted(directory: str, name: str):
   """(config, params) of one converted model (`name` is 'vqvae' or 'transformer')."""
-  from flax import serialization
-  cfg_path = os.path.join(directory, f'{name}.json')
-  params_path = os.path.join(directory, f'{name}.msgpack')
-  for path in (cfg_path, params_path):
-    if not os.path.exists(path):
-      raise FileNotFoundError(f'{path} not found; write it with `python -m mvar_jax.convert`')
-  with open(cfg_path) as f:
-    cfg = config_from_dict(json.load(f))
-  with open(params_path, 'rb') as f:
-    params = serialization.msgpack_restore(f.read())
+  from mvar_jax import checkpointing
+  cfg_dict, params = checkpointing.load_converted(directory, name)
+  cfg = config_from_dict(cfg_dict)
   params = jax.tree_util.tree_map(jnp.asarray, params)
-  _check_tree(cfg, params, name, params_path)
+  _check_tree(cfg, params, name, os.path.join(directory, f'{name}.msgpack'))
   return cfg, params
 
 
