@@ -6,7 +6,11 @@ implementation:
   'gather'  pure-JAX gathered windows (reference; default on CPU and TPU)
   'dense'   dense attention under a neighbourhood mask (XLA)
   'pallas'  fused Pallas GPU kernel (forward and backward; interpret=True runs it on CPU)
-  'auto'    'pallas' on GPU when available (and the head dim/dtype are supported), else 'gather'
+  'auto'    on GPU: GPU_DEFAULT (see below); elsewhere 'gather'
+
+The GPU default stays the XLA 'dense' op until launch/bench_neighborhood_attention.py has
+shown the Pallas kernel faster on a real GPU (no GPU was available when it was written);
+set GPU_DEFAULT = 'pallas' then, or pass implementation='pallas' to opt in now.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import jax
 from mvar_jax.kernels.neighborhood_attention import reference
 
 IMPLEMENTATIONS = ('auto', 'gather', 'dense', 'pallas')
+GPU_DEFAULT = 'dense'  # what 'auto' picks on GPU: 'dense' until the kernel is benchmarked
 
 
 def resolve_implementation(implementation: str | None) -> str:
@@ -24,7 +29,11 @@ def resolve_implementation(implementation: str | None) -> str:
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f'implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}')
   if implementation == 'auto':
-    return 'pallas' if (jax.default_backend() == 'gpu' and _pallas_available()) else 'gather'
+    if jax.default_backend() != 'gpu':
+      return 'gather'
+    if GPU_DEFAULT == 'pallas' and not _pallas_available():
+      return 'dense'
+    return GPU_DEFAULT
   return implementation
 
 
@@ -49,7 +58,7 @@ def neighborhood_attention(q_BNHD, k_BNHD, v_BNHD, *, height: int, width: int,
   if impl == 'pallas' and implementation in (None, 'auto'):
     from mvar_jax.kernels.neighborhood_attention import pallas_kernel
     if not pallas_kernel.supports(q_BNHD.shape[-1], q_BNHD.dtype):
-      impl = 'gather'  # e.g. head dim 48: 'auto' must not fail where the reference works
+      impl = 'dense'  # e.g. head dim 48: 'auto' must not fail where the reference works
   kwargs = dict(height=height, width=width, kernel_size=kernel_size, scale=scale)
   if impl == 'gather':
     return reference.na2d_gather(q_BNHD, k_BNHD, v_BNHD, **kwargs)
