@@ -55,7 +55,10 @@ def main(argv):
                jax.process_index(), jax.process_count(), how, jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform)
 
-  if FLAGS.mode == 'train' and FLAGS.config.get('demo', False):
+  if FLAGS.mode == 'train' and FLAGS.config.get('tokenizer_only', False):
+    from mvar_jax import train_tokenizer
+    train_tokenizer.train_tokenizer(FLAGS.config, FLAGS.workdir)
+  elif FLAGS.mode == 'train' and FLAGS.config.get('demo', False):
     from mvar_jax import demo  # tokenizer -> token cache -> MVAR -> samples -> report
     demo.run(FLAGS.config, FLAGS.workdir)
   elif FLAGS.mode == 'train':

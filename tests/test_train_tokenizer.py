@@ -79,3 +79,13 @@ def test_mismatched_image_size_names_the_field(tmp_path):
   c.data.image_size = 32
   with pytest.raises(ValueError, match='data.image_size'):
     train_tokenizer.train_tokenizer(c, str(tmp_path))
+
+
+def test_tokenizer_config_describes_the_released_architecture():
+  from configs import tokenizer as tokenizer_config
+  cfg = train_tokenizer.vqvae_config_from(tokenizer_config.get_config())
+  abstract = jax.eval_shape(lambda: vqvae.init_params(cfg, jax.random.key(0)))['params']
+  assert vqvae.count_params(abstract) == 108_948_355
+  assert cfg.resolution == 256
+  small = train_tokenizer.vqvae_config_from(tokenizer_config.get_config('small'))
+  assert small.resolution == 32 and small.patch_nums[-1] == 8
