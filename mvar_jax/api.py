@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mvar_jax import sampling, vqvae
+from mvar_jax import config_utils, sampling, vqvae
 from mvar_jax.attention import AttentionConfig
 from mvar_jax.transformer import MVARTransformer, TransformerConfig
 
@@ -160,17 +160,12 @@ def load_converted(directory: str, name: str):
 
 
 def config_from_dict(d: dict):
-  """Inverse of `convert.config_to_dict` (tuples restored, nested attention config)."""
-  d = dict(d)
-  kind = d.pop('_type', None)
-  for k, v in d.items():
-    if isinstance(v, list):
-      d[k] = tuple(v)
+  """Inverse of `convert.config_to_dict`, dispatching on its '_type'."""
+  kind = d.get('_type')
   if kind == 'TransformerConfig':
-    d['attention'] = AttentionConfig(**d['attention'])
-    return TransformerConfig(**d).validate()
+    return config_utils.transformer_config_from_dict(d)
   if kind == 'VQVAEConfig':
-    return vqvae.VQVAEConfig(**d).validate()
+    return vqvae.VQVAEConfig(**{k: v for k, v in d.items() if k != '_type'}).validate()
   raise ValueError(f'unknown config type {kind!r} (expected TransformerConfig or VQVAEConfig)')
 
 
