@@ -31,7 +31,10 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _median_ms(fn, warmup: int, reps: int) -> float:
+def _median_ms(fn, warmup: int, reps: int, what: str = '') -> float:
+  t = time.perf_counter()
+  jax.block_until_ready(fn())  # compiles
+  print(f'  {what}: first call (compile + run) {time.perf_counter() - t:.1f} s', flush=True)
   for _ in range(warmup):
     jax.block_until_ready(fn())
   times = []
@@ -57,7 +60,10 @@ def main(argv=None):
   p.add_argument('--impls', default='dense', help='neighbourhood implementations for MVAR rows')
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--reps', type=int, default=5)
+  p.add_argument('--variants', default='var,mvar',
+                 help="'var' and/or 'mvar': run one per process for a per-model peak memory")
   p.add_argument('--skip_train', action='store_true')
+  p.add_argument('--skip_sample', action='store_true')
   p.add_argument('--smoke', action='store_true', help='tiny models on any backend')
   args = p.parse_args(argv)
 
@@ -79,32 +85,55 @@ def main(argv=None):
   tok = vqvae.Tokenizer(v_cfg)
 
   rows = []
-  variants = [('VAR', AttentionConfig(mode='var'))]
-  for impl in args.impls.split(','):
+  wanted = set(args.variants.split(','))
+  variants = [('VAR', AttentionConfig(mode='var'))] if 'var' in wanted else []
+  for impl in args.impls.split(',') if 'mvar' in wanted else ():
     variants.append((f'MVAR/{impl}', dataclasses.replace(base.attention, implementation=impl)))
   for b in (int(x) for x in args.batch_sizes.split(',')):
     for name, attn in variants:
       cfg = dataclasses.replace(base, attention=attn)
       model = transformer.MVARTransformer(cfg)
       labels = jnp.arange(b, dtype=jnp.int32) % cfg.num_classes
-      sample = lambda: sampling.sample(model, t_params, tok, v_params, key=jax.random.key(1),
-                                       labels=labels, cfg=1.5, top_k=900,
-                                       top_p=0.96).images_BHW3
-      try:
-        ms_sample = _median_ms(sample, args.warmup, args.reps)
-      except Exception as e:  # e.g. out of memory: report and go on
-        ms_sample = float('nan')
-        print(f'{name} b{b} sampling failed: {type(e).__name__}: {str(e)[:200]}')
+      # The sampler's own jitted loop, compiled once here so that its memory_analysis (what the
+      # program needs, free of autotuning scratch that peak_bytes_in_use also counts) and its
+      # timing come from one executable.
+      loop = sampling._compiled(model, tok, b, 900, False, True)
+      loop_args = ({'params': t_params}, v_params, labels, jax.random.key(1), jnp.float32(1.5),
+                   jnp.float32(0.96))
+      ms_sample, xla_gib = float('nan'), float('nan')
+      if not args.skip_sample:
+        try:
+          t = time.perf_counter()
+          compiled = loop.lower(*loop_args).compile()
+          print(f'  {name} b{b} sampling: compile {time.perf_counter() - t:.1f} s', flush=True)
+          xla_gib = _program_gib(compiled)
+          ms_sample = _median_ms(lambda: compiled(*loop_args)[1], args.warmup, args.reps,
+                                 f'{name} b{b} sampling')
+        except Exception as e:  # e.g. out of memory: report and go on
+          print(f'{name} b{b} sampling failed: {type(e).__name__}: {str(e)[:200]}')
       ms_train = float('nan')
       if not args.skip_train:
         ms_train = _time_train_step(model, t_params, b, args)
-      rows.append((name, b, ms_sample, b / ms_sample * 1e3, ms_train, _peak_bytes() / 2**30))
+      rows.append((name, b, ms_sample, b / ms_sample * 1e3, ms_train, _peak_bytes() / 2**30,
+                   xla_gib))
+      print(f'  {rows[-1]}', flush=True)
 
   dev = jax.devices()[0]
   print(f'\ndevice: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, depth {base.depth}')
-  print(f"{'model':<14}{'batch':>6}{'sample ms':>12}{'img/s':>10}{'train ms':>11}{'peak GiB':>10}")
-  for name, b, ms, ips, tr, mem in rows:
-    print(f'{name:<14}{b:>6}{ms:>12.1f}{ips:>10.1f}{tr:>11.1f}{mem:>10.2f}')
+  print(f"{'model':<14}{'batch':>6}{'sample ms':>12}{'img/s':>10}{'train ms':>11}{'peak GiB':>10}"
+        f"{'sampler GiB':>13}")
+  for name, b, ms, ips, tr, mem, xla in rows:
+    print(f'{name:<14}{b:>6}{ms:>12.1f}{ips:>10.1f}{tr:>11.1f}{mem:>10.2f}{xla:>13.2f}')
+  print('peak GiB: the allocator peak of the process (includes compile-time autotuning scratch);'
+        ' sampler GiB: the compiled sampler\'s arguments + outputs + temporaries.')
+
+
+def _program_gib(compiled) -> float:
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return float('nan')
+  return (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+          - mem.alias_size_in_bytes) / 2**30
 
 
 def _time_train_step(model, params, batch, args) -> float:
@@ -128,7 +157,7 @@ def _time_train_step(model, params, batch, args) -> float:
 
   state = (params, opt_state)
   try:
-    return _median_ms(lambda: step(*state)[0], args.warmup, args.reps)
+    return _median_ms(lambda: step(*state)[0], args.warmup, args.reps, 'train step')
   except Exception as e:
     print(f'train step failed: {type(e).__name__}: {str(e)[:200]}')
     return float('nan')
