@@ -174,10 +174,10 @@ def test_flipped_bytes_are_caught_by_the_checksums(tmp_path):
   ckpt.close()
   _flip_64_bytes(_data_files(str(tmp_path / 'ckpt' / '1'))[0])
   ckpt = checkpointing.Checkpointer(str(tmp_path / 'ckpt'), async_save=False)
-  with pytest.raises(Exception) as e:  # a checksum mismatch, or a decoder error of the store
+  # The store decodes the damaged chunk without complaint; the checksum names the array.
+  with pytest.raises(checkpointing.CorruptCheckpointError,
+                     match=r"\['params'\]\['w'\] \(saved [0-9a-f]{16}, read [0-9a-f]{16}\)"):
     ckpt.restore(_abstract(state), 1)
-  print('FLIP ERROR', type(e.value).__name__, str(e.value)[:200])
-  assert isinstance(e.value, checkpointing.CorruptCheckpointError) or 'params' in str(e.value)
   with pytest.raises(checkpointing.CorruptCheckpointError, match='nothing was moved'):
     ckpt.restore_latest_good(_abstract(state))
   ckpt.close()
