@@ -146,6 +146,8 @@ class PreemptionWatcher:
     self._previous: dict[int, Any] = {}
     self._event = threading.Event()
     self.received: int | None = None
+    self.polled_step = 0  # the last step should_stop was asked about
+    self.received_after: int | None = None  # polled_step when the signal came
 
   def __enter__(self) -> 'PreemptionWatcher':
     if threading.current_thread() is threading.main_thread():
@@ -163,8 +165,10 @@ class PreemptionWatcher:
   def _handle(self, signum, frame) -> None:
     del frame
     self.received = signum
+    self.received_after = self.polled_step
     self._event.set()
-    logging.warning('received signal %d: will save a checkpoint and stop after this step', signum)
+    logging.warning('received signal %d after step %d: will save a checkpoint and stop after '
+                    'the step in progress', signum, self.polled_step)
 
   def request_stop(self) -> None:
     """Same as receiving SIGTERM (for tests and callers that detect preemption otherwise)."""
@@ -181,6 +185,7 @@ class PreemptionWatcher:
     steps (and deadlock a collective save); JAX's preemption sync point agrees on
     one step across hosts, so it decides there.
     """
+    self.polled_step = int(step)
     if jax.process_count() > 1:
       try:
         from jax.experimental import multihost_utils
@@ -288,7 +293,8 @@ class Run:
     return self.watcher.should_stop(step)
 
   def preempted(self, step: int) -> Preempted:
-    logging.warning('stopping at step %d after a preemption signal (checkpoint saved)', step)
+    logging.warning('stopping at step %d after a preemption signal received after step %s '
+                    '(checkpoint saved)', step, self.watcher.received_after)
     self.ckpt.wait()  # the saved step must be on disk before the process exits
     return Preempted(step, self.directory)
 

@@ -162,7 +162,7 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: str):
                      logdir=os.path.join(workdir, 'tokenizer_logs')) as run:
     restored = run.restore(abstract)
     if restored is None:
-      state, sums = jax.device_put(init(jax.random.key(t.seed)), device), {}
+      state, sums = jax.jit(init, out_shardings=device)(jax.random.key(t.seed)), {}
     else:
       state, meta = restored
       sums = {k: float(v) for k, v in meta.get('sums', {}).items()}
