@@ -270,3 +270,137 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(assets,
   step, state, _ = _final_state(config, workdir)
   assert step == 1 and int(state['step']) == 1
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state['params']))
+
+
+def _all_finite(tree):
+  return all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)
+             if np.issubdtype(np.asarray(x).dtype, np.floating))
+
+
+def test_the_checkpoint_a_nan_stop_names_is_finite(assets, tmp_path):
+  """tblr=1e6, a checkpoint every step: the state after an update can be NaN while the loss
+  checked (computed before that update) is finite. Such a state is never saved, and the
+  checkpoint the message names holds finite params and optimiser state."""
+  import re
+  workdir = str(tmp_path / 'nan')
+  config = tiny_config(assets, tblr=1e6, checkpoint_every=1, log_every=30, eval_every=0,
+                       num_steps=12)
+  with pytest.raises(lifecycle.NonFiniteError, match='Last good checkpoint: step') as e:
+    train.train_and_evaluate(config, workdir)
+  named = int(re.search(r'Last good checkpoint: step (\d+)', str(e.value)).group(1))
+  step, state, _ = _final_state(config, workdir)
+  assert step == named  # nothing newer was written
+  assert _all_finite(state['params']) and _all_finite(state['opt_state'])
+
+
+def test_a_finished_run_rerun_returns_its_final_metrics(uninterrupted):
+  config, workdir, metrics = uninterrupted
+  before = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+  again = train.train_and_evaluate(config, workdir)
+  assert again == pytest.approx(metrics) and 'val/loss' in again and 'train/loss' in again
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before
+
+
+def test_a_second_run_on_a_locked_workdir_names_the_holder(assets, tmp_path):
+  import subprocess
+  import sys
+  import main_process as mp
+  workdir = str(tmp_path / 'locked')
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import sys, time; from mvar_jax import lifecycle; '
+       'lifecycle.WorkdirLock(sys.argv[1]).acquire(); print("locked", flush=True); '
+       'time.sleep(600)', workdir],
+      cwd=mp.REPO, env=dict(os.environ, PYTHONPATH=mp.REPO, JAX_PLATFORMS='cpu'),
+      stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'locked'
+    with pytest.raises(lifecycle.WorkdirLockedError,
+                       match=rf'in use by another run: pid {holder.pid} on host '):
+      train.train_and_evaluate(tiny_config(assets), workdir)
+    assert not os.path.exists(os.path.join(workdir, 'checkpoints'))  # nothing was written
+  finally:
+    holder.kill()  # kill -9: the kernel drops the lock with the process
+    holder.wait()
+  lock = lifecycle.WorkdirLock(workdir).acquire()  # a dead holder never blocks
+  lock.release()
+
+
+def test_sigterm_saves_within_one_step_exits_143_then_resumes_and_finishes(assets, tmp_path):
+  """main.py as a scheduler runs it: SIGTERM -> save, exit 143; rerun -> finish, exit 0;
+  rerun of the finished run -> prints its final metrics, exit 0, trains nothing."""
+  import re
+  import main_process as mp
+  config = tiny_config(assets, num_steps=40, log_every=30, checkpoint_every=1000, eval_every=0)
+  cfg_path = mp.write_config(str(tmp_path), config)
+  workdir = str(tmp_path / 'run')
+  run = lambda log: mp.MainProcess(cfg_path, workdir, log_path=str(tmp_path / log),
+                                   cache_dir=str(tmp_path / 'xla_cache'))
+  first = run('first.log')
+  first.wait_for(lambda: 'training from step 0' in first.log(), what='the loop to start')
+  first.terminate()
+  assert first.wait() == lifecycle.EXIT_PREEMPTED, first.log()[-3000:]
+  after = int(re.search(r'received signal 15 after step (\d+)', first.log()).group(1))
+  saved = mp.steps_in(os.path.join(workdir, 'checkpoints'))
+  assert saved and saved[-1] <= after + 1 and saved[-1] < 40  # the step in progress, no more
+  assert f'preempted: saved step {saved[-1]}' in first.log()
+
+  second = run('second.log')
+  assert second.wait() == lifecycle.EXIT_FINISHED, second.log()[-3000:]
+  assert f'resumed from step {saved[-1]}' in second.log()
+  assert mp.steps_in(os.path.join(workdir, 'checkpoints'))[-1] == 40
+
+  third = run('third.log')
+  assert third.wait() == lifecycle.EXIT_FINISHED, third.log()[-3000:]
+  assert re.search(r'finished run \(.*step 40\): .*train/loss=', third.log())
+  assert 'training from step' not in third.log()
+
+
+@pytest.mark.parametrize('field, value', [('train.tblr', float('nan')),
+                                          ('train.tblr', float('inf')),
+                                          ('train.weight_decay', float('nan')),
+                                          ('train.eps', float('nan')),
+                                          ('train.grad_clip', float('-inf'))])
+def test_non_finite_floats_are_refused_naming_the_field(field, value):
+  c = common.get_config()
+  c.tokenizer.checkpoint = '/somewhere'
+  c.train.batch_size = 16
+  section, name = field.split('.')
+  c[section][name] = value
+  with pytest.raises(ValueError, match=rf'{field} must be a finite number, got {value}'):
+    config_utils.validate_config(c)
+
+
+def test_a_segment_leaves_the_parameters_it_does_not_read_alone(tiny_tokenizer):
+  """Segment A then the scale-3 segment: pos_start (read only from scale 0) keeps its value,
+  moments and step count in the second step; the other parameters move."""
+  tokenizer, vparams = tiny_tokenizer
+  c = common.get_config()
+  m = c.model
+  m.depth, m.width, m.num_heads, m.num_classes, m.vocab_size, m.cvae = 1, 32, 2, 10, VOCAB, 4
+  m.patch_nums, m.refine_step, m.kernel_size, m.dtype = PATCH_NUMS, 3, 3, 'float32'
+  c.mesh.data, c.mesh.fsdp, c.mesh.num_devices = 1, 1, 1
+  c.train.weight_decay = 0.05
+  setup = train.build(c, train.Schedule(10, 0, 10, 1e-2))
+  state = train.init_state(setup, jax.random.key(0))
+  tok_params = jax.device_put({'quantize': vparams['quantize']}, setup.replicated)
+  tok_sh = jax.tree_util.tree_map(lambda _: setup.replicated, tok_params)
+  rng = np.random.default_rng(0)
+  batch = lambda: {'ids': jnp.asarray(rng.integers(0, VOCAB, (4, L)), jnp.int32),
+                   'label': jnp.asarray(rng.integers(0, 10, (4,)), jnp.int32)}
+  assert train.segment_params(setup, 3, 3)['pos_start'] is False
+  assert train.segment_params(setup, 0, 2)['pos_start'] is True
+  step_a = train.compile_train_step(setup, tokenizer, tok_sh, first=0, last=2,
+                                    label_smoothing=0.0, ema_decay=0.0)
+  step_3 = train.compile_train_step(setup, tokenizer, tok_sh, first=3, last=3,
+                                    label_smoothing=0.0, ema_decay=0.0)
+  s1, _ = step_a(state, batch(), jax.random.key(1), tok_params)
+  s1 = jax.device_get(s1)
+  s2, _ = step_3(jax.device_put(s1, setup.state_shardings), batch(), jax.random.key(2),
+                 tok_params)
+  s2 = jax.device_get(s2)
+  opt1, opt2 = s1['opt_state'], s2['opt_state']
+  np.testing.assert_array_equal(s2['params']['pos_start'], s1['params']['pos_start'])
+  np.testing.assert_array_equal(opt2.mu['pos_start'], opt1.mu['pos_start'])
+  np.testing.assert_array_equal(opt2.nu['pos_start'], opt1.nu['pos_start'])
+  assert int(opt2.count['pos_start']) == 1 and int(opt2.count['head']['kernel']) == 2
+  assert not np.array_equal(s2['params']['head']['kernel'], s1['params']['head']['kernel'])
