@@ -124,9 +124,10 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: str):
   """Trains (or reloads, when `workdir/tokenizer` holds a result) the tokenizer.
 
   Resumes from `workdir/tokenizer_train/checkpoints` (saved every
-  tokenizer.checkpoint_every steps and on SIGTERM): the batch of step s and the
-  dead-code restarts are pure functions of (seed, s), so a resumed run ends with the same
-  params as one that never stopped. Returns (VQVAEConfig, params). Raises
+  tokenizer.checkpoint_every steps and on SIGTERM): with in-memory data ('builtin') the
+  batch of step s and the dead-code restarts are pure functions of (seed, s), so a resumed
+  run ends with the same params as one that never stopped; streaming data ('folder',
+  'imagenet2012') resume at the start of the epoch with a fresh shuffle (sources.IteratorSource). Returns (VQVAEConfig, params). Raises
   lifecycle.Preempted after saving on SIGTERM, lifecycle.NonFiniteError on NaN/Inf.
   """
   workdir = os.path.abspath(workdir)
