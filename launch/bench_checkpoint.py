@@ -34,7 +34,6 @@ def _median_ms(fn, repeats):
 def main(argv):
   del argv
   import jax
-  import numpy as np
   from mvar_jax import checkpointing, lifecycle, train
   config = FLAGS.config
   config.mesh.data, config.mesh.fsdp, config.mesh.num_devices = 1, 1, 1
@@ -60,7 +59,6 @@ def main(argv):
   print(f'|{"-" * 42}|{"-" * 11}|{"-" * 9}|')
   for name, ms in rows:
     print(f'| {name:<40} | {ms:9.2f} | {gb / (ms / 1e3):7.2f} |')
-  del np
 
 
 if __name__ == '__main__':

@@ -8,7 +8,6 @@ The config travels as JSON read by a two-line config file, so any test config ru
 user would run it. The child runs JAX on one CPU device, quietly.
 """
 
-import json
 import os
 import signal
 import subprocess

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mvar_jax import checkpointing, lifecycle, sharding
+from mvar_jax import checkpointing, sharding
 
 
 def _mesh():

@@ -17,10 +17,10 @@ import optax
 import pytest
 
 from configs import common
-from mvar_jax import checkpointing, config_utils, convert, lifecycle, optim, train
+from mvar_jax import checkpointing, config_utils, convert, lifecycle, train
 from mvar_jax import transformer as tfm
 from mvar_jax import vqvae as vq
-from mvar_jax.data import sources, token_cache
+from mvar_jax.data import token_cache
 
 PATCH_NUMS = (1, 2, 3, 4)
 L = sum(p * p for p in PATCH_NUMS)  # 30 tokens
