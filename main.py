@@ -6,6 +6,8 @@
         --config.tokenizer.checkpoint=weights/vqvae [--config.sample.checkpoint=weights/mvar_d16]
 
 Config fields can be overridden on the command line (`--config.train.batch_size=64`).
+Exit codes (mvar_jax/lifecycle.py): 0 finished, 143 preempted (SIGTERM: saved, rerun to
+continue), 3 stopped on NaN/Inf, 4 workdir locked by another live run, 1 any other error.
 `--mode=sample` writes `samples.npz` (ADM evaluator format: arr_0 uint8 (N, H, W, 3),
 arr_1 int labels) and `samples.png` (a grid of the first images) to
 config.sample.output_dir (default <workdir>/samples).
@@ -55,16 +57,23 @@ def main(argv):
                jax.process_index(), jax.process_count(), how, jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform)
 
-  if FLAGS.mode == 'train' and FLAGS.config.get('tokenizer_only', False):
-    from mvar_jax import train_tokenizer
-    train_tokenizer.train_tokenizer(FLAGS.config, FLAGS.workdir)
-  elif FLAGS.mode == 'train' and FLAGS.config.get('demo', False):
-    from mvar_jax import demo  # tokenizer -> token cache -> MVAR -> samples -> report
-    demo.run(FLAGS.config, FLAGS.workdir)
-  elif FLAGS.mode == 'train':
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  else:
-    train.sample_to_files(FLAGS.config, FLAGS.workdir)
+  from mvar_jax import lifecycle
+  try:
+    if FLAGS.mode == 'train' and FLAGS.config.get('tokenizer_only', False):
+      from mvar_jax import train_tokenizer
+      train_tokenizer.train_tokenizer(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == 'train' and FLAGS.config.get('demo', False):
+      from mvar_jax import demo  # tokenizer -> token cache -> MVAR -> samples -> report
+      demo.run(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == 'train':
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    else:
+      train.sample_to_files(FLAGS.config, FLAGS.workdir)
+  except (lifecycle.Preempted, lifecycle.NonFiniteError, lifecycle.WorkdirLockedError) as e:
+    # Expected endings of a long run: one line and a code a scheduler can act on.
+    logging.error('%s', e)
+    print(e, flush=True)
+    raise SystemExit(lifecycle.exit_code(e)) from None
 
 
 if __name__ == '__main__':

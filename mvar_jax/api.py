@@ -171,14 +171,8 @@ def config_from_dict(d: dict):
 
 def _check_tree(cfg, params, name, path):
   """Validates loaded params against a freshly initialised abstract tree."""
-  from mvar_jax import convert, transformer
+  import flax.linen as nn
+  from mvar_jax import checkpointing, transformer
   init = transformer.init_params if name == 'transformer' else vqvae.init_params
   abstract = jax.eval_shape(lambda: init(cfg, jax.random.key(0)))['params']
-  import flax.linen as nn
-  want = {p: tuple(v.shape) for p, v in convert._flatten(nn.unbox(abstract)).items()}
-  got = {p: tuple(np.shape(v)) for p, v in convert._flatten(params).items()}
-  missing = ['/'.join(p) for p in want if p not in got]
-  unexpected = ['/'.join(p) for p in got if p not in want]
-  misshaped = [('/'.join(p), got[p], want[p]) for p in want if p in got and got[p] != want[p]]
-  if missing or unexpected or misshaped:
-    raise convert.CheckpointMismatchError(f'{name} ({path})', missing, unexpected, misshaped)
+  checkpointing.check_tree_matches(params, nn.unbox(abstract), f'{name} ({path})')

@@ -9,13 +9,15 @@
 Atomicity: Orbax writes a step into `<step>.orbax-checkpoint-tmp-<id>` and renames
 it to `<step>` only once every host has finished, so a save cut short by a crash
 or a kill leaves a tmp directory that `latest_step`/`restore` never consider (and
-that the next start deletes). The trainer saves only states whose losses it has
-checked, so the newest checkpoint is always a good one.
+that the next start deletes).
 
-Preemption: `PreemptionWatcher` turns SIGTERM (what SLURM, Kubernetes and cloud
-TPU/GPU preemption send first) into a flag that the loop polls once per step; on
-multi-host runs it also asks JAX's preemption sync point, so that every host
-decides to stop at the same step.
+Integrity: every save stores, in the step's JSON metadata, a digest of each leaf of the
+state (`fingerprint`: a position-weighted and a plain 32-bit sum of its raw bits, one
+fused reduction on the devices that hold the leaf, so sharded states need no gather).
+`restore` recomputes and compares them; `restore_latest_good` walks back from the
+newest step: a step that cannot be read or whose digests differ is logged (step, file,
+reason), moved aside to `<directory>.corrupt/` (never deleted), and the previous one
+is tried. What to save and when (NaN guard, preemption) is mvar_jax/lifecycle.py's job.
 """
 
 from __future__ import annotations
@@ -23,15 +25,72 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import threading
+import re
+import time
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 STATE, META = 'state', 'meta'
+CHECKSUMS = 'checksums'  # meta key: {leaf path: digest}
+DIGEST = 'wsum32+sum32'  # name of the digest stored beside the checksums (see `fingerprint`)
+
+
+class CorruptCheckpointError(RuntimeError):
+  """A saved step that cannot be read or whose contents differ from their stored digest."""
+
+
+# ----------------------------------------------------------------------------- digests
+
+def _leaf_digest(x):
+  """(2,) uint32: sum(bits * (2i + 1)) and sum(bits), mod 2^32.
+
+  bits are the raw 8/16/32-bit words of the leaf, i their position. The first sum changes
+  under any change of one word (odd weights are invertible mod 2^32) and under swaps; the
+  plain second sum makes a random multi-word corruption slip through with probability
+  ~2^-64. Not a cryptographic hash: it guards against storage faults, not an adversary.
+  (A second position-weighted sum cost 3x more on CPU for little gain.)
+  """
+  x = jnp.ravel(x)
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  else:
+    size = jnp.dtype(x.dtype).itemsize
+    word = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(size)
+    if word is None:  # 8-byte leaves (x64 mode): two 32-bit words each
+      bits = jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+    else:
+      bits = jax.lax.bitcast_convert_type(x, word).astype(jnp.uint32)
+  i = jnp.arange(bits.shape[0], dtype=jnp.uint32)
+  s1 = jnp.sum(bits * (2 * i + 1), dtype=jnp.uint32)
+  s2 = jnp.sum(bits, dtype=jnp.uint32)
+  return jnp.stack([s1, s2])
+
+
+# (n, 2) uint32 for n leaves: one output, one transfer to the host.
+_digests = jax.jit(lambda leaves: jnp.stack([_leaf_digest(x) for x in leaves]))
+
+
+def fingerprint(tree) -> dict[str, str]:
+  """{leaf path: 16 hex digits} of a pytree of arrays, computed where the arrays live.
+
+  One jitted reduction per set of devices (one for a trainer's state on its mesh).
+  """
+  paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(tree)) if jax.tree_util.tree_leaves(
+      tree) else ((), ())
+  groups: dict[Any, list[int]] = {}
+  for i, x in enumerate(leaves):
+    devices = frozenset(x.sharding.device_set) if isinstance(x, jax.Array) else None
+    groups.setdefault(devices, []).append(i)
+  sums: dict[int, Any] = {}
+  for idx in groups.values():
+    out = np.asarray(jax.device_get(_digests([jnp.asarray(leaves[i]) for i in idx])))
+    sums.update(zip(idx, out.tolist()))
+  return {jax.tree_util.keystr(paths[i]): f'{int(v[0]):08x}{int(v[1]):08x}'
+          for i, v in sorted(sums.items())}
 
 
 class Checkpointer:
@@ -43,8 +102,10 @@ class Checkpointer:
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
         # Leftovers of saves that never finished (tmp dirs) are removed at start-up.
         cleanup_tmp_directories=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=(STATE, META))
+    # Handlers named up front, so that a fresh manager can read a step's tree metadata.
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={STATE: ocp.PyTreeCheckpointHandler(), META: ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     """Newest finished step, or None."""
@@ -60,6 +121,8 @@ class Checkpointer:
     donate or overwrite `state` right away (Orbax has copied it off the devices).
     """
     meta = dict(meta or {}, step=int(step))
+    meta[CHECKSUMS] = fingerprint(state)
+    meta['digest'] = DIGEST
     self._manager.save(int(step), args=ocp.args.Composite(**{
         STATE: ocp.args.PyTreeSave(state),
         META: ocp.args.JsonSave(_jsonable(meta)),
@@ -81,7 +144,89 @@ class Checkpointer:
             restore_args=jax.tree_util.tree_map(_restore_args, abstract_state)),
         META: ocp.args.JsonRestore(),
     }))
-    return restored[STATE], dict(restored[META] or {})
+    state, meta = restored[STATE], dict(restored[META] or {})
+    self._verify(step, state, meta)
+    return state, meta
+
+  def _verify(self, step: int, state, meta: Mapping[str, Any]) -> None:
+    want = meta.get(CHECKSUMS)
+    if want is None:
+      logging.warning('checkpoint step %d in %s has no checksums (written by an older '
+                      'version): not verified', step, self.directory)
+      return
+    got = fingerprint(state)
+    bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    if bad:
+      raise CorruptCheckpointError(
+          f'{len(bad)} array(s) differ from the checksums saved with them: '
+          + ', '.join(f'{k} (saved {want.get(k)}, read {got.get(k)})' for k in bad[:5]))
+
+  def restore_latest_good(self, abstract_state):
+    """(state, meta) of the newest step that reads and verifies, or None without any step.
+
+    An unreadable or corrupt step is logged, moved aside and skipped. A saved tree that
+    does not fit `abstract_state` (another model config) raises ValueError and moves
+    nothing: that is a config error, not a damaged file.
+    """
+    steps = sorted(self.all_steps(), reverse=True)
+    failed: list[tuple[int, Exception]] = []
+    for step in steps:
+      self._check_structure(step, abstract_state)
+      try:
+        out = self.restore(abstract_state, step)
+      except Exception as e:  # noqa: BLE001 -- any read failure means: try the previous step
+        logging.warning('checkpoint step %d in %s failed to restore (%s): trying the previous '
+                        'step', step, self.directory, type(e).__name__)
+        failed.append((step, e))
+        continue
+      # Only once an older step restored are the newer ones set aside: a failure that every
+      # step shares (a bug, a missing library) must not move good checkpoints.
+      for bad_step, error in failed:
+        self._quarantine(bad_step, error)
+      return out
+    if steps:
+      raise CorruptCheckpointError(
+          f'none of the checkpoints {steps} in {self.directory} could be restored (nothing was '
+          'moved or deleted). Reasons: ' + '; '.join(
+              f'step {st}: {type(e).__name__}: {" ".join(str(e).split())[:300]}'
+              for st, e in failed))
+    return None
+
+  def _check_structure(self, step: int, abstract_state) -> None:
+    try:
+      meta = self._manager.item_metadata(step)
+      tree = meta[STATE]
+      tree = getattr(tree, 'tree', tree)
+      saved = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
+                                     tree)
+    except Exception:  # noqa: BLE001 -- unreadable metadata: restore fails and falls back
+      return
+    if not jax.tree_util.tree_leaves(saved):
+      return
+    check_tree_matches(saved, abstract_state,
+                       f'checkpoint step {step} in {self.directory} (saved) vs the configured state')
+
+  def _quarantine(self, step: int, error: Exception) -> None:
+    """Logs one paragraph about the failed step and moves its directory aside."""
+    step_dir = os.path.join(self.directory, str(step))
+    reason = ' '.join(str(error).split())
+    files = sorted(set(m for m in re.findall(r'[\w./:-]*' + re.escape(step_dir) + r'[\w./-]*',
+                                             reason)))
+    aside_root = self.directory + '.corrupt'
+    aside = os.path.join(aside_root, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+    logging.error(
+        'checkpoint step %d could not be restored and is set aside. Step directory: %s. '
+        'File: %s. Reason: %s: %s. It is moved to %s (not deleted); the run resumes from the '
+        'newest step that restored and verified.',
+        step, step_dir, ', '.join(files) if files else '(see reason)', type(error).__name__,
+        reason[:600], aside)
+    if jax.process_index() == 0:
+      os.makedirs(aside_root, exist_ok=True)
+      os.rename(step_dir, aside)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f'quarantine {self.directory} {step}')
+    self._manager.reload()
 
   def restore_meta(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else int(step)
@@ -140,68 +285,12 @@ def _jsonable(x):
   return x
 
 
-# ----------------------------------------------------------------------------- preemption
-
-class PreemptionWatcher:
-  """Turns SIGTERM into a stop request the training loop polls (`should_stop(step)`).
-
-    with PreemptionWatcher() as watcher:
-      for step in ...:
-        ...
-        if watcher.should_stop(step):
-          save; break
-
-  The previous handler is restored on exit. Signal handlers can only be installed
-  from the main thread; elsewhere the watcher relies on JAX's sync point alone.
-  """
-
-  def __init__(self, signals=(signal.SIGTERM,)):
-    self._signals = tuple(signals)
-    self._previous: dict[int, Any] = {}
-    self._event = threading.Event()
-    self.received: int | None = None
-
-  def __enter__(self) -> 'PreemptionWatcher':
-    if threading.current_thread() is threading.main_thread():
-      for sig in self._signals:
-        self._previous[sig] = signal.signal(sig, self._handle)
-    else:
-      logging.warning('not in the main thread: SIGTERM will not stop training cleanly')
-    return self
-
-  def __exit__(self, *exc) -> None:
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-    self._previous.clear()
-
-  def _handle(self, signum, frame) -> None:
-    del frame
-    self.received = signum
-    self._event.set()
-    logging.warning('received signal %d: will save a checkpoint and stop after this step', signum)
-
-  def request_stop(self) -> None:
-    """Same as receiving SIGTERM (for tests and callers that detect preemption otherwise)."""
-    self._handle(int(signal.SIGTERM), None)
-
-  @property
-  def requested(self) -> bool:
-    return self._event.is_set()
-
-  def should_stop(self, step: int) -> bool:
-    """True when this step should be the last: a local signal or a multi-host sync point.
-
-    On several processes the local flag alone could make hosts stop at different
-    steps (and deadlock a collective save); JAX's preemption sync point agrees on
-    one step across hosts, so it decides there.
-    """
-    if jax.process_count() > 1:
-      try:
-        from jax.experimental import multihost_utils
-        return bool(multihost_utils.reached_preemption_sync_point(int(step)))
-      except (ImportError, RuntimeError, AttributeError):  # no preemption service running
-        return self.requested
-    return self.requested
+def __getattr__(name):
+  # The preemption watcher moved to mvar_jax.lifecycle (with the rest of the run policy).
+  if name == 'PreemptionWatcher':
+    from mvar_jax import lifecycle
+    return lifecycle.PreemptionWatcher
+  raise AttributeError(name)
 
 
 # ----------------------------------------------------------------------------- converted weights
@@ -226,21 +315,17 @@ def load_converted(directory: str, name: str) -> tuple[dict, dict]:
 
 
 def check_tree_matches(params, abstract_params, what: str) -> None:
-  """Raises ValueError listing the paths whose presence or shape differs."""
+  """Raises convert.CheckpointMismatchError (a ValueError) listing every path whose presence
+  or shape differs between `params` and `abstract_params` (e.g. from jax.eval_shape)."""
+  from mvar_jax.convert import CheckpointMismatchError
+
   def flat(tree):
-    return {jax.tree_util.keystr(p): tuple(np.shape(v))
+    return {'/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+                     for k in p): tuple(np.shape(v))
             for p, v in jax.tree_util.tree_leaves_with_path(tree)}
   got, want = flat(params), flat(abstract_params)
   missing = sorted(set(want) - set(got))
   unexpected = sorted(set(got) - set(want))
-  misshaped = sorted(k for k in set(got) & set(want) if got[k] != want[k])
+  misshaped = [(k, got[k], want[k]) for k in sorted(set(got) & set(want)) if got[k] != want[k]]
   if missing or unexpected or misshaped:
-    lines = [f'{what}: parameters do not match the configured model.']
-    if missing:
-      lines.append(f'  missing: {missing[:10]}')
-    if unexpected:
-      lines.append(f'  unexpected: {unexpected[:10]}')
-    if misshaped:
-      lines.append('  mis-shaped: ' + ', '.join(
-          f'{k} {got[k]} vs {want[k]}' for k in misshaped[:10]))
-    raise ValueError('\n'.join(lines))
+    raise CheckpointMismatchError(what, missing, unexpected, misshaped)

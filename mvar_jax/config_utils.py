@@ -10,6 +10,7 @@ override such as `--config.model.depth=20` changes everything that depends on it
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 from mvar_jax.attention import MODES as ATTENTION_MODES
@@ -105,6 +106,13 @@ def _one_of(name: str, value, allowed) -> None:
     raise ValueError(f'{name} must be one of {tuple(allowed)}, got {value!r}')
 
 
+def check_finite_floats(section, prefix: str) -> None:
+  """Every float field of a config section must be finite (a NaN passes every range check)."""
+  for key, value in section.items():
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ValueError(f'{prefix}.{key} must be a finite number, got {value}')
+
+
 def _positive(name: str, value, *, allow_zero: bool = False) -> None:
   if value < 0 or (value == 0 and not allow_zero):
     raise ValueError(f'{name} must be {">= 0" if allow_zero else "> 0"}, got {value}')
@@ -144,6 +152,8 @@ def validate_config(config, *, check_mesh: bool = True, mode: str = 'train') -> 
   except ValueError as e:
     raise ValueError(f'model: {e}') from None
   # --- train
+  for section in ('model', 'train', 'sample'):
+    check_finite_floats(config[section], section)
   _one_of('train.schedule', t.schedule, SCHEDULES)
   _one_of('train.lr_schedule', t.lr_schedule, LR_SCHEDULES)
   if t.schedule == 'segments':
@@ -164,6 +174,7 @@ def validate_config(config, *, check_mesh: bool = True, mode: str = 'train') -> 
   _positive('train.weight_decay', t.weight_decay, allow_zero=True)
   _in_range('train.b1', t.b1, 0.0, 1.0)
   _in_range('train.b2', t.b2, 0.0, 1.0)
+  _positive('train.eps', t.eps)
   _positive('train.grad_clip', t.grad_clip, allow_zero=True)
   _in_range('train.label_smoothing', t.label_smoothing, 0.0, 1.0)
   _in_range('train.ema_decay', t.ema_decay, 0.0, 1.0)

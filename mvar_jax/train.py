@@ -2,8 +2,11 @@
 
     train_and_evaluate(config, workdir)     # configs/*.py; resumes from workdir/checkpoints
 
-Read top to bottom: schedules and optimiser, the segment schedule, the loss, the
-pure `train_step` / `eval_step`, state creation and sharding, data, then the loop.
+Read top to bottom: the segment schedule, the loss, the pure `train_step` /
+`eval_step`, state creation and sharding, then the loop. The optimiser and its
+schedules live in mvar_jax/optim.py, the data sources in mvar_jax/data/sources.py,
+and what every long job needs (lock, checkpoints, preemption, NaN guard, writers,
+exit codes) in mvar_jax/lifecycle.py.
 
 Segments. The official trainer alternates `ratio_k` iterations on segment A
 (scales 0..refine_step-1, one block-diagonal dense attention) with one iteration
@@ -12,7 +15,9 @@ its own batch and takes its own optimiser step; each segment is one compiled
 step function (3 for the 256 px pyramid). `train.schedule='all'` instead trains
 every scale in every step (one compiled function). Either way the loss is the
 per-token cross entropy weighted 1/L (L = all tokens of the pyramid), summed
-over the trained tokens and averaged over the batch, as upstream.
+over the trained tokens and averaged over the batch, as upstream. A parameter a
+segment does not read (`pos_start` after scale 0) is left alone in that step:
+no update, no moment decay, no step count (torch's AdamW without a gradient).
 
 Teacher forcing runs inside the jitted step: the batch carries int32 token ids
 (B, L) (or images, encoded by the frozen VQ-VAE inside the step), and the
@@ -22,15 +27,17 @@ and the quantiser (codebook lookup, bicubic up, a 3x3 conv per scale, area
 down; no encoder) is small next to the transformer.
 
 Exact resume. Everything a step consumes is a pure function of (seed, step):
-the batch (see `StepIndexedSource`), the dropout key fold_in(seed, step), the
-segment, the learning rate. A checkpoint holds the state plus the host-side
-metric accumulators of the current log window, so a run killed and restarted
-writes the same numbers as one that never stopped.
+the global batch (see `sources.StepIndexedSource`), the dropout key
+fold_in(seed, step), the segment, the learning rate. A checkpoint holds the state
+plus the host-side metric accumulators of the current log window, so a run killed
+and restarted writes the same numbers as one that never stopped.
 
-NaN/Inf. Per-step metrics stay on device until a log, checkpoint or eval step
-(no per-step host sync); they are then checked in order, and the first
-non-finite loss stops training with an error naming that step. Checkpoints are
-written only after this check, so the newest checkpoint is always a good one.
+NaN/Inf and preemption. The host runs at most one step ahead of the device: after
+dispatching step s it waits for step s-1's metrics, checks its loss and adds it to
+the log window. A non-finite loss stops the run naming the step; a state is saved
+only if every float in it is finite (lifecycle.Run.save), so the checkpoint a
+NaN message names is a good one. A SIGTERM is honoured at the end of the step in
+progress: save, then lifecycle.Preempted (exit code lifecycle.EXIT_PREEMPTED).
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import functools
 import logging
 import math
 import os
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -48,109 +55,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mvar_jax import checkpointing, config_utils, sharding
+from mvar_jax import checkpointing, config_utils, lifecycle, optim, sharding
 from mvar_jax import transformer as tfm
 from mvar_jax import vqvae as vq
+from mvar_jax.data import sources
 from mvar_jax.layout import ScaleLayout
+from mvar_jax.optim import Schedule
 
-# Substrings of parameter paths that get no weight decay (upstream's nowd_keys; the ones
-# that name no parameter here are kept so the rule reads as upstream's).
-NO_WEIGHT_DECAY_KEYS = ('cls_token', 'start_token', 'task_token', 'cfg_uncond', 'pos_embed',
-                        'pos_1LC', 'pos_start', 'start_pos', 'lvl_embed', 'gamma', 'beta',
-                        'ada_gss', 'moe_bias', 'scale_mul')
-
-
-# ============================================================================= schedules, optimiser
-
-def lr_factor(step, *, kind: str, warmup_steps: int, total_steps: int, warmup_start: float,
-              lr_end: float):
-  """Multiplier of the peak lr at `step` (utils/lr_control.py `lr_wd_annealing`).
-
-  Linear warm-up warmup_start -> 1 over warmup_steps, then over the rest
-  (p = progress in [0, 1], 1 at the last step):
-    lin0: 1 while p < 0.05, then linear to lr_end;  lin: the same with 0.15;
-    lin00: linear 1 -> lr_end;  cos: half cosine 1 -> lr_end;  constant: 1.
-  Works on Python ints, numpy and traced jnp values.
-  """
-  step = jnp.asarray(step, jnp.float32)
-  wp = float(warmup_steps)
-  warm = warmup_start + (1 - warmup_start) * step / max(wp, 1.0)
-  p = (step - wp) / max(total_steps - 1 - wp, 1.0)
-  rest = 1 - p
-  if kind in ('lin0', 'lin'):
-    hold = 0.05 if kind == 'lin0' else 0.15
-    after = jnp.where(p < hold, 1.0, lr_end + (1 - lr_end) * rest / (1 - hold))
-  elif kind == 'lin00':
-    after = lr_end + (1 - lr_end) * rest
-  elif kind == 'cos':
-    after = lr_end + (1 - lr_end) * (0.5 + 0.5 * jnp.cos(math.pi * p))
-  elif kind == 'constant':
-    after = jnp.ones_like(p)
-  else:
-    raise ValueError(f'train.lr_schedule must be one of {config_utils.LR_SCHEDULES}, got {kind!r}')
-  return jnp.where(step < wp, warm, after)
-
-
-def weight_decay_value(step, *, weight_decay: float, weight_decay_end: float, total_steps: int):
-  """Constant, or cosine-annealed weight_decay -> weight_decay_end over the run (upstream twde)."""
-  if weight_decay_end < 0 or weight_decay_end == weight_decay:
-    return jnp.full((), weight_decay, jnp.float32)
-  p = jnp.asarray(step, jnp.float32) / max(total_steps - 1, 1)
-  return weight_decay_end + (weight_decay - weight_decay_end) * (0.5 + 0.5 * jnp.cos(math.pi * p))
-
-
-def decays(path: str, shape) -> bool:
-  """Upstream's rule: no decay for 1-D params, biases and the NO_WEIGHT_DECAY_KEYS."""
-  if len(shape) <= 1 or path.endswith('bias'):
-    return False
-  return not any(k in path for k in NO_WEIGHT_DECAY_KEYS)
-
-
-def weight_decay_mask(params):
-  """Tree of bools: True where AdamW decays the parameter."""
-  def one(path, leaf):
-    name = '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
-    return decays(name, np.shape(leaf))
-  return jax.tree_util.tree_map_with_path(one, params)
-
-
-@dataclasses.dataclass(frozen=True)
-class Schedule:
-  """Run length and learning-rate shape, resolved from the config and the data size."""
-
-  total_steps: int
-  warmup_steps: int
-  steps_per_epoch: int
-  peak_lr: float
-
-  @classmethod
-  def from_config(cls, config, data_steps_per_epoch: int | None) -> 'Schedule':
-    spe = config_utils.steps_per_epoch(config, data_steps_per_epoch)
-    return cls(total_steps=config_utils.total_steps(config, spe),
-               warmup_steps=config_utils.warmup_steps(config, spe), steps_per_epoch=spe,
-               peak_lr=config_utils.peak_lr(config))
-
-  def lr(self, config) -> Callable:
-    t = config.train
-    return lambda step: self.peak_lr * lr_factor(
-        step, kind=t.lr_schedule, warmup_steps=self.warmup_steps, total_steps=self.total_steps,
-        warmup_start=t.warmup_start, lr_end=t.lr_end)
-
-  def weight_decay(self, config) -> Callable:
-    t = config.train
-    return lambda step: weight_decay_value(step, weight_decay=t.weight_decay,
-                                           weight_decay_end=t.weight_decay_end,
-                                           total_steps=self.total_steps)
-
-
-def make_optimizer(config, schedule: Schedule) -> optax.GradientTransformation:
-  """Global-norm clip, then AdamW (betas 0.9/0.95) with masked, scheduled decoupled decay."""
-  t = config.train
-  adamw = optax.adamw(learning_rate=schedule.lr(config), b1=t.b1, b2=t.b2, eps=t.eps,
-                      weight_decay=schedule.weight_decay(config), mask=weight_decay_mask)
-  if t.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw)
-  return adamw
+NonFiniteLossError = lifecycle.NonFiniteError  # the name older callers catch
 
 
 # ============================================================================= segments
@@ -237,11 +149,12 @@ def _segment_inputs(ids_BL, teacher_BlCv, layout: ScaleLayout, first: int, last:
 
 def train_step(state, batch, rng, tok_params, *, model: tfm.MVARTransformer,
                tokenizer: vq.Tokenizer, tx: optax.GradientTransformation, first: int, last: int,
-               label_smoothing: float = 0.0, ema_decay: float = 0.0):
+               label_smoothing: float = 0.0, ema_decay: float = 0.0, active=None):
   """One optimiser step on scales first..last; returns (state, metrics).
 
   state: {'params', 'opt_state', 'step', ['ema_params']}; batch: {'ids' (B, L) int32 or
-  'image' (B, H, W, 3), 'label' (B,) int32}; rng: this step's dropout key.
+  'image' (B, H, W, 3), 'label' (B,) int32}; rng: this step's dropout key; active: static
+  tree of bools, the parameters this segment reads (None: all; see `segment_params`).
   """
   layout = model.config.layout
   total_len = layout.total_len
@@ -259,8 +172,11 @@ def train_step(state, batch, rng, tok_params, *, model: tfm.MVARTransformer,
     return loss, (nll_Bl, correct_Bl)
 
   (loss, (nll_Bl, correct_Bl)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
-  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-  params = optax.apply_updates(state['params'], updates)
+  if active is None:
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  else:
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'], active=active)
+  params = optim.apply_updates(state['params'], updates, active)
   new_state = dict(state, params=params, opt_state=opt_state, step=state['step'] + 1)
   if 'ema_params' in state:
     new_state['ema_params'] = jax.tree_util.tree_map(
@@ -311,7 +227,7 @@ def build(config, schedule: Schedule, mesh: jax.sharding.Mesh | None = None) -> 
   """Model, optimiser and the shardings of the train state on the configured mesh."""
   model_cfg = config_utils.transformer_config_from(config).validate()
   model = tfm.MVARTransformer(model_cfg)
-  tx = make_optimizer(config, schedule)
+  tx = optim.make_optimizer(config, schedule)
   mesh = mesh or sharding.create_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh)
   repl = sharding.replicated(mesh)
@@ -321,8 +237,7 @@ def build(config, schedule: Schedule, mesh: jax.sharding.Mesh | None = None) -> 
   abstract_params = nn.unbox(boxed)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   # Adam moments live where their parameter lives; counts and other scalars are replicated.
-  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
-                                        transform_non_params=lambda _: repl)
+  opt_shardings = optim.state_shardings(abstract_opt, param_shardings, repl)
   shardings = {'params': param_shardings, 'opt_state': opt_shardings, 'step': repl}
   abstract = {'params': abstract_params, 'opt_state': abstract_opt,
               'step': jax.ShapeDtypeStruct((), jnp.int32)}
@@ -362,10 +277,27 @@ def compile_train_step(setup: Setup, tokenizer: vq.Tokenizer, tok_shardings, *, 
   """jit(train_step) for one segment: sharded in and out, the state donated."""
   fn = functools.partial(train_step, model=setup.model, tokenizer=tokenizer, tx=setup.tx,
                          first=first, last=last, label_smoothing=label_smoothing,
-                         ema_decay=ema_decay)
+                         ema_decay=ema_decay, active=segment_params(setup, first, last))
   return jax.jit(fn, in_shardings=(setup.state_shardings, setup.batch_sharding, setup.replicated,
                                    tok_shardings),
                  out_shardings=(setup.state_shardings, setup.replicated), donate_argnums=(0,))
+
+
+def segment_params(setup: Setup, first: int, last: int):
+  """Tree of bools: the parameters the forward of scales first..last reads (static)."""
+  model = setup.model
+  layout = model.config.layout
+  begin, end = layout.span(first, last)
+  label = jax.ShapeDtypeStruct((1,), jnp.int32)
+  n_x = end - begin - (layout.scale_len(0) if first == 0 else 0)
+  x = jax.ShapeDtypeStruct((1, n_x, model.config.cvae), jnp.float32) if n_x else None
+  params = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                  setup.abstract_state['params'])
+
+  def forward(p, label_B, x_BlCv):
+    return model.apply({'params': p}, label_B, x_BlCv, first=first, last=last, train=True,
+                       rngs={'dropout': jax.random.key(0)})
+  return optim.used_params(forward, params, label, x)
 
 
 def compile_eval_step(setup: Setup, tokenizer: vq.Tokenizer, tok_shardings):
@@ -404,177 +336,6 @@ def load_init_params(config, abstract_params):
   logging.info('initialising from %s (depth %s, width %s)', config.init_from,
                cfg_dict.get('depth'), cfg_dict.get('width'))
   return params
-
-
-# ============================================================================= data
-
-class StepIndexedSource:
-  """Batches as a pure function of (seed, step) over this process's in-memory examples.
-
-  Each process holds an equal block of the split (as the pipeline does). Epoch e
-  visits the block in the order permutation(seed, process, e); an epoch has
-  ceil(n / b) batches and its last batch is filled from the start of the same
-  permutation (upstream's fill_last). Step g reads batch g % steps_per_epoch of
-  epoch g // steps_per_epoch, and its flips come from a generator seeded with
-  (seed, process, epoch, batch), so a resumed run sees exactly the batches an
-  uninterrupted run would have.
-  """
-
-  def __init__(self, arrays: Mapping[str, np.ndarray], local_batch: int, *, seed: int,
-               num_examples: int,
-               transform: Callable[[dict, np.random.Generator], dict] | None = None,
-               process_index: int = 0):
-    self.arrays = dict(arrays)
-    sizes = {len(v) for v in self.arrays.values()}
-    if len(sizes) != 1:
-      raise ValueError(f'arrays must share their first dimension, got {sizes}')
-    self.local_examples = sizes.pop()
-    if self.local_examples == 0:
-      raise ValueError('the training split is empty (for this process)')
-    self.local_batch, self.seed, self.process_index = int(local_batch), int(seed), process_index
-    self.num_examples = int(num_examples)  # whole split, all processes
-    self.transform = transform
-    self.steps_per_epoch = max(1, math.ceil(self.local_examples / self.local_batch))
-    self._epoch, self._order = None, None
-
-  def indices(self, step: int) -> np.ndarray:
-    """(local_batch,) indices into this process's block for step `step`."""
-    epoch, i = divmod(int(step), self.steps_per_epoch)
-    if epoch != self._epoch:
-      perm = np.random.default_rng([self.seed, self.process_index, epoch]).permutation(
-          self.local_examples)
-      reps = math.ceil(self.steps_per_epoch * self.local_batch / self.local_examples)
-      self._order = np.tile(perm, reps)[:self.steps_per_epoch * self.local_batch]
-      self._epoch = epoch
-    return self._order[i * self.local_batch:(i + 1) * self.local_batch]
-
-  def batch(self, step: int) -> dict:
-    idx = self.indices(step)
-    out = {k: v[idx] for k, v in self.arrays.items()}
-    if self.transform is None:
-      return out
-    epoch, i = divmod(int(step), self.steps_per_epoch)
-    return self.transform(out, np.random.default_rng([self.seed, self.process_index, epoch, i, 1]))
-
-
-class IteratorSource:
-  """A streaming (tf.data) pipeline: batches in the iterator's order, not indexable by step.
-
-  Resuming rebuilds the pipeline for the epoch of the resumed step, with the shuffle
-  seed data.seed + epoch, and starts at the beginning of that epoch's fresh shuffle:
-  the resumed run sees the same data distribution, not the same batch sequence.
-  """
-
-  def __init__(self, make_iterator: Callable[[int], Iterator[dict]], *, local_batch: int):
-    self.make_iterator = make_iterator
-    self._it = make_iterator(0)
-    self.num_examples = int(self._it.num_examples)
-    self.local_batch = local_batch
-    global_batch = local_batch * jax.process_count()
-    self.steps_per_epoch = max(1, math.ceil(self.num_examples / global_batch))
-    self._next_step = 0
-
-  def batch(self, step: int) -> dict:
-    if step != self._next_step:
-      epoch = step // self.steps_per_epoch
-      logging.info('data: restarting the pipeline at epoch %d (step %d) with a fresh shuffle',
-                   epoch, step)
-      self._it = self.make_iterator(epoch)
-    self._next_step = step + 1
-    return next(self._it)
-
-
-def _pipeline():
-  from mvar_jax.data import pipeline  # imported late: it may pull in TensorFlow
-  return pipeline
-
-
-def token_expectation(config) -> dict:
-  """What a token cache must match: the model's pyramid and vocabulary."""
-  layout = ScaleLayout(tuple(config.model.patch_nums))
-  return {'L': layout.total_len, 'vocab_size': int(config.model.vocab_size),
-          'patch_nums': tuple(layout.patch_nums)}
-
-
-def _unit_range(images_uint8):
-  return images_uint8.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
-
-
-def make_train_source(config):
-  """StepIndexedSource for in-memory data ('builtin', 'tokens'), else an IteratorSource."""
-  from mvar_jax.data import builtin, token_cache
-  pipeline = _pipeline()
-  d = config.data
-  pipeline.validate_data_config(d)
-  pc, pi = jax.process_count(), jax.process_index()
-  local_batch = int(config.train.batch_size) // pc
-  if d.name == 'builtin':
-    n = int(d.builtin_train_size)
-    per = n // pc  # equal blocks, as the pipeline: processes step together
-    images, labels = builtin.generate(per, image_size=d.image_size, num_classes=d.num_classes,
-                                      seed=pipeline.BUILTIN_SEEDS['train'], start=pi * per)
-
-    def transform(b, rng):
-      x = b['image']
-      if d.hflip:
-        mirror = rng.random(len(x)) < 0.5
-        x = np.where(mirror[:, None, None, None], x[:, :, ::-1], x)
-      return {'image': _unit_range(x), 'label': b['label']}
-    return StepIndexedSource({'image': images, 'label': labels}, local_batch, seed=d.seed,
-                             num_examples=n, transform=transform, process_index=pi)
-  if d.name == 'tokens':
-    # The pipeline's own rule for where a split lives under data_dir.
-    path = pipeline._split_dir(d.data_dir, 'train')  # pylint: disable=protected-access
-    arrays, meta = token_cache.read_token_cache(
-        path, expect=dict(token_expectation(config), image_size=d.image_size))
-    if d.hflip and not meta['flip']:
-      raise ValueError(f'data.hflip=True but the token cache {path} was built with flip=False')
-    if len(arrays['labels']) and arrays['labels'].max() >= d.num_classes:
-      raise ValueError(f'token cache {path} has label {arrays["labels"].max()} but '
-                       f'data.num_classes={d.num_classes}')
-    n = int(meta['count'])
-    per = n // pc
-    block = slice(pi * per, (pi + 1) * per)
-    local = {'ids': arrays['ids'][block], 'label': arrays['labels'][block].astype(np.int32)}
-    if d.hflip:
-      local['ids_flip'] = arrays['ids_flip'][block]
-
-    def transform(b, rng):
-      ids = b['ids']
-      if d.hflip:
-        mirror = rng.random(len(ids)) < 0.5
-        ids = np.where(mirror[:, None], b['ids_flip'], ids)
-      return {'ids': ids.astype(np.int32), 'label': b['label']}
-    return StepIndexedSource(local, local_batch, seed=d.seed, num_examples=n,
-                             transform=transform, process_index=pi)
-
-  def make_iterator(epoch: int):
-    dd = d.copy_and_resolve_references()
-    dd.seed = int(d.seed) + epoch
-    return pipeline.create_dataset(dd, split='train', batch_size=int(config.train.batch_size))
-  return IteratorSource(make_iterator, local_batch=local_batch)
-
-
-def eval_batches(config) -> Iterator[dict]:
-  """Local validation batches padded to the local batch, with 'mask' (B,) marking real rows."""
-  pipeline = _pipeline()
-  batch_size = int(config.train.batch_size)
-  local = batch_size // jax.process_count()
-  expect = token_expectation(config) if config.data.name == 'tokens' else None
-  try:
-    it = pipeline.create_dataset(config.data, split='val', batch_size=batch_size, shuffle=False,
-                                 repeat=False, drop_remainder=False, token_expect=expect)
-  except FileNotFoundError as e:
-    logging.warning('no validation split (%s): skipping evaluation', e)
-    return
-  for b, out in enumerate(it):
-    if 0 <= config.train.eval_batches <= b:
-      return
-    rows = len(out['label'])
-    if rows < local:  # pad the last batch (every process must contribute equal shapes)
-      out = {k: np.concatenate([v, np.repeat(v[-1:], local - rows, 0)]) for k, v in out.items()}
-    out['mask'] = (np.arange(local) < rows).astype(np.float32)
-    yield out
 
 
 # ============================================================================= metrics bookkeeping
@@ -626,19 +387,18 @@ class Accumulator:
     return out
 
 
-class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or Inf; the message names the step."""
-
-
 # ============================================================================= the loop
 
 def train_and_evaluate(config, workdir: str, *, step_hook: Callable[[int], None] | None = None,
                        mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
-  """Trains (resuming from `workdir/checkpoints` when it holds one); returns the last metrics.
+  """Trains (resuming from `workdir/checkpoints` when it holds one); returns the final metrics.
 
-  step_hook(step) runs on the host after every step (tests use it to simulate a kill).
+  A finished run returns the final metrics stored with its last checkpoint and trains
+  nothing. Raises lifecycle.Preempted after saving on SIGTERM, lifecycle.NonFiniteError
+  on a NaN/Inf (naming the last good checkpoint), lifecycle.WorkdirLockedError when
+  another run holds the workdir. step_hook(step) runs on the host after every step
+  (tests use it to simulate a kill).
   """
-  from clu import metric_writers, periodic_actions  # imported here: pulls in TensorFlow
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   config_utils.validate_config(config, check_mesh=mesh is None)
@@ -646,11 +406,12 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Callable[[int], None]
   t = config.train
 
   # --------------------------------------------------------------- data and schedule
-  source = make_train_source(config)
+  expect = sources.token_expectation(config) if config.data.name == 'tokens' else None
+  source = sources.make_train_source(config.data, int(t.batch_size), token_expect=expect)
   schedule = Schedule.from_config(config, source.steps_per_epoch)
   logging.info('schedule: %s', schedule)
 
-  # --------------------------------------------------------------- mesh, model, state
+  # --------------------------------------------------------------- mesh, model, tokenizer
   setup = build(config, schedule, mesh)
   tokenizer, tok_host = load_tokenizer(config)
   images = config.data.name != 'tokens'  # images are tokenised inside the step
@@ -660,139 +421,154 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Callable[[int], None]
   # The quantiser alone turns ids into teacher inputs; the encoder is needed for images.
   tok_params = jax.device_put(tok_host if images else {'quantize': tok_host['quantize']},
                               setup.replicated)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                    max_to_keep=t.keep_checkpoints,
-                                    async_save=t.async_checkpointing)
   root = jax.random.key(config.seed)
   init_rng, dropout_root, sample_root = jax.random.split(root, 3)
-  window = Accumulator(layout.num_scales)
-  if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(setup.abstract_state)
-    window = Accumulator(layout.num_scales, meta.get('window'))
-    logging.info('resumed from step %d', int(meta['step']))
-  else:
-    init_params = None
-    if config.init_from:
-      init_params = load_init_params(config, setup.abstract_state['params'])
-    state = init_state(setup, init_rng, init_params)
-  step = int(jax.device_get(state['step']))
-  logging.info('transformer: %.2fM params; mesh %s', tfm.count_params(state['params']) / 1e6,
-               dict(setup.mesh.shape))
 
-  # --------------------------------------------------------------- steps
-  tok_shardings = jax.tree_util.tree_map(lambda _: setup.replicated, tok_params)
-  train_fns = {seg: compile_train_step(setup, tokenizer, tok_shardings, first=seg[0],
-                                       last=seg[1], label_smoothing=t.label_smoothing,
-                                       ema_decay=t.ema_decay)
-               for seg in segments(t.schedule, layout.num_scales, config.model.refine_step)}
-  eval_fn = compile_eval_step(setup, tokenizer, tok_shardings)
-  lr_fn = schedule.lr(config)
+  with lifecycle.Run(workdir, 'checkpoints', total_steps=schedule.total_steps,
+                     max_to_keep=t.keep_checkpoints, async_save=t.async_checkpointing) as run:
+    # ------------------------------------------------------------- state: resume or init
+    window = Accumulator(layout.num_scales)
+    restored = run.restore(setup.abstract_state)
+    if restored is not None:
+      state, meta = restored
+      window = Accumulator(layout.num_scales, meta.get('window'))
+      done = lifecycle.finished_metrics(meta)
+      if int(meta['step']) >= schedule.total_steps and done is not None:
+        logging.info('run in %s already finished at step %d; final metrics: %s', workdir,
+                     int(meta['step']), done)
+        print(f'finished run ({workdir}, step {int(meta["step"])}): ' + ', '.join(
+            f'{k}={v:.4f}' for k, v in sorted(done.items())))
+        return done
+    else:
+      init_params = None
+      if config.init_from:
+        init_params = load_init_params(config, setup.abstract_state['params'])
+      state = init_state(setup, init_rng, init_params)
+    step = int(jax.device_get(state['step']))
+    logging.info('transformer: %.2fM params; mesh %s', tfm.count_params(state['params']) / 1e6,
+                 dict(setup.mesh.shape))
 
-  # --------------------------------------------------------------- writers and hooks
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  if step == 0:
-    writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()
-                          if isinstance(v, (int, float, str, bool))})
-  hooks = [periodic_actions.ReportProgress(num_train_steps=schedule.total_steps, writer=writer)]
-  if t.profile_steps > 0 and jax.process_index() == 0:
-    hooks.append(periodic_actions.Profile(num_profile_steps=t.profile_steps, logdir=workdir))
-  last_metrics: dict[str, float] = {}
-  pending: list[tuple[int, dict]] = []
-  good_step = ckpt.latest_step()
+    # ------------------------------------------------------------- steps
+    tok_shardings = jax.tree_util.tree_map(lambda _: setup.replicated, tok_params)
+    train_fns = {seg: compile_train_step(setup, tokenizer, tok_shardings, first=seg[0],
+                                         last=seg[1], label_smoothing=t.label_smoothing,
+                                         ema_decay=t.ema_decay)
+                 for seg in segments(t.schedule, layout.num_scales, config.model.refine_step)}
+    eval_fn = compile_eval_step(setup, tokenizer, tok_shardings)
+    lr_fn = schedule.lr(config)
 
-  def flush():
-    """Fetches pending per-step metrics, stops on a non-finite loss, accumulates the rest."""
-    nonlocal pending
-    fetched = jax.device_get(pending)
-    pending = []
-    for s, m in fetched:
+    # ------------------------------------------------------------- writers and hooks
+    writer = run.writer
+    if step == 0:
+      writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()
+                            if isinstance(v, (int, float, str, bool))})
+    hooks = run.progress_hooks()
+    if t.profile_steps > 0 and jax.process_index() == 0:
+      from clu import periodic_actions
+      hooks.append(periodic_actions.Profile(num_profile_steps=t.profile_steps, logdir=workdir))
+    last_metrics: dict[str, float] = {}
+    in_flight: list[tuple[int, dict]] = []  # dispatched steps whose metrics are unchecked
+
+    def check(s: int, m: dict):
+      """Stops on a non-finite loss, else adds the step's metrics to the log window."""
+      m = jax.device_get(m)
       loss = float(m['loss'])
       if not np.isfinite(loss):
-        raise NonFiniteLossError(
+        raise lifecycle.NonFiniteError(
             f'training loss is {loss} (NaN/Inf) at step {s} (the update from step {s - 1} to '
             f'{s}); stopping without saving this state. Last good checkpoint: '
-            f'{"none" if good_step is None else f"step {good_step}"} in {ckpt.directory}')
+            f'{run.last_good()}')
       window.add(m)
 
-  def save(s: int):
-    nonlocal good_step
-    flush()  # never save a state whose losses were not checked
-    ckpt.save(s, state, meta={'window': window.state(), 'config': config.to_json()})
-    good_step = s
+    def drain():
+      while in_flight:
+        check(*in_flight.pop(0))
 
-  def evaluate(s: int):
-    flush()  # a NaN state is reported as such, not evaluated
-    acc = Accumulator(layout.num_scales)
-    params = state['ema_params'] if 'ema_params' in state else state['params']
-    for local in eval_batches(config):
-      batch = sharding.to_global_batch(local, setup.batch_sharding)
-      acc.add(jax.device_get(eval_fn(params, batch, tok_params)))
-    if acc.count.sum():
-      out = acc.summary('val', layout)
-      writer.write_scalars(s, out)
-      last_metrics.update(out)
+    def meta(**extra) -> dict:
+      return dict(window=window.state(), config=config.to_json(), **extra)
 
-  def write_samples(s: int):
-    try:
-      from mvar_jax import sampling
-    except ImportError as e:  # the sampler is optional for training
-      logging.warning('sampler unavailable (%s): no sample grid', e)
-      return
-    try:
-      n = t.sample_images
-      labels = jnp.arange(n, dtype=jnp.int32) % config.model.num_classes
+    def evaluate(s: int):
+      drain()  # a NaN state is reported as such, not evaluated
+      acc = Accumulator(layout.num_scales)
       params = state['ema_params'] if 'ema_params' in state else state['params']
-      out = sampling.sample(setup.model, {'params': params}, tokenizer,
-                            jax.device_put(tok_host, setup.replicated),
-                            key=jax.random.fold_in(sample_root, s), labels=labels,
-                            cfg=config.sample.cfg, top_k=config.sample.top_k,
-                            top_p=config.sample.top_p)
-      grid = image_grid(np.asarray(jax.device_get(out.images_BHW3)))
-      writer.write_images(s, {'samples': grid[None]})
-    except Exception as e:  # noqa: BLE001 -- a failed preview must not stop training
-      logging.exception('sampling at step %d failed: %s', s, e)
+      for local in sources.eval_batches(config):
+        batch = sharding.to_global_batch(local, setup.batch_sharding)
+        acc.add(jax.device_get(eval_fn(params, batch, tok_params)))
+      if acc.count.sum():
+        out = acc.summary('val', layout)
+        writer.write_scalars(s, out)
+        last_metrics.update(out)
 
-  # --------------------------------------------------------------- the loop
-  logging.info('training from step %d to %d', step, schedule.total_steps)
-  try:
-    with checkpointing.PreemptionWatcher() as watcher:
-      while step < schedule.total_steps:
-        seg = segment_at(step, schedule=t.schedule, num_scales=layout.num_scales,
-                         refine_step=config.model.refine_step, ratio_k=t.ratio_k)
-        batch = sharding.to_global_batch(source.batch(step), setup.batch_sharding)
-        rng = jax.random.fold_in(dropout_root, step)
-        with jax.profiler.StepTraceAnnotation('train', step_num=step):
-          state, metrics = train_fns[seg](state, batch, rng, tok_params)
-        step += 1
-        pending.append((step, metrics))
-        for hook in hooks:
-          hook(step)
-        if step_hook is not None:
-          step_hook(step)
-        stop = watcher.should_stop(step)
-        final = step == schedule.total_steps
-        if step % t.log_every == 0 or final or stop:
-          flush()
-          if step % t.log_every == 0 or final:
-            out = window.summary('train', layout)
-            out['train/lr'] = float(lr_fn(step - 1))
-            writer.write_scalars(step, out)
-            last_metrics.update(out)
-            window.reset()
-        if step % t.checkpoint_every == 0 or final or stop:
-          save(step)
-        if stop:
-          logging.warning('stopping at step %d after a preemption signal (checkpoint saved)', step)
-          break
-        if (t.eval_every and step % t.eval_every == 0) or final:
-          evaluate(step)
+    def write_samples(s: int):
+      try:
+        from mvar_jax import sampling
+      except ImportError as e:  # the sampler is optional for training
+        logging.warning('sampler unavailable (%s): no sample grid', e)
+        return
+      try:
+        n = t.sample_images
+        labels = jnp.arange(n, dtype=jnp.int32) % config.model.num_classes
+        params = state['ema_params'] if 'ema_params' in state else state['params']
+        out = sampling.sample(setup.model, {'params': params}, tokenizer,
+                              jax.device_put(tok_host, setup.replicated),
+                              key=jax.random.fold_in(sample_root, s), labels=labels,
+                              cfg=config.sample.cfg, top_k=config.sample.top_k,
+                              top_p=config.sample.top_p)
+        grid = image_grid(np.asarray(jax.device_get(out.images_BHW3)))
+        writer.write_images(s, {'samples': grid[None]})
+      except Exception as e:  # noqa: BLE001 -- a failed preview must not stop training
+        logging.exception('sampling at step %d failed: %s', s, e)
+
+    # ------------------------------------------------------------- the loop
+    logging.info('training from step %d to %d', step, schedule.total_steps)
+    while step < schedule.total_steps:
+      seg = segment_at(step, schedule=t.schedule, num_scales=layout.num_scales,
+                       refine_step=config.model.refine_step, ratio_k=t.ratio_k)
+      batch = sharding.to_global_batch(source.batch(step), setup.batch_sharding)
+      rng = jax.random.fold_in(dropout_root, step)
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        state, metrics = train_fns[seg](state, batch, rng, tok_params)
+      step += 1
+      in_flight.append((step, metrics))
+      # Wait for the previous step: the host never runs more than one step ahead of the
+      # device, so a stop request is honoured within one step, and a NaN is seen one
+      # step after it happened (the device still has this step queued meanwhile).
+      while len(in_flight) > 1:
+        check(*in_flight.pop(0))
+      for hook in hooks:
+        hook(step)
+      if step_hook is not None:
+        step_hook(step)
+      stop = run.should_stop(step)
+      final = step == schedule.total_steps
+      if step % t.log_every == 0 or final or stop:
+        drain()
+        if step % t.log_every == 0 or final:
+          out = window.summary('train', layout)
+          out['train/lr'] = float(lr_fn(step - 1))
+          writer.write_scalars(step, out)
+          last_metrics.update(out)
+          window.reset()
+      if final:  # evaluate first: the final metrics are kept with the last checkpoint
+        evaluate(step)
         if t.sample_every and step % t.sample_every == 0:
           write_samples(step)
-  finally:
-    # Also on errors: the background write of the last good checkpoint must land first.
-    ckpt.close()
-    writer.flush()
-    writer.close()
+        drain()
+        run.save(step, state, meta(final_metrics=last_metrics))
+        break
+      if step % t.checkpoint_every == 0 or stop:
+        drain()  # never save a state whose losses were not checked
+        run.save(step, state, meta())
+      if stop:
+        raise run.preempted(step)
+      if t.eval_every and step % t.eval_every == 0:
+        evaluate(step)
+      if t.sample_every and step % t.sample_every == 0:
+        write_samples(step)
+    if restored is not None and step >= schedule.total_steps and not last_metrics:
+      # Finished before final metrics were kept (an older run): compute them now.
+      evaluate(step)
+      last_metrics.update(window.summary('train', layout))
   return last_metrics
 
 

@@ -9,25 +9,31 @@ batch used for `restart_dead_every` steps are restarted on random encoder output
 Logged: reconstruction and VQ losses, PSNR, codebook usage (share of codes hit in the
 last logging window, per scale and overall).
 
-The result is written like a converted checkpoint (`DIR/tokenizer/vqvae.{msgpack,json}`),
-so the MVAR trainer, the sampler and `mvar_jax.api.load_pretrained` read it the same way.
+The result is written like a converted checkpoint (`DIR/tokenizer/vqvae.{msgpack,json}`,
+renamed into place whole), so the MVAR trainer, the sampler and
+`mvar_jax.api.load_pretrained` read it the same way. Training checkpoints (params,
+optimiser state, dead-code statistics, log window) go to `DIR/tokenizer_train/checkpoints`
+every `tokenizer.checkpoint_every` steps and on SIGTERM, through mvar_jax/lifecycle.py
+(workdir lock, NaN guard, verified restore with fallback, exit codes).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import shutil
+import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
 
-from mvar_jax import convert, vqvae
-from mvar_jax.data import pipeline
+from mvar_jax import config_utils, convert, lifecycle, vqvae
+from mvar_jax.data import sources
 
 
 def vqvae_config_from(config: ml_collections.ConfigDict) -> vqvae.VQVAEConfig:
@@ -49,15 +55,22 @@ def _loss_fn(params, images, *, tok: vqvae.Tokenizer, l1: float, l2: float):
   return loss, dict(loss=loss, l1=l1_loss, l2=l2_loss, vq=vq_loss, hits_SV=hits_SV)
 
 
-@functools.partial(jax.jit, static_argnames=('tok', 'tx', 'l1', 'l2'), donate_argnums=(0, 1))
-def train_step(params, opt_state, images, *, tok, tx, l1, l2):
-  """One AdamW step; returns (params, opt_state, metrics)."""
+@functools.partial(jax.jit, static_argnames=('tok', 'tx', 'l1', 'l2'), donate_argnums=(0,))
+def train_step(state, images, *, tok, tx, l1, l2):
+  """One AdamW step plus the codebook statistics; returns (state, metrics).
+
+  state: {'params', 'opt_state', 'step', 'since_hit' (V,) int32 steps since each code was
+  last used, 'window_hits' (S, V) int32 uses per scale in the current log window}.
+  """
   grads, metrics = jax.grad(functools.partial(_loss_fn, tok=tok, l1=l1, l2=l2), has_aux=True)(
-      params, images)
-  updates, opt_state = tx.update(grads, opt_state, params)
-  params = optax.apply_updates(params, updates)
+      state['params'], images)
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  hits_SV = metrics.pop('hits_SV').astype(jnp.int32)
+  since_hit = jnp.where(hits_SV.sum(0) > 0, 0, state['since_hit'] + 1)
   metrics['grad_norm'] = optax.global_norm(grads)
-  return params, opt_state, metrics
+  return dict(params=params, opt_state=opt_state, step=state['step'] + 1, since_hit=since_hit,
+              window_hits=state['window_hits'] + hits_SV), metrics
 
 
 @functools.partial(jax.jit, static_argnames=('tok',))
@@ -79,11 +92,45 @@ def restart_dead_codes(params, dead_V: np.ndarray, features_NC: np.ndarray, rng)
   return params
 
 
+def _validate(config, cfg: vqvae.VQVAEConfig) -> None:
+  t = config.tokenizer
+  config_utils.check_finite_floats(t, 'tokenizer')
+  if config.data.image_size != cfg.resolution:
+    raise ValueError(f'data.image_size={config.data.image_size} must equal the tokenizer '
+                     f'resolution {cfg.resolution} (patch_nums[-1] * 2**(len(ch_mult)-1))')
+  if t.lr <= 0:
+    raise ValueError(f'tokenizer.lr must be > 0, got {t.lr}')
+  for name in ('batch_size', 'log_every', 'checkpoint_every'):
+    if t[name] <= 0:
+      raise ValueError(f'tokenizer.{name} must be > 0, got {t[name]}')
+
+
+def export_atomically(out_dir: str, cfg: vqvae.VQVAEConfig, params) -> None:
+  """Writes vqvae.{msgpack,json} into a fresh temporary directory, then renames it to out_dir.
+
+  A kill at any moment leaves either no out_dir or a whole one (a stale temporary
+  directory is ignored and replaced by the next export).
+  """
+  tmp = f'{out_dir}.tmp-{os.getpid()}'
+  if os.path.exists(tmp):
+    shutil.rmtree(tmp)
+  convert.save_converted(tmp, 'vqvae', cfg, params)
+  if os.path.exists(out_dir):  # an earlier, incomplete result (no msgpack): keep it aside
+    os.rename(out_dir, f'{out_dir}.incomplete-{int(time.time())}')
+  os.rename(tmp, out_dir)
+
+
 def train_tokenizer(config: ml_collections.ConfigDict, workdir: str):
   """Trains (or reloads, when `workdir/tokenizer` holds a result) the tokenizer.
 
-  Returns (VQVAEConfig, params).
+  Resumes from `workdir/tokenizer_train/checkpoints` (saved every
+  tokenizer.checkpoint_every steps and on SIGTERM): with in-memory data ('builtin') the
+  batch of step s and the dead-code restarts are pure functions of (seed, s), so a resumed
+  run ends with the same params as one that never stopped; streaming data ('folder',
+  'imagenet2012') resume at the start of the epoch with a fresh shuffle (sources.IteratorSource). Returns (VQVAEConfig, params). Raises
+  lifecycle.Preempted after saving on SIGTERM, lifecycle.NonFiniteError on NaN/Inf.
   """
+  workdir = os.path.abspath(workdir)
   out_dir = os.path.join(workdir, 'tokenizer')
   if os.path.exists(os.path.join(out_dir, 'vqvae.msgpack')):
     from mvar_jax import api
@@ -91,56 +138,80 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: str):
     return api.load_converted(out_dir, 'vqvae')
   t = config.tokenizer
   cfg = vqvae_config_from(config)
-  if config.data.image_size != cfg.resolution:
-    raise ValueError(f'data.image_size={config.data.image_size} must equal the tokenizer '
-                     f'resolution {cfg.resolution} (patch_nums[-1] * 2**(len(ch_mult)-1))')
+  _validate(config, cfg)
   tok = vqvae.Tokenizer(cfg)
-  params = jax.tree_util.tree_map(
-      jnp.asarray, convert.jax_tree_to_numpy(vqvae.init_params(cfg, jax.random.key(t.seed))['params']))
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, t.lr, warmup_steps=max(1, t.warmup_steps), decay_steps=max(t.steps, t.warmup_steps + 1),
       end_value=t.lr * 0.1)
   tx = optax.chain(optax.clip_by_global_norm(t.grad_clip),
                    optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=t.weight_decay))
-  opt_state = tx.init(params)
-  data = pipeline.create_dataset(config.data, split='train', batch_size=t.batch_size)
-  writer = metric_writers.create_default_writer(
-      os.path.join(workdir, 'tokenizer_logs'), just_logging=jax.process_index() > 0)
-  rng = np.random.default_rng(t.seed)
-  window_hits = np.zeros((len(cfg.patch_nums), cfg.vocab_size), np.int64)
-  since_hit = np.zeros((cfg.vocab_size,), np.int64)
-  sums: dict[str, float] = {}
-  for step in range(1, t.steps + 1):
-    images = jnp.asarray(next(data)['image'])
-    params, opt_state, metrics = train_step(params, opt_state, images, tok=tok, tx=tx,
-                                            l1=t.l1_weight, l2=t.l2_weight)
-    hits = np.asarray(metrics.pop('hits_SV'))
-    window_hits += hits
-    since_hit = np.where(hits.sum(0) > 0, 0, since_hit + 1)
-    for k, v in metrics.items():
-      sums[k] = sums.get(k, 0.0) + float(v)
-    if not np.isfinite(sums['loss']):
-      raise FloatingPointError(f'tokenizer loss became {sums["loss"]} at step {step}; lower '
-                               'tokenizer.lr or check the data')
-    if t.restart_dead_every and step % t.restart_dead_every == 0 and step < 0.8 * t.steps:
-      dead = since_hit >= t.restart_dead_every
-      if dead.any():
-        feats = np.asarray(_encoder_features(params, images, tok=tok))
-        params = restart_dead_codes(params, dead, feats, rng)
-        since_hit[dead] = 0
-    if step % t.log_every == 0 or step == t.steps:
-      n = t.log_every if step % t.log_every == 0 else step % t.log_every
-      scalars = {f'tokenizer/{k}': v / n for k, v in sums.items()}
-      scalars['tokenizer/psnr'] = float(10 * np.log10(4.0 / max(scalars['tokenizer/l2'], 1e-12)))
-      scalars['tokenizer/usage'] = float((window_hits.sum(0) > 0).mean())
-      for si, pn in enumerate(cfg.patch_nums):
-        scalars[f'tokenizer/usage_{pn}x{pn}'] = float((window_hits[si] > 0).mean())
-      scalars['tokenizer/lr'] = float(schedule(step))
-      writer.write_scalars(step, scalars)
-      sums, window_hits[:] = {}, 0
-  writer.flush()
-  if jax.process_index() == 0:
-    convert.save_converted(out_dir, 'vqvae', cfg, params)
+  source = sources.make_train_source(config.data, int(t.batch_size))
+  num_scales = len(cfg.patch_nums)
+
+  def init(key):
+    params = nn.unbox(vqvae.init_params(cfg, key)['params'])
+    return dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
+                since_hit=jnp.zeros((cfg.vocab_size,), jnp.int32),
+                window_hits=jnp.zeros((num_scales, cfg.vocab_size), jnp.int32))
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+      jax.eval_shape(init, jax.random.key(0)))
+
+  with lifecycle.Run(os.path.join(workdir, 'tokenizer_train'), 'checkpoints', total_steps=t.steps,
+                     max_to_keep=2, async_save=False,
+                     logdir=os.path.join(workdir, 'tokenizer_logs')) as run:
+    restored = run.restore(abstract)
+    if restored is None:
+      state, sums = jax.jit(init, out_shardings=device)(jax.random.key(t.seed)), {}
+    else:
+      state, meta = restored
+      sums = {k: float(v) for k, v in meta.get('sums', {}).items()}
+    step = int(jax.device_get(state['step']))
+    hooks = run.progress_hooks()
+    while step < t.steps:
+      images = jnp.asarray(source.batch(step)['image'])
+      state, metrics = train_step(state, images, tok=tok, tx=tx, l1=t.l1_weight, l2=t.l2_weight)
+      step += 1
+      for k, v in jax.device_get(metrics).items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+      if not np.isfinite(sums['loss']):
+        raise lifecycle.NonFiniteError(
+            f'tokenizer loss became {sums["loss"]} at step {step}; lower tokenizer.lr or check '
+            f'the data. Last good checkpoint: {run.last_good()}')
+      if t.restart_dead_every and step % t.restart_dead_every == 0 and step < 0.8 * t.steps:
+        dead = np.asarray(state['since_hit']) >= t.restart_dead_every
+        if dead.any():
+          feats = np.asarray(_encoder_features(state['params'], images, tok=tok))
+          rng = np.random.default_rng([t.seed, step])  # a pure function of (seed, step)
+          state['params'] = jax.device_put(
+              restart_dead_codes(state['params'], dead, feats, rng), device)
+          state['since_hit'] = jnp.where(jnp.asarray(dead), 0, state['since_hit'])
+      for hook in hooks:
+        hook(step)
+      if step % t.log_every == 0 or step == t.steps:
+        n = t.log_every if step % t.log_every == 0 else step % t.log_every
+        window_hits = np.asarray(state['window_hits'])
+        scalars = {f'tokenizer/{k}': v / n for k, v in sums.items()}
+        scalars['tokenizer/psnr'] = float(10 * np.log10(4.0 / max(scalars['tokenizer/l2'], 1e-12)))
+        scalars['tokenizer/usage'] = float((window_hits.sum(0) > 0).mean())
+        for si, pn in enumerate(cfg.patch_nums):
+          scalars[f'tokenizer/usage_{pn}x{pn}'] = float((window_hits[si] > 0).mean())
+        scalars['tokenizer/lr'] = float(schedule(step))
+        run.writer.write_scalars(step, scalars)
+        sums = {}
+        state['window_hits'] = jnp.zeros_like(state['window_hits'])
+      stop = run.should_stop(step)
+      if (step % t.checkpoint_every == 0 and step < t.steps) or stop:
+        run.save(step, state, meta={'sums': sums})
+      if stop and step < t.steps:
+        raise run.preempted(step)
+    params = jax.device_get(state['params'])
+    if not lifecycle.all_finite(params):
+      raise lifecycle.NonFiniteError(f'tokenizer params hold NaN/Inf after step {step}; not '
+                                     f'exported. Last good checkpoint: {run.last_good()}')
+    if jax.process_index() == 0:
+      export_atomically(out_dir, cfg, params)
   return cfg, params
 
 
@@ -157,5 +228,6 @@ def default_tokenizer_train_config() -> ml_collections.ConfigDict:
   c.l2_weight = 1.0  # weight of the L2 reconstruction loss
   c.restart_dead_every = 100  # restart codes unused for this many steps (0: never)
   c.log_every = 50  # steps between logged metrics
+  c.checkpoint_every = 500  # steps between checkpoints (and one on SIGTERM) for exact resume
   c.seed = 0  # initialisation and dead-code restarts
   return c

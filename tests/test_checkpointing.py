@@ -1,8 +1,9 @@
-"""Checkpointing: sharded round trip, retention, atomicity, preemption flag, converted weights."""
+"""Checkpointing: sharded round trip, retention, atomicity, integrity and fallback, converted weights."""
 
+import glob
+import logging
 import os
 import shutil
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -100,14 +101,111 @@ def test_partial_restore_of_one_entry(tmp_path):
   ckpt.close()
 
 
-def test_sigterm_sets_the_stop_flag_and_the_handler_is_restored():
-  before = signal.getsignal(signal.SIGTERM)
-  with checkpointing.PreemptionWatcher() as watcher:
-    assert not watcher.should_stop(0)
-    os.kill(os.getpid(), signal.SIGTERM)
-    assert watcher.requested and watcher.should_stop(1)
-    assert watcher.received == signal.SIGTERM
-  assert signal.getsignal(signal.SIGTERM) == before
+# ----------------------------------------------------------------------------- integrity and fallback
+
+def _data_files(step_dir):
+  """The array data files Orbax wrote for a step (ocdbt/zarr chunks), largest first."""
+  files = [f for f in glob.glob(os.path.join(step_dir, 'state', '**', 'd', '*'), recursive=True)
+           if os.path.isfile(f)]
+  return sorted(files, key=os.path.getsize, reverse=True)
+
+
+def _flip_64_bytes(path):
+  with open(path, 'r+b') as f:
+    f.seek(max(0, os.path.getsize(path) // 2 - 32))
+    chunk = f.read(64)
+    f.seek(-len(chunk), os.SEEK_CUR)
+    f.write(bytes(b ^ 0xFF for b in chunk))
+
+
+def _corrupt_in_place(step_dir, how):
+  """Damages the largest data file of a saved step: 'delete', 'truncate' or 'flip'."""
+  target = _data_files(step_dir)[0]
+  if how == 'delete':
+    os.remove(target)
+  elif how == 'truncate':
+    with open(target, 'r+b') as f:
+      f.truncate(os.path.getsize(target) // 2)
+  else:
+    _flip_64_bytes(target)
+  return target
+
+
+@pytest.mark.parametrize('how', ['delete', 'truncate', 'flip'])
+def test_corrupt_newest_step_falls_back_to_the_previous_one(tmp_path, how, caplog):
+  mesh = _mesh()
+  directory = tmp_path / 'ckpt'
+  ckpt = checkpointing.Checkpointer(str(directory), async_save=False)
+  big = lambda seed: dict(_state(mesh, seed), params={
+      'w': jax.device_put(np.random.default_rng(seed).normal(size=(64, 64)).astype(np.float32))})
+  ckpt.save(1, big(1))
+  ckpt.save(2, big(2))
+  ckpt.close()
+  _corrupt_in_place(str(directory / '2'), how)
+
+  ckpt = checkpointing.Checkpointer(str(directory), async_save=False)
+  with caplog.at_level(logging.ERROR):
+    state, meta = ckpt.restore_latest_good(_abstract(big(1)))
+  assert meta['step'] == 1 and int(state['step']) == 1
+  np.testing.assert_array_equal(state['params']['w'], big(1)['params']['w'])
+  # One paragraph names the step, its directory and the reason; the step is moved, not deleted.
+  (record,) = [r for r in caplog.records if 'set aside' in r.getMessage()]
+  text = record.getMessage()
+  assert 'step 2' in text and str(directory / '2') in text and 'Reason' in text
+  assert ckpt.all_steps() == [1]
+  aside = glob.glob(f'{directory}.corrupt/2-*')
+  assert len(aside) == 1 and os.path.isdir(aside[0])
+  ckpt.save(2, big(2))  # the run goes on and can write step 2 again
+  ckpt.wait()
+  assert ckpt.all_steps() == [1, 2]
+  ckpt.close()
+
+
+def test_flipped_bytes_are_caught_by_the_checksums(tmp_path):
+  mesh = _mesh()
+  ckpt = checkpointing.Checkpointer(str(tmp_path / 'ckpt'), async_save=False)
+  state = _state(mesh, 4)
+  state['params']['w'] = jax.device_put(  # random values: no compression hides the flip
+      np.random.default_rng(4).normal(size=(64, 64)).astype(np.float32))
+  ckpt.save(1, state)
+  meta = ckpt.restore_meta(1)
+  assert meta['digest'] == checkpointing.DIGEST
+  assert set(meta[checkpointing.CHECKSUMS]) == {"['params']['w']", "['step']"}
+  ckpt.close()
+  _flip_64_bytes(_data_files(str(tmp_path / 'ckpt' / '1'))[0])
+  ckpt = checkpointing.Checkpointer(str(tmp_path / 'ckpt'), async_save=False)
+  # The store decodes the damaged chunk without complaint; the checksum names the array.
+  with pytest.raises(checkpointing.CorruptCheckpointError,
+                     match=r"\['params'\]\['w'\] \(saved [0-9a-f]{16}, read [0-9a-f]{16}\)"):
+    ckpt.restore(_abstract(state), 1)
+  with pytest.raises(checkpointing.CorruptCheckpointError, match='nothing was moved'):
+    ckpt.restore_latest_good(_abstract(state))
+  ckpt.close()
+
+
+def test_fingerprint_sees_any_change_of_one_word():
+  x = np.random.default_rng(0).normal(size=(5, 7)).astype(np.float32)
+  base = checkpointing.fingerprint({'x': x})
+  y = x.copy()
+  y.view(np.uint32)[3, 4] ^= 1  # the lowest mantissa bit of one value
+  assert checkpointing.fingerprint({'x': y}) != base
+  assert checkpointing.fingerprint({'x': x.copy()}) == base
+  bf16 = jnp.asarray(x, jnp.bfloat16)
+  assert checkpointing.fingerprint({'x': bf16}) != checkpointing.fingerprint({'x': bf16 * 2})
+
+
+def test_another_model_config_is_an_error_and_moves_nothing(tmp_path):
+  mesh = _mesh()
+  ckpt = checkpointing.Checkpointer(str(tmp_path / 'ckpt'), async_save=False)
+  ckpt.save(1, _state(mesh, 1))
+  ckpt.close()
+  ckpt = checkpointing.Checkpointer(str(tmp_path / 'ckpt'), async_save=False)
+  other = _abstract(_state(mesh, 1))
+  other['params']['w'] = jax.ShapeDtypeStruct((8, 7), jnp.float32)
+  with pytest.raises(ValueError, match=r'params/w \(8, 6\) vs expected \(8, 7\)'):
+    ckpt.restore_latest_good(other)
+  assert ckpt.all_steps() == [1] and not os.path.exists(f'{tmp_path}/ckpt.corrupt')
+  ckpt.close()
 
 
 def test_load_converted_and_tree_check(tmp_path):
@@ -122,7 +220,8 @@ def test_load_converted_and_tree_check(tmp_path):
   assert cfg_dict['depth'] == 1 and cfg_dict['attention']['refine_step'] == 2
   np.testing.assert_array_equal(loaded['a']['kernel'], params['a']['kernel'])
   checkpointing.check_tree_matches(loaded, params, 'x')
-  with pytest.raises(ValueError, match=r"mis-shaped: \['a'\]\['kernel'\] \(2, 3\) vs \(3, 2\)"):
+  with pytest.raises(convert.CheckpointMismatchError,
+                     match=r"mis-shaped \(1\): a/kernel \(2, 3\) vs expected \(3, 2\)"):
     other = {'a': {'kernel': np.ones((3, 2))}, 'b': params['b']}
     checkpointing.check_tree_matches(loaded, other, 'x')
   with pytest.raises(FileNotFoundError, match='converted checkpoint directory'):

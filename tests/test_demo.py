@@ -57,3 +57,8 @@ def test_demo_runs_every_stage_and_reports(tmp_path):
   again = demo.run(tiny_demo_config(), workdir)
   assert os.path.getmtime(os.path.join(workdir, 'tokenizer', 'vqvae.msgpack')) == mtime
   assert again['num_samples'] == 10
+  # The finished MVAR run reports the final metrics it kept; the report keeps them too.
+  assert again['final_metrics'] == saved['final_metrics']
+  assert 'val/loss' in again['final_metrics']
+  with open(os.path.join(workdir, 'demo_report.json')) as f:
+    assert json.load(f)['final_metrics'] == saved['final_metrics']

@@ -17,7 +17,7 @@ import optax
 import pytest
 
 from configs import common
-from mvar_jax import checkpointing, config_utils, convert, train
+from mvar_jax import checkpointing, config_utils, convert, lifecycle, train
 from mvar_jax import transformer as tfm
 from mvar_jax import vqvae as vq
 from mvar_jax.data import token_cache
@@ -25,83 +25,6 @@ from mvar_jax.data import token_cache
 PATCH_NUMS = (1, 2, 3, 4)
 L = sum(p * p for p in PATCH_NUMS)  # 30 tokens
 VOCAB = 16
-
-
-# ============================================================================= lr and weight decay
-
-def _upstream_lin0(it, wp, total, wp0, wpe):
-  """The lin0 shape as upstream's lr_wd_annealing describes it (factor of the peak lr)."""
-  if it < wp:
-    return wp0 + (1 - wp0) * it / wp
-  progress = (it - wp) / (total - 1 - wp)
-  return 1.0 if progress < 0.05 else wpe + (1 - wpe) * (1 - progress) / 0.95
-
-
-def test_lin0_schedule_shape():
-  kw = dict(kind='lin0', warmup_steps=100, total_steps=1000, warmup_start=0.005, lr_end=0.1)
-  f = lambda s: float(train.lr_factor(s, **kw))
-  assert f(0) == pytest.approx(0.005)  # warm-up starts at wp0
-  assert f(50) == pytest.approx(0.005 + 0.995 * 0.5)
-  assert f(100) == pytest.approx(1.0)  # peak after warm-up
-  assert f(100 + 44) == pytest.approx(1.0)  # held for 5% of the rest
-  assert f(999) == pytest.approx(0.1)  # ends at wpe
-  for s in range(0, 1000, 7):
-    assert f(s) == pytest.approx(_upstream_lin0(s, 100, 1000, 0.005, 0.1), rel=1e-5)
-  steps = np.arange(100, 1000)
-  values = np.asarray(train.lr_factor(steps, **kw))
-  assert np.all(np.diff(values) <= 1e-7)  # never increases after the peak
-
-
-def test_peak_lr_scales_with_the_global_batch():
-  c = common.get_config()
-  c.train.batch_size, c.train.tblr = 448, 1e-4
-  assert config_utils.peak_lr(c) == pytest.approx(1e-4 * 448 / 256)
-  sched = train.Schedule.from_config(c, data_steps_per_epoch=2860)
-  assert sched.total_steps == 300 * 2860
-  assert sched.warmup_steps == round(300 / 50 * 2860)  # warm-up ep/50 epochs
-
-
-def test_weight_decay_schedule_constant_or_cosine():
-  const = train.weight_decay_value(500, weight_decay=0.05, weight_decay_end=-1, total_steps=1000)
-  assert float(const) == pytest.approx(0.05)
-  kw = dict(weight_decay=0.05, weight_decay_end=0.08, total_steps=1001)
-  assert float(train.weight_decay_value(0, **kw)) == pytest.approx(0.05)
-  assert float(train.weight_decay_value(500, **kw)) == pytest.approx(0.065)
-  assert float(train.weight_decay_value(1000, **kw)) == pytest.approx(0.08)
-
-
-def test_weight_decay_mask_follows_upstream():
-  cfg = tfm.TransformerConfig(depth=1, width=32, num_heads=2, vocab_size=VOCAB, cvae=4,
-                              num_classes=10, patch_nums=PATCH_NUMS)
-  params = jax.eval_shape(lambda: nn.unbox(tfm.init_params(cfg, jax.random.key(0))['params']))
-  mask = train.weight_decay_mask(params)
-  decayed = {jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_leaves_with_path(mask) if v}
-  kept = {jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_leaves_with_path(mask) if not v}
-  assert "['blocks_0']['attn']['mat_qkv']['kernel']" in decayed
-  assert "['blocks_0']['ffn']['fc1']['kernel']" in decayed
-  assert "['class_emb']['embedding']" in decayed  # a 2-D embedding without a no-decay key
-  assert "['head']['kernel']" in decayed and "['word_embed']['kernel']" in decayed
-  for name in ("['pos_1LC']", "['pos_start']", "['lvl_embed']['embedding']",
-               "['blocks_0']['attn']['scale_mul_1H11']", "['blocks_0']['attn']['q_bias']",
-               "['blocks_0']['attn']['v_bias']", "['blocks_0']['ffn']['fc1']['bias']",
-               "['head']['bias']"):
-    assert name in kept, name
-  # Every kept leaf is 1-D, a bias, or named by a no-decay key.
-  for name in kept:
-    assert 'bias' in name or any(k in name for k in train.NO_WEIGHT_DECAY_KEYS)
-
-
-def test_optimizer_clips_the_global_norm_before_adamw():
-  c = common.get_config()
-  c.train.grad_clip, c.train.weight_decay = 2.0, 0.0
-  tx = train.make_optimizer(c, train.Schedule(10, 0, 10, 1.0))
-  params = {'w': jnp.ones((2, 2))}
-  grads = {'w': jnp.full((2, 2), 100.0)}  # global norm 200 -> clipped to 2: entries 1.0
-  updates, state = tx.update(grads, tx.init(params), params)
-  mu = optax.tree_utils.tree_get(state, 'mu')
-  np.testing.assert_allclose(mu['w'], (1 - 0.9) * np.ones((2, 2)), rtol=1e-6)  # b1 = 0.9
-  # Adam's first step is lr * g / |g| whatever the gradient size; lr(0) = peak without warm-up.
-  np.testing.assert_allclose(updates['w'], -np.ones((2, 2)), rtol=1e-4)
 
 
 # ============================================================================= segments
@@ -207,21 +130,6 @@ def test_model_configs_load_and_validate():
     importlib.import_module('configs.mvar_d16').get_config('fast')
 
 
-# ============================================================================= data order
-
-def test_step_indexed_source_is_a_pure_function_of_step():
-  arrays = {'x': np.arange(10), 'label': np.arange(10)}
-  src = train.StepIndexedSource(arrays, 4, seed=3, num_examples=10)
-  assert src.steps_per_epoch == 3  # ceil(10 / 4), the last batch filled from the start
-  epoch0 = np.concatenate([src.batch(s)['x'] for s in range(3)])
-  assert sorted(epoch0[:10].tolist()) == list(range(10))
-  np.testing.assert_array_equal(epoch0[10:], epoch0[:2])
-  again = train.StepIndexedSource(arrays, 4, seed=3, num_examples=10)
-  for s in (7, 2, 5, 5, 0):  # any order, any restart: same batch for the same step
-    np.testing.assert_array_equal(again.batch(s)['x'], src.batch(s)['x'])
-  assert not np.array_equal(src.batch(3)['x'], src.batch(0)['x'])  # a new epoch reshuffles
-
-
 # ============================================================================= end to end
 
 @pytest.fixture(scope='module', autouse=True)
@@ -314,7 +222,7 @@ def uninterrupted(assets, tmp_path_factory):
 
 def test_end_to_end_writes_checkpoints_events_and_metrics(uninterrupted):
   config, workdir, metrics = uninterrupted
-  steps = sorted(int(os.path.basename(p)) for p in glob.glob(f'{workdir}/checkpoints/*'))
+  steps = sorted(int(os.path.basename(p)) for p in glob.glob(f'{workdir}/checkpoints/[0-9]*'))
   assert steps == [2, 4, 6]
   assert glob.glob(f'{workdir}/events.out.tfevents.*')
   tags = _read_tags(workdir)
@@ -338,9 +246,9 @@ def test_resume_after_preemption_is_exact(uninterrupted, assets, tmp_path):
     if step == 3:
       os.kill(os.getpid(), signal.SIGTERM)
 
-  partial = train.train_and_evaluate(config, workdir, step_hook=kill_at_3)
+  with pytest.raises(lifecycle.Preempted, match='saved step 3'):
+    train.train_and_evaluate(config, workdir, step_hook=kill_at_3)
   assert checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints')).latest_step() == 3
-  assert 'val/loss' not in partial  # stopped before the first evaluation (step 3 saved, no eval)
   resumed_metrics = train.train_and_evaluate(config, workdir)
 
   _, full, _ = _final_state(config, full_dir)
@@ -362,3 +270,137 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(assets,
   step, state, _ = _final_state(config, workdir)
   assert step == 1 and int(state['step']) == 1
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state['params']))
+
+
+def _all_finite(tree):
+  return all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)
+             if np.issubdtype(np.asarray(x).dtype, np.floating))
+
+
+def test_the_checkpoint_a_nan_stop_names_is_finite(assets, tmp_path):
+  """tblr=1e6, a checkpoint every step: the state after an update can be NaN while the loss
+  checked (computed before that update) is finite. Such a state is never saved, and the
+  checkpoint the message names holds finite params and optimiser state."""
+  import re
+  workdir = str(tmp_path / 'nan')
+  config = tiny_config(assets, tblr=1e6, checkpoint_every=1, log_every=30, eval_every=0,
+                       num_steps=12)
+  with pytest.raises(lifecycle.NonFiniteError, match='Last good checkpoint: step') as e:
+    train.train_and_evaluate(config, workdir)
+  named = int(re.search(r'Last good checkpoint: step (\d+)', str(e.value)).group(1))
+  step, state, _ = _final_state(config, workdir)
+  assert step == named  # nothing newer was written
+  assert _all_finite(state['params']) and _all_finite(state['opt_state'])
+
+
+def test_a_finished_run_rerun_returns_its_final_metrics(uninterrupted):
+  config, workdir, metrics = uninterrupted
+  before = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+  again = train.train_and_evaluate(config, workdir)
+  assert again == pytest.approx(metrics) and 'val/loss' in again and 'train/loss' in again
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before
+
+
+def test_a_second_run_on_a_locked_workdir_names_the_holder(assets, tmp_path):
+  import subprocess
+  import sys
+  import main_process as mp
+  workdir = str(tmp_path / 'locked')
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import sys, time; from mvar_jax import lifecycle; '
+       'lifecycle.WorkdirLock(sys.argv[1]).acquire(); print("locked", flush=True); '
+       'time.sleep(600)', workdir],
+      cwd=mp.REPO, env=dict(os.environ, PYTHONPATH=mp.REPO, JAX_PLATFORMS='cpu'),
+      stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'locked'
+    with pytest.raises(lifecycle.WorkdirLockedError,
+                       match=rf'in use by another run: pid {holder.pid} on host '):
+      train.train_and_evaluate(tiny_config(assets), workdir)
+    assert not os.path.exists(os.path.join(workdir, 'checkpoints'))  # nothing was written
+  finally:
+    holder.kill()  # kill -9: the kernel drops the lock with the process
+    holder.wait()
+  lock = lifecycle.WorkdirLock(workdir).acquire()  # a dead holder never blocks
+  lock.release()
+
+
+def test_sigterm_saves_within_one_step_exits_143_then_resumes_and_finishes(assets, tmp_path):
+  """main.py as a scheduler runs it: SIGTERM -> save, exit 143; rerun -> finish, exit 0;
+  rerun of the finished run -> prints its final metrics, exit 0, trains nothing."""
+  import re
+  import main_process as mp
+  config = tiny_config(assets, num_steps=40, log_every=30, checkpoint_every=1000, eval_every=0)
+  cfg_path = mp.write_config(str(tmp_path), config)
+  workdir = str(tmp_path / 'run')
+  run = lambda log: mp.MainProcess(cfg_path, workdir, log_path=str(tmp_path / log),
+                                   cache_dir=str(tmp_path / 'xla_cache'))
+  first = run('first.log')
+  first.wait_for(lambda: 'training from step 0' in first.log(), what='the loop to start')
+  first.terminate()
+  assert first.wait() == lifecycle.EXIT_PREEMPTED, first.log()[-3000:]
+  after = int(re.search(r'received signal 15 after step (\d+)', first.log()).group(1))
+  saved = mp.steps_in(os.path.join(workdir, 'checkpoints'))
+  assert saved and saved[-1] <= after + 1 and saved[-1] < 40  # the step in progress, no more
+  assert f'preempted: saved step {saved[-1]}' in first.log()
+
+  second = run('second.log')
+  assert second.wait() == lifecycle.EXIT_FINISHED, second.log()[-3000:]
+  assert f'resumed from step {saved[-1]}' in second.log()
+  assert mp.steps_in(os.path.join(workdir, 'checkpoints'))[-1] == 40
+
+  third = run('third.log')
+  assert third.wait() == lifecycle.EXIT_FINISHED, third.log()[-3000:]
+  assert re.search(r'finished run \(.*step 40\): .*train/loss=', third.log())
+  assert 'training from step' not in third.log()
+
+
+@pytest.mark.parametrize('field, value', [('train.tblr', float('nan')),
+                                          ('train.tblr', float('inf')),
+                                          ('train.weight_decay', float('nan')),
+                                          ('train.eps', float('nan')),
+                                          ('train.grad_clip', float('-inf'))])
+def test_non_finite_floats_are_refused_naming_the_field(field, value):
+  c = common.get_config()
+  c.tokenizer.checkpoint = '/somewhere'
+  c.train.batch_size = 16
+  section, name = field.split('.')
+  c[section][name] = value
+  with pytest.raises(ValueError, match=rf'{field} must be a finite number, got {value}'):
+    config_utils.validate_config(c)
+
+
+def test_a_segment_leaves_the_parameters_it_does_not_read_alone(tiny_tokenizer):
+  """Segment A then the scale-3 segment: pos_start (read only from scale 0) keeps its value,
+  moments and step count in the second step; the other parameters move."""
+  tokenizer, vparams = tiny_tokenizer
+  c = common.get_config()
+  m = c.model
+  m.depth, m.width, m.num_heads, m.num_classes, m.vocab_size, m.cvae = 1, 32, 2, 10, VOCAB, 4
+  m.patch_nums, m.refine_step, m.kernel_size, m.dtype = PATCH_NUMS, 3, 3, 'float32'
+  c.mesh.data, c.mesh.fsdp, c.mesh.num_devices = 1, 1, 1
+  c.train.weight_decay = 0.05
+  setup = train.build(c, train.Schedule(10, 0, 10, 1e-2))
+  state = train.init_state(setup, jax.random.key(0))
+  tok_params = jax.device_put({'quantize': vparams['quantize']}, setup.replicated)
+  tok_sh = jax.tree_util.tree_map(lambda _: setup.replicated, tok_params)
+  rng = np.random.default_rng(0)
+  batch = lambda: {'ids': jnp.asarray(rng.integers(0, VOCAB, (4, L)), jnp.int32),
+                   'label': jnp.asarray(rng.integers(0, 10, (4,)), jnp.int32)}
+  assert train.segment_params(setup, 3, 3)['pos_start'] is False
+  assert train.segment_params(setup, 0, 2)['pos_start'] is True
+  step_a = train.compile_train_step(setup, tokenizer, tok_sh, first=0, last=2,
+                                    label_smoothing=0.0, ema_decay=0.0)
+  step_3 = train.compile_train_step(setup, tokenizer, tok_sh, first=3, last=3,
+                                    label_smoothing=0.0, ema_decay=0.0)
+  s1, _ = step_a(state, batch(), jax.random.key(1), tok_params)
+  s1 = jax.device_get(s1)
+  s2, _ = step_3(jax.device_put(s1, setup.state_shardings), batch(), jax.random.key(2),
+                 tok_params)
+  s2 = jax.device_get(s2)
+  opt1, opt2 = s1['opt_state'], s2['opt_state']
+  np.testing.assert_array_equal(s2['params']['pos_start'], s1['params']['pos_start'])
+  np.testing.assert_array_equal(opt2.mu['pos_start'], opt1.mu['pos_start'])
+  np.testing.assert_array_equal(opt2.nu['pos_start'], opt1.nu['pos_start'])
+  assert int(opt2.count['pos_start']) == 1 and int(opt2.count['head']['kernel']) == 2
+  assert not np.array_equal(s2['params']['head']['kernel'], s1['params']['head']['kernel'])

@@ -89,3 +89,58 @@ def test_tokenizer_config_describes_the_released_architecture():
   assert cfg.resolution == 256
   small = train_tokenizer.vqvae_config_from(tokenizer_config.get_config('small'))
   assert small.resolution == 32 and small.patch_nums[-1] == 8
+
+
+# ============================================================================= crash safety
+
+def _load_export(workdir):
+  from flax import serialization
+  with open(os.path.join(workdir, 'tokenizer', 'vqvae.msgpack'), 'rb') as f:
+    return serialization.msgpack_restore(f.read())
+
+
+@pytest.mark.slow
+def test_sigterm_and_kill9_then_resume_end_bit_identical(tmp_path):
+  """main.py on the tokenizer config: SIGTERM, resume, kill -9, resume == never stopped."""
+  import main_process as mp
+  from mvar_jax import lifecycle
+  steps = 24
+  config = tiny_config(steps=steps)
+  config.tokenizer_only = True  # main.py trains the tokenizer alone
+  t = config.tokenizer
+  t.checkpoint_every, t.log_every, t.restart_dead_every = 4, 6, 4  # restarts at 4, 8, ..., 16
+  cfg_path = mp.write_config(str(tmp_path), config)
+  full_dir, cut_dir = str(tmp_path / 'full'), str(tmp_path / 'cut')
+  ckpts = os.path.join(cut_dir, 'tokenizer_train', 'checkpoints')
+
+  run = lambda workdir, log: mp.MainProcess(cfg_path, workdir, log_path=str(tmp_path / log),
+                                           cache_dir=str(tmp_path / 'xla_cache'))
+  full = run(full_dir, 'full.log')  # first and alone: it fills the compilation cache
+  assert full.wait() == lifecycle.EXIT_FINISHED, full.log()[-2000:]
+  cut = run(cut_dir, 'cut1.log')
+  cut.wait_for(lambda: mp.steps_in(ckpts), what='a first checkpoint')
+  cut.terminate()
+  assert cut.wait() == lifecycle.EXIT_PREEMPTED, cut.log()[-2000:]
+  first = mp.steps_in(ckpts)[-1]
+  assert first < steps and f'saved step {first}' in cut.log()
+  assert not os.path.exists(os.path.join(cut_dir, 'tokenizer'))  # nothing exported yet
+
+  cut = run(cut_dir, 'cut2.log')
+  cut.wait_for(lambda: mp.steps_in(ckpts)[-1] > first, what='a later checkpoint')
+  cut.kill()
+  assert cut.wait() == -9
+  assert f'resumed from step {first}' in cut.log()
+  second = mp.steps_in(ckpts)[-1]
+
+  cut = run(cut_dir, 'cut3.log')
+  assert cut.wait() == lifecycle.EXIT_FINISHED, cut.log()[-2000:]
+  assert f'resumed from step {second}' in cut.log() and second < steps
+
+  jax.tree_util.tree_map(np.testing.assert_array_equal, _load_export(cut_dir),
+                         _load_export(full_dir))
+  assert not [n for n in os.listdir(cut_dir) if '.tmp-' in n]  # the export was renamed whole
+
+
+def test_nonfinite_learning_rate_is_refused_before_training(tmp_path):
+  with pytest.raises(ValueError, match='tokenizer.lr must be a finite number, got nan'):
+    train_tokenizer.train_tokenizer(tiny_config(lr=float('nan')), str(tmp_path))

@@ -1,0 +1,92 @@
+"""Runs `python main.py` as a real subprocess for the crash-safety tests (SIGTERM, kill -9).
+
+    proc = MainProcess(tmp_path, config, workdir)        # config: an ml_collections.ConfigDict
+    proc.wait_for(lambda: ...)                            # poll the filesystem or the log
+    proc.terminate(); assert proc.wait() == lifecycle.EXIT_PREEMPTED
+
+The config travels as JSON read by a two-line config file, so any test config runs as a
+user would run it. The child runs JAX on one CPU device, quietly.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_CONFIG_PY = '''import json
+import ml_collections
+
+
+def get_config():
+  with open({path!r}) as f:
+    return ml_collections.ConfigDict(json.load(f))
+'''
+
+
+def write_config(directory, config, name='config') -> str:
+  """A config file (configs/*.py style) that returns `config`; returns its path."""
+  os.makedirs(directory, exist_ok=True)
+  json_path = os.path.join(directory, f'{name}.json')
+  with open(json_path, 'w') as f:
+    f.write(config.to_json())
+  py_path = os.path.join(directory, f'{name}.py')
+  with open(py_path, 'w') as f:
+    f.write(_CONFIG_PY.format(path=json_path))
+  return py_path
+
+
+class MainProcess:
+  """`python main.py --config=<config> --workdir=<workdir>` with its log in a file."""
+
+  def __init__(self, config_path: str, workdir: str, *, log_path: str, cache_dir: str | None = None,
+               extra_args=()):
+    env = dict(os.environ, JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='', TF_CPP_MIN_LOG_LEVEL='2',
+               PYTHONPATH=REPO)
+    env.pop('XLA_FLAGS', None)
+    if cache_dir:  # later runs of one test reuse the executables of the first (same numbers)
+      env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+    self.log_path = log_path
+    self._log = open(log_path, 'w')
+    self.proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, 'main.py'), f'--config={config_path}',
+         f'--workdir={workdir}', *extra_args],
+        cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+  def log(self) -> str:
+    with open(self.log_path) as f:
+      return f.read()
+
+  def wait_for(self, condition, timeout: float = 300.0, what: str = 'condition') -> None:
+    """Polls `condition()` every 20 ms; fails if the process exits first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+      if self.proc.poll() is not None:
+        raise AssertionError(f'process exited ({self.proc.returncode}) before {what}:\n'
+                             + self.log()[-3000:])
+      if time.monotonic() > deadline:
+        self.kill()
+        raise AssertionError(f'timed out waiting for {what}:\n' + self.log()[-3000:])
+      time.sleep(0.02)
+
+  def terminate(self) -> None:
+    self.proc.send_signal(signal.SIGTERM)
+
+  def kill(self) -> None:
+    self.proc.kill()  # SIGKILL: no handler runs, nothing is flushed
+
+  def wait(self, timeout: float = 600.0) -> int:
+    try:
+      return self.proc.wait(timeout)
+    finally:
+      self._log.close()
+
+
+def steps_in(directory: str) -> list[int]:
+  """Finished Orbax steps in a checkpoint directory (names that are integers)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
