@@ -38,7 +38,9 @@ def rss():
   with open('/proc/self/status') as f:
     return next(int(l.split()[1]) * 1024 for l in f if l.startswith('VmRSS:'))
 stage, src, out, name = sys.argv[1:5]
-import torch, jax, numpy
+if stage == 'convert':
+  import torch  # only the converter reads .pth files
+import jax, numpy
 from mvar_jax import api, checkpointing, convert
 base = rss()
 t = time.time()

@@ -25,6 +25,7 @@ warning; reconverting adds one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -194,7 +195,9 @@ def _dtype_from_name(name: bytes):
   return np.dtype(name.decode())
 
 
-def _ext_hook(code: int, data: bytes):
+def _ext_hook(code: int, data: bytes, leaf_fn=None):
+  if leaf_fn is not None:
+    return leaf_fn(_ext_hook(code, data))
   if code != _NDARRAY_EXT:
     from flax import serialization  # complex numbers and numpy scalars, as flax wrote them
     return serialization._msgpack_ext_unpack(code, data)  # pylint: disable=protected-access
@@ -255,8 +258,12 @@ def _mismatch(path: str, got: str, want: str) -> CorruptWeightsError:
                              'weights')
 
 
-def read_converted(directory: str, name: str) -> tuple[dict, dict]:
+def read_converted(directory: str, name: str, *, leaf_fn: Callable | None = None
+                   ) -> tuple[dict, dict]:
   """(config dict, params tree of numpy arrays) of model `name` in `directory`, verified.
+
+  leaf_fn: applied to each array as soon as it is read (e.g. `jnp.asarray` to move it to the
+    device), so that only one host copy of a tensor exists at a time.
 
   Raises FileNotFoundError when the directory holds no such model, CorruptWeightsError when a
   file is missing, truncated or altered (with a manifest), or cannot be parsed (without one).
@@ -286,7 +293,8 @@ def read_converted(directory: str, name: str) -> tuple[dict, dict]:
 
   with open(params_path, 'rb') as f:
     reader = _HashingReader(f)
-    unpacker = msgpack.Unpacker(reader, read_size=_CHUNK, ext_hook=_ext_hook, raw=False,
+    hook = _ext_hook if leaf_fn is None else functools.partial(_ext_hook, leaf_fn=leaf_fn)
+    unpacker = msgpack.Unpacker(reader, read_size=_CHUNK, ext_hook=hook, raw=False,
                                 strict_map_key=False, max_buffer_size=2**32 - 1)
     try:
       params = unpacker.unpack()
