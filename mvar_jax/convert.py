@@ -105,10 +105,12 @@ def load_torch_file(path: str, *, trust_pickle: bool = False, mmap: bool = True)
     with torch.serialization.safe_globals(_allowed_globals()):
       return load(weights_only=True)
   except pickle.UnpicklingError as e:
-    try:
-      needs = ', '.join(torch.serialization.get_unsafe_globals_in_checkpoint(path)) or 'unknown'
+    try:  # every global the file names (zip format only)
+      needs = ', '.join(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception:  # pylint: disable=broad-except
-      needs = 'unknown'
+      needs = ''
+    # Otherwise the first one torch stopped at ("Unsupported global: GLOBAL builtins.exec").
+    needs = needs or ', '.join(re.findall(r'GLOBAL ([\w.]+)', str(e))[:1]) or 'unknown'
     raise UnsafeCheckpointError(
         f'{path}: refused to unpickle: the file needs Python objects beyond tensors and plain '
         f'values ({needs}), and unpickling them can run arbitrary code. If you trust where the '

@@ -43,11 +43,13 @@ class _Payload:
     return (exec, (f'open({self.marker!r}, "w").close()',))
 
 
-def test_a_crafted_pickle_is_refused_and_its_payload_never_runs(tmp_path):
+@pytest.mark.parametrize('zip_format', [True, False], ids=['zip', 'legacy'])
+def test_a_crafted_pickle_is_refused_and_its_payload_never_runs(tmp_path, zip_format):
   marker = str(tmp_path / 'payload_ran')
   path = str(tmp_path / 'crafted.pth')
   sd = official_state_dict(tiny_config())
-  torch.save({'mvar_wo_ddp': sd, 'extra': _Payload(marker)}, path)
+  torch.save({'mvar_wo_ddp': sd, 'extra': _Payload(marker)}, path,
+             _use_new_zipfile_serialization=zip_format)
   out = str(tmp_path / 'out')
   with pytest.raises(convert.UnsafeCheckpointError, match='--trust_pickle') as info:
     convert.main(['--transformer', path, '--out', out, '--patch_nums', '1_2_3'])
