@@ -69,6 +69,8 @@ def _part_problem(path: str, meta_path: str) -> str | None:
       meta = json.load(f)
     shards = list(meta['shards'])
     sizes = meta.get('shard_bytes')  # absent in caches built before sizes were recorded
+    if sizes is not None and len(sizes) != len(shards):
+      raise ValueError(f'{len(shards)} shards but {len(sizes)} sizes')
   except (ValueError, KeyError, TypeError) as e:
     return f'unreadable metadata ({e})'
   for i, name in enumerate(shards):
