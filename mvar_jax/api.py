@@ -2,7 +2,7 @@
 
     import jax, mvar_jax.api as mvar
     pipe = mvar.load_pretrained('weights/')            # written by `python -m mvar_jax.convert`
-    ids = pipe.encode(images_BHW3)                     # uint8, or float in [0, 1]
+    ids = pipe.encode(images_BHW3)                     # uint8, or float in [0, 1] (value_range=)
     recon_BHW3 = pipe.decode(ids)                      # float32 in [0, 1]
     logits_BLV = pipe.logits(ids, labels_B)            # teacher-forced, all scales
     out = pipe.sample(jax.random.key(0), labels=[207, 360], cfg=2.7, top_k=1200, top_p=0.99)
@@ -61,42 +61,161 @@ class MVARPipeline:
   def image_size(self) -> int:
     return self.tokenizer_config.resolution
 
-  def encode(self, images_BHW3) -> list[jax.Array]:
-    """Token ids per scale, (B, pn*pn) int32, of uint8 images or floats in [0, 1]."""
-    img = _to_unit_interval(images_BHW3, self.image_size) * 2.0 - 1.0
+  def encode(self, images_BHW3, *, value_range: tuple[float, float] = (0.0, 1.0)
+             ) -> list[jax.Array]:
+    """Token ids per scale, (B, pn*pn) int32, of (B, H, W, 3) images.
+
+    uint8 images are read as [0, 255]; float images must lie in `value_range` (default
+    [0, 1]; upstream's tensors are in [-1, 1]: pass value_range=(-1, 1)). Values outside
+    the range raise instead of being tokenized wrongly.
+    """
+    img = _to_model_range(images_BHW3, self.image_size, value_range)
     return _jit_encode(self.tokenizer)(self.tokenizer_params, img)
 
   def decode(self, ids) -> jax.Array:
     """Images (B, H, W, 3) float32 in [0, 1] from ids per scale."""
-    return _jit_decode(self.tokenizer)(self.tokenizer_params, list(ids))
+    ids = _checked_ids(ids, self.tokenizer_config.patch_nums, self.tokenizer_config.vocab_size)
+    return _jit_decode(self.tokenizer)(self.tokenizer_params, ids)
 
   def teacher_input(self, ids) -> jax.Array:
     """(B, L - 1, Cvae) teacher-forcing input of ids per scale."""
-    return _jit_teacher(self.tokenizer)(self.tokenizer_params, list(ids))
+    ids = _checked_ids(ids, self.tokenizer_config.patch_nums, self.tokenizer_config.vocab_size)
+    return _jit_teacher(self.tokenizer)(self.tokenizer_params, ids)
 
-  def logits(self, ids, labels_B, *, first: int = 0, last: int | None = None) -> jax.Array:
-    """Teacher-forced logits (B, L_seg, V) of scales first..last for ids and labels."""
-    last = self.transformer_config.layout.num_scales - 1 if last is None else last
-    fn = _jit_logits(self.tokenizer, self.transformer, first, last)
-    return fn(self.tokenizer_params, _as_variables(self.transformer_params), list(ids),
-              jnp.asarray(labels_B, jnp.int32))
+  def logits(self, ids, labels_B, *, first: int = 0, last: int | None = None,
+             allow_null_class: bool = False) -> jax.Array:
+    """Teacher-forced logits (B, L_seg, V) of scales first..last for ids and labels.
+
+    labels_B: (B,) class ids in [0, num_classes); with allow_null_class=True also
+      num_classes, the null class (the unconditional branch of classifier-free guidance).
+    """
+    num_scales = self.transformer_config.layout.num_scales
+    last = num_scales - 1 if last is None else last
+    for name, value in (('first', first), ('last', last)):
+      if not isinstance(value, (int, np.integer)) or not 0 <= value < num_scales:
+        raise ValueError(f'{name} must be a scale index in [0, {num_scales}), got {value!r}')
+    if first > last:
+      raise ValueError(f'first must be <= last, got first={first}, last={last}')
+    ids = _checked_ids(ids, self.tokenizer_config.patch_nums, self.tokenizer_config.vocab_size)
+    labels = _checked_labels(labels_B, self.transformer_config.num_classes,
+                             batch=ids[0].shape[0], allow_null=allow_null_class)
+    fn = _jit_logits(self.tokenizer, self.transformer, int(first), int(last))
+    return fn(self.tokenizer_params, _as_variables(self.transformer_params), ids, labels)
 
   def sample(self, key, *, labels=None, batch_size=None, cfg: float = 1.5, top_k: int = 0,
              top_p: float = 1.0, more_smooth: bool = False) -> sampling.SampleOutput:
-    """Class-conditional samples; see `mvar_jax.sampling.sample`."""
+    """Class-conditional samples; see `mvar_jax.sampling.sample`.
+
+    labels: (B,) class ids in [0, num_classes] (num_classes: unconditional), or None for
+      `batch_size` random classes. top_k=0 and top_p=0 or 1 turn that filter off (upstream's
+      convention for top_p=0).
+    """
+    num_classes = self.transformer_config.num_classes
+    if labels is not None:
+      labels = _checked_labels(labels, num_classes, batch=None, allow_null=True)
+    elif (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+          or batch_size < 1):
+      raise ValueError(f'give labels, or batch_size as an integer >= 1; got batch_size='
+                       f'{batch_size!r}')
+    if not isinstance(top_p, (int, float, np.number)) or not np.isfinite(top_p):
+      raise ValueError(f'top_p must be a finite number in [0, 1] (0 or 1: off), got {top_p!r}')
+    if top_p == 0:  # upstream: top_p=0 means no nucleus filtering
+      top_p = 1.0
     return sampling.sample(self.transformer, self.transformer_params, self.tokenizer,
                            self.tokenizer_params, key=key, labels=labels,
                            batch_size=batch_size, cfg=cfg, top_k=top_k, top_p=top_p,
                            more_smooth=more_smooth)
 
 
-def _to_unit_interval(images, image_size: int):
-  arr = jnp.asarray(images)
-  if arr.ndim != 4 or arr.shape[-1] != 3 or arr.shape[1:3] != (image_size, image_size):
+# ----------------------------------------------------------------------------- input checks
+
+def _is_traced(x) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def _to_model_range(images, image_size: int, value_range):
+  """(B, S, S, 3) uint8 or floats in `value_range` -> float32 in [-1, 1], checked."""
+  arr = images if isinstance(images, jax.Array) else np.asarray(images)
+  if arr.ndim != 4 or arr.shape[-1] != 3 or tuple(arr.shape[1:3]) != (image_size, image_size):
     raise ValueError(f'images must be (B, {image_size}, {image_size}, 3), got {arr.shape}')
+  if arr.shape[0] == 0:
+    raise ValueError('images is an empty batch (B=0); give at least one image')
   if arr.dtype == jnp.uint8:
-    return arr.astype(jnp.float32) / 255.0
-  return arr.astype(jnp.float32)
+    return jnp.asarray(arr).astype(jnp.float32) / 255.0 * 2.0 - 1.0
+  if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
+    raise ValueError(f'images must be uint8 or floating point, got dtype {arr.dtype}')
+  try:
+    lo, hi = (float(v) for v in value_range)
+  except (TypeError, ValueError):
+    raise ValueError(f'value_range must be (low, high), got {value_range!r}') from None
+  if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+    raise ValueError(f'value_range must be two finite numbers with low < high, got {value_range!r}')
+  if not _is_traced(arr):
+    host = np.asarray(arr, np.float32)
+    if not np.isfinite(host).all():
+      raise ValueError('images contain NaN or infinite values')
+    tol = 1e-3 * (hi - lo)  # rounding of a resize or a colour conversion
+    vmin, vmax = float(host.min()), float(host.max())
+    if vmin < lo - tol or vmax > hi + tol:
+      hint = (' (these look like upstream [-1, 1] images: pass value_range=(-1, 1))'
+              if vmin < 0 <= lo else '')
+      raise ValueError(f'images must lie in value_range=[{lo:g}, {hi:g}], got values in '
+                       f'[{vmin:g}, {vmax:g}]{hint}')
+  x = jnp.asarray(arr, jnp.float32)
+  return (x - lo) * (2.0 / (hi - lo)) - 1.0
+
+
+def _checked_ids(ids, patch_nums, vocab_size: int) -> list:
+  """ids per scale as a list, checked: K arrays (B, pn*pn) of integers in [0, vocab_size)."""
+  k = len(patch_nums)
+  if isinstance(ids, (jax.Array, np.ndarray)) or not hasattr(ids, '__len__'):
+    raise ValueError(f'ids must be a list of {k} arrays, one (B, pn*pn) per scale of '
+                     f'patch_nums={tuple(patch_nums)}; got {type(ids).__name__}')
+  ids = list(ids)
+  if len(ids) != k:
+    raise ValueError(f'ids must hold {k} arrays (one per scale of patch_nums={tuple(patch_nums)}), '
+                     f'got {len(ids)}')
+  batch = None
+  for si, (a, pn) in enumerate(zip(ids, patch_nums)):
+    if not isinstance(a, jax.Array):
+      a = ids[si] = np.asarray(a)
+    if a.ndim != 2 or a.shape[1] != pn * pn or (batch is not None and a.shape[0] != batch):
+      want = f'({"B" if batch is None else batch}, {pn * pn})'
+      raise ValueError(f'ids[{si}] (scale {si}, {pn}x{pn}) must have shape {want}, got {a.shape}')
+    batch = a.shape[0]
+    if batch == 0:
+      raise ValueError('ids is an empty batch (B=0)')
+    if not jnp.issubdtype(a.dtype, jnp.integer):
+      raise ValueError(f'ids[{si}] must hold integers, got dtype {a.dtype}')
+    if not _is_traced(a):
+      host = np.asarray(a)
+      if host.min() < 0 or host.max() >= vocab_size:
+        raise ValueError(f'ids[{si}] (scale {si}) must be in [0, vocab_size={vocab_size}), got '
+                         f'values in [{host.min()}, {host.max()}]')
+  return ids
+
+
+def _checked_labels(labels, num_classes: int, *, batch: int | None, allow_null: bool):
+  """(B,) int32 class ids in [0, num_classes) (or [0, num_classes] with allow_null), checked."""
+  if _is_traced(labels):
+    return labels
+  arr = np.asarray(labels)
+  if arr.ndim != 1:
+    raise ValueError(f'labels must be a 1-D array of class ids, got shape {arr.shape}')
+  if arr.size == 0:
+    raise ValueError('labels is empty: give at least one class id')
+  if not (np.issubdtype(arr.dtype, np.integer) or
+          (np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr)))):
+    raise ValueError(f'labels must be integer class ids, got {arr.dtype} values')
+  if batch is not None and arr.shape[0] != batch:
+    raise ValueError(f'labels has {arr.shape[0]} entries but the ids have batch {batch}')
+  top = num_classes + 1 if allow_null else num_classes
+  if arr.min() < 0 or arr.max() >= top:
+    rule = (f'[0, {num_classes}] ({num_classes} = the null class)' if allow_null else
+            f'[0, {num_classes}) (num_classes={num_classes}; the null class {num_classes} '
+            'needs allow_null_class=True)')
+    raise ValueError(f'labels must be in {rule}, got values in [{arr.min()}, {arr.max()}]')
+  return jnp.asarray(arr, jnp.int32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -152,9 +271,10 @@ def load_pretrained(directory: str, *, attention: AttentionConfig | None = None,
 def load_converted(directory: str, name: str):
   """(config, params) of one converted model (`name` is 'vqvae' or 'transformer')."""
   from mvar_jax import checkpointing
-  cfg_dict, params = checkpointing.load_converted(directory, name)
+  from mvar_jax import converted_io
+  # Each tensor goes to the device as it is read: one host copy of one tensor at a time.
+  cfg_dict, params = converted_io.read_converted(directory, name, leaf_fn=jnp.asarray)
   cfg = config_from_dict(cfg_dict)
-  params = jax.tree_util.tree_map(jnp.asarray, params)
   _check_tree(cfg, params, name, os.path.join(directory, f'{name}.msgpack'))
   return cfg, params
 

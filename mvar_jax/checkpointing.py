@@ -296,22 +296,9 @@ def __getattr__(name):
 # ----------------------------------------------------------------------------- converted weights
 
 def load_converted(directory: str, name: str) -> tuple[dict, dict]:
-  """(config dict, params tree of numpy arrays) from `<dir>/<name>.{json,msgpack}`.
-
-  The format written by `mvar_jax.convert.save_converted` (name 'transformer' or 'vqvae').
-  """
-  from flax import serialization
-  blob_path = os.path.join(directory, f'{name}.msgpack')
-  json_path = os.path.join(directory, f'{name}.json')
-  for path in (blob_path, json_path):
-    if not os.path.exists(path):
-      raise FileNotFoundError(f'{path} not found: expected a converted checkpoint directory '
-                              f'(python -m mvar_jax.convert ... --out {directory})')
-  with open(json_path) as f:
-    config = json.load(f)
-  with open(blob_path, 'rb') as f:
-    params = serialization.msgpack_restore(f.read())
-  return config, params
+  """(config dict, params tree of numpy arrays) of `<dir>/<name>.*`; see mvar_jax.converted_io."""
+  from mvar_jax import converted_io
+  return converted_io.read_converted(directory, name)
 
 
 def check_tree_matches(params, abstract_params, what: str) -> None:

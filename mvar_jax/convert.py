@@ -2,8 +2,13 @@
 
     python -m mvar_jax.convert --vae vae_ch160v4096z32.pth --transformer mvar_d16.pth --out weights/
 
-writes `weights/{vqvae,transformer}.{msgpack,json}`, which `mvar_jax.api.load_pretrained`
-reads in one call. From Python: `convert_transformer(state_dict)`, `convert_vqvae(state_dict)`.
+writes `weights/{vqvae,transformer}.{msgpack,json,manifest.json}` (see `mvar_jax.converted_io`),
+which `mvar_jax.api.load_pretrained` reads in one call. The .pth is memory-mapped and converted
+one tensor at a time (`convert_file`). From Python: `convert_transformer(state_dict)`,
+`convert_vqvae(state_dict)`.
+
+Loading never runs code from the file: `torch.load(weights_only=True)` with a short allow-list
+(`_allowed_globals`); a file that needs more is refused unless `--trust_pickle` is given.
 
 The mapping is one naming rule, validated against a freshly initialised abstract tree:
 torch key `blocks.3.attn.mat_qkv.weight` -> flax path ('blocks_3', 'attn', 'mat_qkv', 'kernel')
@@ -16,7 +21,6 @@ only when reading a .pth file.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from typing import Any, Mapping
@@ -48,19 +52,90 @@ class CheckpointMismatchError(ValueError):
 
 # ----------------------------------------------------------------------------- reading
 
-def load_torch_file(path: str) -> dict[str, Any]:
-  """Reads a .pth file into a (possibly nested) dict on the CPU."""
+class UnsafeCheckpointError(ValueError):
+  """A .pth whose pickle needs more than tensors, plain containers and the allowed globals."""
+
+
+def _allowed_globals() -> list:
+  """Python globals beyond torch's defaults that checkpoints of the official code pickle.
+
+  The official trainers save {'epoch', 'iter', 'trainer': {...state dicts...}, 'args': ...}:
+  `args` is an OrderedDict of plain values (torch allows those by default) in VAR/MVAR's
+  `Args.state_dict()`, an `argparse.Namespace` in scripts that save `args` itself, and metric
+  values that went through numpy are numpy scalars. Nothing on this list runs code when
+  unpickled: a Namespace is a plain attribute bag, the numpy entries rebuild a number.
+  """
+  import argparse
+  try:
+    from numpy._core.multiarray import scalar  # numpy >= 2
+  except ImportError:
+    from numpy.core.multiarray import scalar
+  out = [argparse.Namespace, np.dtype,
+         # numpy 1 pickles `numpy.core.multiarray.scalar`, numpy 2 `numpy._core.multiarray.scalar`.
+         (scalar, 'numpy.core.multiarray.scalar'), (scalar, 'numpy._core.multiarray.scalar')]
+  out += [type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32, np.bool_)]
+  return out
+
+
+def load_torch_file(path: str, *, trust_pickle: bool = False, mmap: bool = True) -> dict[str, Any]:
+  """Reads a .pth file into a (possibly nested) dict on the CPU, without running its code.
+
+  Always `weights_only=True` (tensors, containers, plain values and `_allowed_globals()`);
+  anything else raises UnsafeCheckpointError naming what it needs and the opt-in,
+  `trust_pickle=True` (`--trust_pickle` on the command line), which unpickles everything and
+  so runs whatever code the file holds. mmap=True maps the file instead of reading it (zip
+  format, the default since torch 1.6): tensors are paged in as they are converted.
+  """
   if not os.path.exists(path):
     raise FileNotFoundError(f'checkpoint file not found: {path}')
+  import pickle
   import torch  # only here: the rest of the package never needs torch
+
+  def load(**kw):
+    try:
+      return torch.load(path, map_location='cpu', mmap=mmap, **kw)
+    except RuntimeError as e:
+      if mmap and 'mmap' in str(e):  # the legacy (pre-zip) format cannot be mapped
+        return torch.load(path, map_location='cpu', **kw)
+      raise
+
+  if trust_pickle:
+    return load(weights_only=False)
   try:
-    return torch.load(path, map_location='cpu', weights_only=True)
-  except Exception:  # training checkpoints pickle argument objects beside the tensors
-    return torch.load(path, map_location='cpu', weights_only=False)
+    with torch.serialization.safe_globals(_allowed_globals()):
+      return load(weights_only=True)
+  except pickle.UnpicklingError as e:
+    try:  # every global the file names (zip format only)
+      needs = ', '.join(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # pylint: disable=broad-except
+      needs = ''
+    # Otherwise the first one torch stopped at ("Unsupported global: GLOBAL builtins.exec").
+    needs = needs or ', '.join(re.findall(r'GLOBAL ([\w.]+)', str(e))[:1]) or 'unknown'
+    raise UnsafeCheckpointError(
+        f'{path}: refused to unpickle: the file needs Python objects beyond tensors and plain '
+        f'values ({needs}), and unpickling them can run arbitrary code. If you trust where the '
+        'file came from, pass --trust_pickle (trust_pickle=True in Python).') from e
 
 
-def extract_state_dict(obj: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """The flat state dict of a release file or a training checkpoint, as numpy float32."""
+def _to_numpy32(v) -> np.ndarray:
+  """float32 numpy view of a tensor or array (a copy only when the dtype differs)."""
+  if hasattr(v, 'detach'):
+    v = v.detach()
+    v = v.numpy() if v.dtype == _torch_float32() else v.float().numpy()
+  return np.asarray(v, np.float32)
+
+
+def _torch_float32():
+  import torch
+  return torch.float32
+
+
+def extract_state_dict(obj: Mapping[str, Any], *, lazy: bool = False) -> dict[str, Any]:
+  """The flat state dict of a release file or a training checkpoint, as numpy float32.
+
+  lazy=True keeps the tensors as they are (e.g. memory-mapped) for `convert_file`, which
+  converts one at a time.
+  """
   for keys in (('mvar_wo_ddp',), ('trainer', 'mvar_wo_ddp'), ('var_wo_ddp',),
                ('trainer', 'var_wo_ddp'), ('vae_local',), ('trainer', 'vae_local'),
                ('state_dict',), ('model',)):
@@ -73,10 +148,8 @@ def extract_state_dict(obj: Mapping[str, Any]) -> dict[str, np.ndarray]:
   out = {}
   for k, v in obj.items():
     k = k[len('module.'):] if k.startswith('module.') else k
-    if hasattr(v, 'detach'):
-      v = v.detach().float().cpu().numpy()
-    if isinstance(v, np.ndarray):
-      out[k] = v.astype(np.float32)
+    if hasattr(v, 'detach') or isinstance(v, np.ndarray):
+      out[k] = v if lazy else _to_numpy32(v)
   if not out:
     raise ValueError('no tensors found in the checkpoint (expected a state dict, or one under '
                      "'mvar_wo_ddp' or 'trainer.mvar_wo_ddp')")
@@ -136,11 +209,16 @@ def _to_torch(value: np.ndarray, leaf: str) -> np.ndarray:
   return value
 
 
-def state_dict_to_params(state_dict: Mapping[str, np.ndarray], abstract_params, what: str) -> dict:
-  """Maps a flat torch state dict onto the tree of `abstract_params` (shapes only)."""
+def plan_params(state_dict: Mapping[str, Any], abstract_params, what: str
+                ) -> dict[tuple[str, ...], str]:
+  """flax path -> torch key for every leaf of `abstract_params`, checked on shapes alone.
+
+  Reads only `.shape` of the state dict's values, so memory-mapped tensors stay on disk.
+  Raises CheckpointMismatchError listing every missing, unexpected and mis-shaped key.
+  """
   import flax.linen as nn
   target = {p: tuple(v.shape) for p, v in _flatten(nn.unbox(abstract_params)).items()}
-  converted, unexpected, misshaped, seen_misshaped = {}, [], [], set()
+  plan, unexpected, misshaped, seen_misshaped = {}, [], [], set()
   for key, value in state_dict.items():
     if IGNORED_KEYS.search(key):
       continue
@@ -151,18 +229,24 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], abstract_params, 
     if path not in target:
       unexpected.append(key)
       continue
-    arr = _to_flax(np.asarray(value, np.float32), path[-1])
-    if tuple(arr.shape) != target[path]:
+    shape = tuple(value.shape)
+    expected = tuple(_to_torch(np.broadcast_to(np.float32(0), target[path]), path[-1]).shape)
+    if shape != expected:
       # Reported in the checkpoint's (torch) layout, like the key it names.
-      expected = _to_torch(np.broadcast_to(np.float32(0), target[path]), path[-1]).shape
-      misshaped.append((key, tuple(np.shape(value)), tuple(expected)))
+      misshaped.append((key, shape, expected))
       seen_misshaped.add(path)
       continue
-    converted[path] = arr
-  missing = ['/'.join(p) for p in target if p not in converted and p not in seen_misshaped]
+    plan[path] = key
+  missing = ['/'.join(p) for p in target if p not in plan and p not in seen_misshaped]
   if missing or unexpected or misshaped:
     raise CheckpointMismatchError(what, missing, unexpected, misshaped)
-  return _unflatten(converted)
+  return plan
+
+
+def state_dict_to_params(state_dict: Mapping[str, Any], abstract_params, what: str) -> dict:
+  """Maps a flat torch state dict onto the tree of `abstract_params` (shapes only)."""
+  plan = plan_params(state_dict, abstract_params, what)
+  return _unflatten({p: _to_flax(_to_numpy32(state_dict[k]), p[-1]) for p, k in plan.items()})
 
 
 def params_to_state_dict(params) -> dict[str, np.ndarray]:
@@ -263,13 +347,36 @@ def convert_vqvae(state_dict: Mapping[str, np.ndarray], config=None, **overrides
 # ----------------------------------------------------------------------------- files
 
 def save_converted(out_dir: str, name: str, config, params) -> None:
-  """Writes `name.msgpack` (params) and `name.json` (config) atomically."""
-  from flax import serialization
-  os.makedirs(out_dir, exist_ok=True)
-  blob = serialization.msgpack_serialize(jax_tree_to_numpy(params))
-  _atomic_write(os.path.join(out_dir, f'{name}.msgpack'), blob)
-  _atomic_write(os.path.join(out_dir, f'{name}.json'),
-                json.dumps(config_to_dict(config), indent=2).encode())
+  """Writes `name.msgpack` (params), `name.json` (config) and `name.manifest.json` atomically."""
+  import flax.linen as nn
+  from mvar_jax import converted_io
+  converted_io.write_converted(out_dir, name, config_to_dict(config), nn.unbox(params))
+
+
+def convert_file(path: str, out_dir: str, kind: str, *, trust_pickle: bool = False, **overrides):
+  """Converts a .pth into `out_dir/<kind>.*` one tensor at a time; returns the config.
+
+  kind: 'transformer' or 'vqvae'. The .pth is memory-mapped; each tensor is read, converted
+  (float32, flax layout) and written before the next, so peak memory stays about the file
+  size (the mapped pages) instead of several copies of it.
+  """
+  if kind not in ('transformer', 'vqvae'):
+    raise ValueError(f"kind must be 'transformer' or 'vqvae', got {kind!r}")
+  import jax
+  from mvar_jax import converted_io
+  state_dict = extract_state_dict(load_torch_file(path, trust_pickle=trust_pickle), lazy=True)
+  if kind == 'transformer':
+    from mvar_jax import transformer as module
+    config = infer_transformer_config(state_dict, **overrides)
+  else:
+    from mvar_jax import vqvae as module
+    config = infer_vqvae_config(state_dict, **overrides)
+  abstract = jax.eval_shape(lambda: module.init_params(config, jax.random.key(0)))['params']
+  plan = plan_params(state_dict, abstract, kind)
+  lazy_tree = _unflatten({p: (lambda k=k, leaf=p[-1]: _to_flax(_to_numpy32(state_dict[k]), leaf))
+                          for p, k in plan.items()})
+  converted_io.write_converted(out_dir, kind, config_to_dict(config), lazy_tree)
+  return config
 
 
 def config_to_dict(config) -> dict:
@@ -284,15 +391,6 @@ def jax_tree_to_numpy(tree):
   return jax.tree_util.tree_map(np.asarray, nn.unbox(tree))
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def main(argv=None) -> None:
   import argparse
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
@@ -304,6 +402,9 @@ def main(argv=None) -> None:
                       help="'mvar' (scale/spatial-Markov) or 'var' (VAR's block-causal attention)")
   parser.add_argument('--refine_step', type=int, default=8)
   parser.add_argument('--kernel_size', type=int, default=7)
+  parser.add_argument('--trust_pickle', action='store_true',
+                      help='unpickle arbitrary Python objects in the .pth files (this runs any '
+                           'code they hold): only for files from a source you trust')
   args = parser.parse_args(argv)
   if not (args.vae or args.transformer):
     parser.error('give --vae and/or --transformer')
@@ -311,16 +412,14 @@ def main(argv=None) -> None:
   if args.patch_nums:
     overrides['patch_nums'] = tuple(int(p) for p in args.patch_nums.split('_'))
   if args.vae:
-    cfg, params = convert_vqvae(extract_state_dict(load_torch_file(args.vae)), **overrides)
-    save_converted(args.out, 'vqvae', cfg, params)
+    cfg = convert_file(args.vae, args.out, 'vqvae', trust_pickle=args.trust_pickle, **overrides)
     print(f'vqvae: {cfg} -> {args.out}/vqvae.msgpack')
   if args.transformer:
     from mvar_jax.attention import AttentionConfig
     attn = AttentionConfig(mode=args.attention_mode, refine_step=args.refine_step,
                            kernel_size=args.kernel_size)
-    cfg, params = convert_transformer(
-        extract_state_dict(load_torch_file(args.transformer)), attention=attn, **overrides)
-    save_converted(args.out, 'transformer', cfg, params)
+    cfg = convert_file(args.transformer, args.out, 'transformer', trust_pickle=args.trust_pickle,
+                       attention=attn, **overrides)
     print(f'transformer: depth {cfg.depth}, width {cfg.width} -> {args.out}/transformer.msgpack')
 
 

@@ -91,3 +91,96 @@ def test_the_notebook_is_valid_and_its_python_compiles():
   for cell in code_cells:
     source = ''.join(line for line in cell['source'] if not line.lstrip().startswith('!'))
     compile(source, 'cell', 'exec')
+
+
+# ----------------------------------------------------------------------------- input checks
+# Every entry point names the argument and the allowed range instead of computing garbage.
+
+def _ids(pipe, seed=0):
+  images = np.random.default_rng(seed).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+  return pipe.encode(images)
+
+
+@pytest.mark.parametrize('labels, match', [
+    ([0, 3], r'labels must be in \[0, 3\) .*allow_null_class'),  # 3 classes: 3 is the null class
+    ([0, 11], r'labels must be in \[0, 3\)'),
+    ([-1, 0], r'labels must be in \[0, 3\)'),
+    ([0], r'labels has 1 entries but the ids have batch 2'),
+    ([0.5, 1], 'labels must be integer class ids'),
+])
+def test_logits_rejects_labels_out_of_range(weights_dir, labels, match):
+  _, pipe = weights_dir
+  with pytest.raises(ValueError, match=match):
+    pipe.logits(_ids(pipe), labels)
+
+
+def test_logits_takes_the_null_class_only_when_asked(weights_dir):
+  _, pipe = weights_dir
+  ids = _ids(pipe)
+  null = np.asarray(pipe.logits(ids, [3, 3], allow_null_class=True))
+  assert null.shape[0] == 2 and np.isfinite(null).all()
+  assert not np.allclose(null, np.asarray(pipe.logits(ids, [0, 0])))
+
+
+@pytest.mark.parametrize('first, last, match', [(0, 4, 'last'), (-1, 2, 'first'), (2, 1, 'first')])
+def test_logits_rejects_bad_scale_ranges(weights_dir, first, last, match):
+  _, pipe = weights_dir
+  with pytest.raises(ValueError, match=match):
+    pipe.logits(_ids(pipe), [0, 1], first=first, last=last)
+
+
+def test_decode_rejects_ids_outside_the_vocabulary(weights_dir):
+  _, pipe = weights_dir
+  ids = [np.asarray(a) for a in _ids(pipe)]
+  ids[2] = ids[2].copy()
+  ids[2][0, 0] = 16  # vocabulary of 16
+  with pytest.raises(ValueError, match=r'ids\[2\] \(scale 2\) must be in \[0, vocab_size=16\)'):
+    pipe.decode(ids)
+  with pytest.raises(ValueError, match=r'ids\[2\]'):
+    pipe.logits(ids, [0, 1])
+  with pytest.raises(ValueError, match=r'ids must hold 4 arrays'):
+    pipe.decode(ids[:3])
+  with pytest.raises(ValueError, match=r'ids\[1\] \(scale 1, 2x2\) must have shape \(2, 4\)'):
+    pipe.decode([ids[0], ids[1][:, :3]] + ids[2:])
+  with pytest.raises(ValueError, match='empty batch'):
+    pipe.decode([a[:0] for a in ids])
+  with pytest.raises(ValueError, match='must hold integers'):
+    pipe.decode([a.astype(np.float32) for a in ids])
+
+
+def test_encode_rejects_images_outside_their_range_and_takes_upstreams_range(weights_dir):
+  _, pipe = weights_dir
+  unit = np.random.default_rng(3).random((2, 8, 8, 3)).astype(np.float32)
+  upstream = unit * 2 - 1  # what the official data pipeline feeds the VQ-VAE
+  with pytest.raises(ValueError, match=r'value_range=\[0, 1\].*pass value_range=\(-1, 1\)'):
+    pipe.encode(upstream)
+  for a, b in zip(pipe.encode(upstream, value_range=(-1, 1)), pipe.encode(unit)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match='NaN or infinite'):
+    pipe.encode(np.full((1, 8, 8, 3), np.nan, np.float32))
+  with pytest.raises(ValueError, match='empty batch'):
+    pipe.encode(np.zeros((0, 8, 8, 3), np.float32))
+  with pytest.raises(ValueError, match='value_range must be'):
+    pipe.encode(unit, value_range=(1, 0))
+
+
+def test_sample_rejects_empty_and_out_of_range_labels(weights_dir):
+  _, pipe = weights_dir
+  key = jax.random.key(0)
+  with pytest.raises(ValueError, match='labels is empty'):
+    pipe.sample(key, labels=[])
+  with pytest.raises(ValueError, match=r'labels must be in \[0, 3\] \(3 = the null class\)'):
+    pipe.sample(key, labels=[0, 4])
+  with pytest.raises(ValueError, match='batch_size'):
+    pipe.sample(key, batch_size=0)
+  with pytest.raises(ValueError, match='top_p'):
+    pipe.sample(key, labels=[0], top_p=float('nan'))
+
+
+def test_sample_reads_top_p_zero_as_off_like_upstream(weights_dir):
+  _, pipe = weights_dir
+  key = jax.random.key(5)
+  off = pipe.sample(key, labels=[0, 2], top_p=0.0, cfg=1.0)
+  full = pipe.sample(key, labels=[0, 2], top_p=1.0, cfg=1.0)
+  for a, b in zip(off.ids, full.ids):
+    np.testing.assert_array_equal(a, b)

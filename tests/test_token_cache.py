@@ -174,3 +174,72 @@ def test_tokens_pipeline_checks_the_cache(tmp_path):
   with pytest.raises(ValueError, match='num_classes=3'):
     pipeline.create_dataset(_data_cfg(name='tokens', data_dir=str(tmp_path), num_classes=3),
                             split='train', batch_size=8)
+
+
+_KILLED_BUILD = r'''
+import sys, time
+import numpy as np
+from mvar_jax.data import token_cache
+path, ready, L, vocab = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+
+def batches():
+  for i in range(10):
+    if i == 5:  # two shards of 8 are on disk, the third is buffered: stop here until killed
+      open(ready, 'w').close()
+      time.sleep(600)
+    yield {'image': np.full((4, 4, 4, 3), i / 10, np.float32), 'label': np.arange(4) % 3}
+
+token_cache.build_token_cache(batches(), lambda x: (np.round(x.mean(axis=(1, 2, 3)) * 10)[:, None]
+                              + np.arange(L)).astype(np.int32) % vocab, path,
+                              num_scales_len=L, vocab_size=vocab, shard_size=8)
+'''
+
+
+def test_a_cache_half_written_by_a_killed_build_is_detected_and_rebuilt(tmp_path):
+  import signal
+  import subprocess
+  import sys
+  import time
+  path, ready = str(tmp_path / 'train'), str(tmp_path / 'ready')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.Popen([sys.executable, '-c', _KILLED_BUILD, path, ready, str(L), str(VOCAB)],
+                          env=dict(os.environ, PYTHONPATH=root))
+  try:
+    deadline = time.time() + 120
+    while not os.path.exists(ready):
+      assert proc.poll() is None, 'the build exited before it was killed'
+      assert time.time() < deadline, 'the build never reached the kill point'
+      time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+  finally:
+    proc.kill()
+    proc.wait()
+  assert sorted(os.listdir(path)) == ['shard-00000-00000.npz', 'shard-00000-00001.npz']
+  assert not token_cache.is_complete(path)
+  with pytest.raises(FileNotFoundError, match='interrupted'):
+    token_cache.load_token_cache(path)
+
+  # The rerun (no overwrite=True, nothing deleted by hand) rebuilds the part from scratch.
+  batches = [{'image': np.full((4, 4, 4, 3), i / 10, np.float32), 'label': np.arange(4) % 3}
+             for i in range(10)]
+  encode = lambda x: (np.round(x.mean(axis=(1, 2, 3)) * 10)[:, None]
+                      + np.arange(L)).astype(np.int32) % VOCAB
+  meta = token_cache.build_token_cache(iter(batches), encode, path, num_scales_len=L,
+                                       vocab_size=VOCAB, shard_size=8)
+  assert meta['count'] == 40 and token_cache.is_complete(path)
+  ids, labels, _ = token_cache.load_token_cache(path)
+  want = np.concatenate([encode(b['image']) for b in batches])
+  np.testing.assert_array_equal(ids, want)
+  np.testing.assert_array_equal(labels, np.tile(np.arange(4) % 3, 10))
+
+
+def test_a_truncated_shard_is_reported_and_rebuilt(tmp_path):
+  _build(tmp_path)
+  shard = tmp_path / 'shard-00000-00001.npz'
+  shard.write_bytes(shard.read_bytes()[:100])
+  assert not token_cache.is_complete(str(tmp_path))
+  with pytest.raises(ValueError, match=r'shard-00000-00001\.npz has 100 bytes'):
+    token_cache.load_token_cache(str(tmp_path))
+  _build(tmp_path)  # no overwrite needed: the part is damaged, not complete
+  ids, _, _ = token_cache.load_token_cache(str(tmp_path))
+  np.testing.assert_array_equal(ids, fake_encode(_reference()[0]))

@@ -9,7 +9,10 @@ Layout of a cache directory (one per split):
                              and 'ids_flip' (n, L) when built with flip=True; P = process, K = shard
   meta-PPPPP-of-CCCCC.json   one per process: L, vocab_size, patch_nums, count, flip, shards, ...
 Every file is written to a temporary name and moved into place with os.replace, and a process's
-metadata is written last, so a cache is either complete or reported as missing, never half-read.
+metadata is written last (with the byte size of each shard), so a cache is either complete or
+reported as missing, never half-read. A part left half-written by a crash (shards or temporary
+files but no metadata, or metadata whose shards are missing or truncated) is detected by
+`build_token_cache`, removed and rebuilt; `is_complete(path)` tells whether a cache can be read.
 """
 
 from __future__ import annotations
@@ -49,6 +52,64 @@ def _atomic_write(path: str, write: Callable[[Any], None]):
       os.remove(tmp)
 
 
+def _own_files(path: str, process_index: int) -> list[str]:
+  """Shards and temporary files of one process's part (not its metadata)."""
+  p = f'{process_index:05d}'
+  return (glob.glob(os.path.join(path, f'shard-{p}-*.npz')) +
+          glob.glob(os.path.join(path, f'.shard-{p}-*.tmp-*')) +
+          glob.glob(os.path.join(path, f'.meta-{p}-of-*.tmp-*')))
+
+
+def _part_problem(path: str, meta_path: str) -> str | None:
+  """Why one process's part cannot be read (None: it is complete)."""
+  if not os.path.exists(meta_path):
+    return 'no metadata (the build was interrupted)'
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+    shards = list(meta['shards'])
+    sizes = meta.get('shard_bytes')  # absent in caches built before sizes were recorded
+    if sizes is not None and len(sizes) != len(shards):
+      raise ValueError(f'{len(shards)} shards but {len(sizes)} sizes')
+  except (ValueError, KeyError, TypeError) as e:
+    return f'unreadable metadata ({e})'
+  for i, name in enumerate(shards):
+    shard = os.path.join(path, name)
+    if not os.path.exists(shard):
+      return f'{name} is missing'
+    if sizes is not None and os.path.getsize(shard) != sizes[i]:
+      return f'{name} has {os.path.getsize(shard)} bytes, the metadata says {sizes[i]}'
+  return None
+
+
+def is_complete(path: str) -> bool:
+  """True when every process's part of the cache at `path` is present and whole."""
+  metas = glob.glob(os.path.join(path, 'meta-*-of-*.json'))
+  if not metas:
+    return False
+  try:
+    with open(metas[0]) as f:
+      count = json.load(f)['process_count']
+  except (ValueError, KeyError, TypeError):
+    return False
+  return all(_part_problem(path, os.path.join(path, _META.format(i, count))) is None
+             for i in range(count))
+
+
+def _fsync_dir(path: str) -> None:
+  """Makes the renames durable (a power cut must not undo a rename the metadata relies on)."""
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
 def build_token_cache(batches_iter: Iterable[Mapping[str, np.ndarray]],
                       encode_fn: Callable[[np.ndarray], Any], path: str, *, num_scales_len: int,
                       vocab_size: int, patch_nums: Sequence[int] | None = None,
@@ -70,11 +131,16 @@ def build_token_cache(batches_iter: Iterable[Mapping[str, np.ndarray]],
     raise ValueError(f'process_index={process_index} must be in [0, process_count={process_count})')
   os.makedirs(path, exist_ok=True)
   meta_path = os.path.join(path, _META.format(process_index, process_count))
-  own = glob.glob(os.path.join(path, f'shard-{process_index:05d}-*.npz'))
+  own = _own_files(path, process_index)
   if os.path.exists(meta_path) or own:
-    if not overwrite:
+    problem = _part_problem(path, meta_path)
+    if problem is None and not overwrite:
       raise FileExistsError(f'token cache {path} already holds a part for process {process_index}; '
                             'pass overwrite=True to rebuild it')
+    if problem is not None:
+      logging.warning('token cache %s: the part of process %d is half-written (%s), left by an '
+                      'interrupted build: removing it (%d files) and rebuilding', path,
+                      process_index, problem, len(own))
     # Metadata first: an interrupted rebuild must not look complete.
     for f in [meta_path] + own:
       if os.path.exists(f):
@@ -85,6 +151,7 @@ def build_token_cache(batches_iter: Iterable[Mapping[str, np.ndarray]],
   if flip:
     buf['ids_flip'] = []
   shards: list[str] = []
+  shard_bytes: list[int] = []
   count, buffered, t0 = 0, 0, time.time()
 
   def encode(images_BHWC) -> np.ndarray:
@@ -105,6 +172,7 @@ def build_token_cache(batches_iter: Iterable[Mapping[str, np.ndarray]],
     name = _SHARD.format(process_index, len(shards))
     _atomic_write(os.path.join(path, name), lambda f: np.savez(f, **arrays))
     shards.append(name)
+    shard_bytes.append(os.path.getsize(os.path.join(path, name)))
     for v in buf.values():
       v.clear()
     buffered = 0
@@ -128,9 +196,11 @@ def build_token_cache(batches_iter: Iterable[Mapping[str, np.ndarray]],
       'format_version': FORMAT_VERSION, 'L': int(num_scales_len), 'vocab_size': int(vocab_size),
       'patch_nums': None if patch_nums is None else [int(p) for p in patch_nums],
       'count': count, 'flip': bool(flip), 'image_size': image_size, 'dtype': dtype.name,
-      'shards': shards, 'process_index': process_index, 'process_count': process_count,
+      'shards': shards, 'shard_bytes': shard_bytes, 'process_index': process_index,
+      'process_count': process_count,
   }
   _atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+  _fsync_dir(path)
   logging.info('token cache %s: wrote %d examples in %d shards (process %d of %d)', path, count,
                len(shards), process_index, process_count)
   return meta
@@ -148,6 +218,10 @@ def read_token_cache(path: str, *, expect: Mapping[str, Any] | None = None,
                             'build_token_cache, or it was interrupted before finishing)')
   metas = []
   for p in parts:
+    problem = _part_problem(path, p)
+    if problem is not None:
+      raise ValueError(f'token cache {path}: {os.path.basename(p)}: {problem}; rerun '
+                       'build_token_cache to rebuild the damaged part')
     with open(p) as f:
       metas.append(json.load(f))
   first = metas[0]
