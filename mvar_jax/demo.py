@@ -31,7 +31,7 @@ from mvar_jax.data import pipeline, token_cache
 def build_token_cache(config: ml_collections.ConfigDict, tok_cfg, tok_params, path: str,
                       split: str) -> None:
   """Encodes the (unshuffled, unflipped) images of `split` once into `path`."""
-  if os.path.exists(path) and os.listdir(path):
+  if token_cache.is_complete(path):  # a part left half-written by a crash is rebuilt below
     logging.info('demo: reusing token cache %s', path)
     return
   from mvar_jax import vqvae
