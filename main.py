@@ -64,7 +64,8 @@ def main(argv):
   elif FLAGS.mode == 'train':
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   else:
-    train.sample_to_files(FLAGS.config, FLAGS.workdir)
+    from mvar_jax import sample_mode  # every device of every process, resumable shards
+    sample_mode.run(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == '__main__':
