@@ -68,7 +68,8 @@ def main(argv):
     elif FLAGS.mode == 'train':
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     else:
-      train.sample_to_files(FLAGS.config, FLAGS.workdir)
+      from mvar_jax import sample_mode  # every device of every process, resumable shards
+      sample_mode.run(FLAGS.config, FLAGS.workdir)
   except (lifecycle.Preempted, lifecycle.NonFiniteError, lifecycle.WorkdirLockedError) as e:
     # Expected endings of a long run: one line and a code a scheduler can act on.
     logging.error('%s', e)

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mvar_jax import lifecycle, train, train_tokenizer
+from mvar_jax import lifecycle, sample_mode, train, train_tokenizer
 from mvar_jax.data import pipeline, token_cache
 
 
@@ -96,7 +96,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   t3 = time.time()
   mvar_config.sample.num_images = config.demo_opts.samples_per_class * config.data.num_classes
-  npz = train.sample_to_files(mvar_config, mvar_workdir)
+  npz = sample_mode.run(mvar_config, mvar_workdir)
   timings['sampling_s'] = time.time() - t3
 
   t4 = time.time()

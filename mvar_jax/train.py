@@ -45,7 +45,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 import os
 from typing import Any, Callable, Mapping
 
@@ -55,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mvar_jax import checkpointing, config_utils, lifecycle, optim, sharding
+from mvar_jax import checkpointing, config_utils, lifecycle, optim, sample_mode, sharding
 from mvar_jax import transformer as tfm
 from mvar_jax import vqvae as vq
 from mvar_jax.data import sources
@@ -514,7 +513,7 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Callable[[int], None]
                               key=jax.random.fold_in(sample_root, s), labels=labels,
                               cfg=config.sample.cfg, top_k=config.sample.top_k,
                               top_p=config.sample.top_p)
-        grid = image_grid(np.asarray(jax.device_get(out.images_BHW3)))
+        grid = sample_mode.image_grid(np.asarray(jax.device_get(out.images_BHW3)))
         writer.write_images(s, {'samples': grid[None]})
       except Exception as e:  # noqa: BLE001 -- a failed preview must not stop training
         logging.exception('sampling at step %d failed: %s', s, e)
@@ -570,96 +569,6 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Callable[[int], None]
       evaluate(step)
       last_metrics.update(window.summary('train', layout))
   return last_metrics
-
-
-# ============================================================================= sample mode
-
-def _abstract_params(model_cfg: tfm.TransformerConfig):
-  return nn.unbox(jax.eval_shape(lambda: tfm.init_params(model_cfg, jax.random.key(0)))['params'])
-
-
-def load_sampling_params(config, workdir: str):
-  """(transformer module, {'params': ...}) from config.sample.checkpoint or the workdir.
-
-  A converted directory (transformer.msgpack/json) brings its own architecture; a
-  workdir checkpoint uses config.model and its EMA params when it has them and
-  config.sample.use_ema is set.
-  """
-  if config.sample.checkpoint:
-    cfg_dict, params = checkpointing.load_converted(config.sample.checkpoint, 'transformer')
-    model_cfg = config_utils.transformer_config_from_dict(cfg_dict)
-    abstract = _abstract_params(model_cfg)
-    checkpointing.check_tree_matches(params, abstract, config.sample.checkpoint)
-    return tfm.MVARTransformer(model_cfg), {'params': jax.device_put(params)}
-  model_cfg = config_utils.transformer_config_from(config).validate()
-  ckpt = checkpointing.Checkpointer(os.path.join(os.path.abspath(workdir), 'checkpoints'))
-  step = ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'no checkpoint in {ckpt.directory} and sample.checkpoint is empty')
-  use_ema = config.sample.use_ema and 'ema_params' in ckpt.item_structure(step)
-  key = 'ema_params' if use_ema else 'params'
-  abstract = _abstract_params(model_cfg)
-  repl = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('d',)),
-                                    jax.sharding.PartitionSpec())
-  abstract = jax.tree_util.tree_map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), abstract)
-  params = ckpt.restore_subtree(step, {key: abstract})[key]
-  ckpt.close()
-  logging.info('sampling from %s of step %d in %s', key, step, ckpt.directory)
-  return tfm.MVARTransformer(model_cfg), {'params': params}
-
-
-def sample_to_files(config, workdir: str) -> str:
-  """Samples config.sample.num_images images (labels i % num_classes) to samples.npz + PNG.
-
-  Returns the npz path. The npz is the ADM evaluator's format: arr_0 uint8
-  (N, H, W, 3) and arr_1 int64 labels. Runs on this process's devices.
-  """
-  import tqdm
-  from PIL import Image
-  from mvar_jax import sampling
-  config_utils.validate_config(config, check_mesh=False, mode='sample')
-  s = config.sample
-  model, params = load_sampling_params(config, workdir)
-  tokenizer, tok_host = load_tokenizer_for(model.config, config.tokenizer.checkpoint)
-  tok_params = jax.device_put(tok_host)
-  n, bs = int(s.num_images), int(s.batch_size)
-  num_classes = model.config.num_classes
-  labels = np.arange(n) % num_classes
-  key = jax.random.key(config.seed)
-  out_images, out_labels = [], []
-  for b, lo in enumerate(tqdm.tqdm(range(0, n, bs), desc='sampling', unit='batch')):
-    lab = labels[lo:lo + bs]
-    padded = np.concatenate([lab, np.repeat(lab[-1:], bs - len(lab))])  # one compiled shape
-    out = sampling.sample(model, params, tokenizer, tok_params, key=jax.random.fold_in(key, b),
-                          labels=padded, cfg=s.cfg, top_k=s.top_k, top_p=s.top_p,
-                          more_smooth=s.more_smooth)
-    imgs = np.asarray(jax.device_get(out.images_BHW3))[:len(lab)]
-    out_images.append(np.clip(np.round(imgs * 255), 0, 255).astype(np.uint8))
-    out_labels.append(lab)
-  arr_0, arr_1 = np.concatenate(out_images), np.concatenate(out_labels).astype(np.int64)
-  out_dir = s.output_dir or os.path.join(workdir, 'samples')
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, 'samples.npz')
-  if jax.process_index() == 0:
-    np.savez(path, arr_0=arr_0, arr_1=arr_1)
-    Image.fromarray(image_grid(arr_0[:64].astype(np.float32) / 255)).save(
-        os.path.join(out_dir, 'samples.png'))
-  logging.info('wrote %d samples to %s', len(arr_0), path)
-  return path
-
-
-def image_grid(images_NHW3: np.ndarray, cols: int | None = None) -> np.ndarray:
-  """(N, H, W, 3) floats in [0, 1] -> one (rows*H, cols*W, 3) uint8 grid."""
-  n, h, w, c = images_NHW3.shape
-  cols = cols or int(math.ceil(math.sqrt(n)))
-  rows = int(math.ceil(n / cols))
-  grid = np.zeros((rows * h, cols * w, c), np.uint8)
-  imgs = np.clip(np.round(images_NHW3 * 255), 0, 255).astype(np.uint8)
-  for i in range(n):
-    r, col = divmod(i, cols)
-    grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = imgs[i]
-  return grid
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:

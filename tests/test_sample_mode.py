@@ -1,0 +1,161 @@
+"""Sample mode: every device, the same images on any topology, shards that survive kill -9."""
+
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from configs import common
+from mvar_jax import convert, sample_mode
+from mvar_jax import transformer as tfm
+from mvar_jax import vqvae as vq
+from mvar_jax.attention import AttentionConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PATCH_NUMS = (1, 2, 4)
+VOCAB, CLASSES = 32, 5
+
+
+def _random_like(shapes, seed, scale=0.3):
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+      lambda s: (scale * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+
+
+@pytest.fixture(scope='module')
+def weights(tmp_path_factory):
+  """A converted tiny tokenizer (4x4 codes -> 8x8 px) and transformer with random weights."""
+  root = tmp_path_factory.mktemp('weights')
+  vcfg = vq.VQVAEConfig(ch=8, ch_mult=(1, 1), num_res_blocks=1, z_channels=4, vocab_size=VOCAB,
+                        patch_nums=PATCH_NUMS, norm_groups=4, using_sa=False, using_mid_sa=False)
+  vshapes = jax.eval_shape(lambda: nn.unbox(vq.init_params(vcfg, jax.random.key(0))['params']))
+  convert.save_converted(str(root), 'vqvae', vcfg, _random_like(vshapes, 0))
+  tcfg = tfm.TransformerConfig(depth=1, width=32, num_heads=2, num_classes=CLASSES,
+                               vocab_size=VOCAB, cvae=4, patch_nums=PATCH_NUMS,
+                               attention=AttentionConfig(mode='mvar', refine_step=2,
+                                                         kernel_size=3))
+  tshapes = jax.eval_shape(lambda: nn.unbox(tfm.init_params(tcfg, jax.random.key(0))['params']))
+  convert.save_converted(str(root), 'transformer', tcfg, _random_like(tshapes, 1, scale=1.0))
+  return str(root)
+
+
+def sample_config(weights, out_dir, *, num_images=22, batch_size=4):
+  c = common.get_config()
+  c.seed = 3
+  c.tokenizer.checkpoint = c.sample.checkpoint = weights
+  s = c.sample
+  s.output_dir, s.num_images, s.batch_size = str(out_dir), num_images, batch_size
+  s.cfg, s.top_k, s.top_p = 2.0, 8, 0.9
+  return c
+
+
+@pytest.fixture(scope='module')
+def on_eight_devices(weights, tmp_path_factory):
+  """22 images (chunks of 4, the last one short) on the 8 simulated devices."""
+  assert len(jax.local_devices()) == 8
+  out = tmp_path_factory.mktemp('eight')
+  path = sample_mode.run(sample_config(weights, out), str(out))
+  with np.load(path) as z:
+    return {k: z[k] for k in z.files}, out
+
+
+def test_writes_the_adm_npz_with_balanced_labels(on_eight_devices):
+  npz, out = on_eight_devices
+  assert set(npz) == {'arr_0', 'arr_1'}
+  assert npz['arr_0'].shape == (22, 8, 8, 3) and npz['arr_0'].dtype == np.uint8
+  np.testing.assert_array_equal(npz['arr_1'], np.arange(22) % CLASSES)
+  assert npz['arr_0'].std() > 10  # real, varied images, not a blank canvas
+  assert len(os.listdir(out / 'shards')) == 6  # ceil(22 / 4) chunks
+  assert (out / 'samples.png').exists()
+
+
+def test_one_device_gives_the_same_images_as_eight(weights, on_eight_devices, tmp_path):
+  npz, _ = on_eight_devices
+  path = sample_mode.run(sample_config(weights, tmp_path), str(tmp_path),
+                         devices=jax.local_devices()[:1])
+  with np.load(path) as z:
+    np.testing.assert_array_equal(z['arr_0'], npz['arr_0'])
+    np.testing.assert_array_equal(z['arr_1'], npz['arr_1'])
+
+
+def test_another_seed_gives_other_images_and_refuses_to_mix(weights, on_eight_devices):
+  npz, out = on_eight_devices
+  config = sample_config(weights, out)
+  config.seed = 4
+  with pytest.raises(ValueError, match='written by another sampling run'):
+    sample_mode.run(config, str(out))
+
+
+def _main_sample(weights, out_dir, *extra, wrap=()):
+  cmd = [*wrap, sys.executable, os.path.join(ROOT, 'main.py'), '--mode=sample',
+         '--config=' + os.path.join(ROOT, 'configs', 'demo.py'), f'--workdir={out_dir}',
+         f'--config.tokenizer.checkpoint={weights}', f'--config.sample.checkpoint={weights}',
+         f'--config.sample.output_dir={out_dir}', '--config.seed=3', '--config.sample.cfg=2.0',
+         '--config.sample.top_k=8', '--config.sample.top_p=0.9', *extra]
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='1', PYTHONPATH=ROOT,
+             # The rerun loads the first run's executable instead of compiling it again.
+             JAX_COMPILATION_CACHE_DIR=weights.rstrip('/') + '_xla_cache',
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, cwd=ROOT)
+
+
+def test_kill_9_mid_sampling_then_resume_gives_the_same_npz(weights, tmp_path):
+  """A run killed with SIGKILL after its first shards resumes from them; the npz is the same."""
+  extra = ('--config.sample.num_images=240', '--config.sample.batch_size=4')
+  proc = _main_sample(weights, tmp_path, *extra)
+  shards = tmp_path / 'shards'
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if len(list(shards.glob('chunk_*.npz'))) >= 4:
+      break
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  log = proc.communicate()[0]
+  assert proc.returncode == -signal.SIGKILL, log  # killed mid-run, not finished
+  assert not (tmp_path / 'samples.npz').exists()
+  survived = {p.name: p.stat().st_mtime_ns for p in shards.glob('chunk_*.npz')}
+  assert 4 <= len(survived) < 60
+
+  proc = _main_sample(weights, tmp_path, *extra)
+  log = proc.communicate()[0]
+  assert proc.returncode == 0, log
+  assert f'({len(survived)} already written)' in log
+  for name, mtime in survived.items():  # skipped, not sampled again
+    assert (shards / name).stat().st_mtime_ns == mtime
+
+  # Uninterrupted, in this process (its executable for 4 images is already compiled).
+  config = sample_config(weights, tmp_path / 'whole', num_images=240, batch_size=4)
+  whole = sample_mode.run(config, str(tmp_path / 'whole'), devices=jax.local_devices()[:1])
+  with np.load(tmp_path / 'samples.npz') as resumed, np.load(whole) as full:
+    np.testing.assert_array_equal(resumed['arr_0'], full['arr_0'])
+    np.testing.assert_array_equal(resumed['arr_1'], full['arr_1'])
+
+
+def test_read_only_output_dir_fails_before_sampling():
+  """The directory is checked first: the (missing) weights are never even opened."""
+  parent = pathlib.Path(tempfile.mkdtemp())
+  ro = parent / 'read_only'
+  ro.mkdir()
+  ro.chmod(0o555)
+  # root ignores permission bits: there the directory is a read-only bind mount instead.
+  wrap = (['unshare', '-m', '--propagation', 'private', 'sh', '-c',
+           f'mount --bind -o ro {ro} {ro} && exec "$@"', 'sh'] if os.geteuid() == 0 else [])
+  proc = _main_sample('/nonexistent/weights', ro, '--config.sample.num_images=4',
+                      '--config.sample.batch_size=2', wrap=wrap)
+  log = proc.communicate(timeout=300)[0]
+  assert proc.returncode != 0
+  assert 'is not writable' in log and str(ro) in log, log
+  assert '/nonexistent/weights' not in log.split('is not writable')[0].splitlines()[-1]
+  assert os.listdir(ro) == []
+  shutil.rmtree(parent)
