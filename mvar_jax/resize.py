@@ -76,11 +76,14 @@ def area_matrix(in_size: int, out_size: int) -> np.ndarray:
 def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
   """(out, in) float64: torch bilinear, align_corners=False, no antialias.
 
-  Half-pixel centres src = (i + 0.5) * in/out - 0.5, clamped at 0 (torch does for linear).
+  Half-pixel centres src = (i + 0.5) * in/out - 0.5, clamped at 0 (torch does for linear),
+  computed in fp32 as torch does (fp64 coordinates differ by 1e-4 at 300 px).
   """
   _check_sizes(in_size, out_size)
-  scale = in_size / out_size
-  return _linear_taps(in_size, [max((i + 0.5) * scale - 0.5, 0.0) for i in range(out_size)])
+  f = np.float32
+  scale = f(in_size) / f(out_size)
+  i = np.arange(out_size, dtype=f)
+  return _linear_taps(in_size, np.maximum(scale * (i + f(0.5)) - f(0.5), f(0)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,17 +92,19 @@ def bilinear_tf1_matrix(in_size: int, out_size: int) -> np.ndarray:
 
   src = i * in/out (no half-pixel shift): the resize baked into the 2015 Inception graph that
   the ADM evaluator runs, so its features (and ADM's reference statistics) depend on it.
+  Coordinates in fp32, as TF computes them.
   """
   _check_sizes(in_size, out_size)
-  scale = in_size / out_size
-  return _linear_taps(in_size, [i * scale for i in range(out_size)])
+  f = np.float32
+  return _linear_taps(in_size, np.arange(out_size, dtype=f) * (f(in_size) / f(out_size)))
 
 
-def _linear_taps(in_size: int, sources) -> np.ndarray:
-  m = np.zeros((len(sources), in_size), np.float64)
-  for i, src in enumerate(sources):
-    base = min(int(math.floor(src)), in_size - 1)
-    t = src - base
+def _linear_taps(in_size: int, sources_f32: np.ndarray) -> np.ndarray:
+  """Two taps per output row: floor(src) and the next (border-clamped), fp32 fractions."""
+  m = np.zeros((len(sources_f32), in_size), np.float64)
+  for i, src in enumerate(sources_f32):
+    base = min(int(np.floor(src)), in_size - 1)
+    t = float(src - np.float32(base))
     m[i, base] += 1.0 - t
     m[i, min(base + 1, in_size - 1)] += t
   m.setflags(write=False)
