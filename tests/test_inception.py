@@ -4,44 +4,19 @@ pytorch-fid's constructor downloads the real weights; the test intercepts that c
 hands the model its own (re-randomised) state dict, so nothing is downloaded.
 """
 
-import importlib.util
-import os
-
 import jax
 import numpy as np
 import pytest
 
 from mvar_jax.evaluation import inception
-
-
-def _import_pytorch_fid():
-  """pytorch_fid.inception, importable also beside a torchvision built for CUDA torch.
-
-  The PyPI torchvision wheel's C ops do not load with the CPU torch build; torchvision then
-  still registers fake kernels for two ops it assumes exist (nms, qnms) and fails to import.
-  Declaring those two schemas first lets the pure-Python models import (no op is ever run).
-  """
-  import torch
-  spec = importlib.util.find_spec('torchvision')
-  if spec is None:
-    pytest.fail('torchvision is a test dependency (requirements-test.txt)')
-  try:
-    torch.ops.load_library(os.path.join(spec.submodule_search_locations[0], '_C.so'))
-  except (OSError, RuntimeError):
-    if not hasattr(_import_pytorch_fid, 'lib'):
-      lib = torch.library.Library('torchvision', 'DEF')  # noqa: TOR
-      for op in ('nms', 'qnms'):
-        lib.define(f'{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')
-      _import_pytorch_fid.lib = lib  # keep the registration alive
-  from pytorch_fid import inception as pf
-  return pf
+from pytorch_fid_ref import import_pytorch_fid  # tests/pytorch_fid_ref.py
 
 
 @pytest.fixture(scope='module')
 def torch_fid_model():
   """(pytorch-fid InceptionV3 pool block, the full FID Inception3) with shared random weights."""
   import torch
-  pf = _import_pytorch_fid()
+  pf = import_pytorch_fid()
   built = {}
   original = pf._inception_v3
 
