@@ -15,13 +15,14 @@ def _gaussian_features(seed, n=600, d=32, shift=0.0):
 
 # ----------------------------------------------------------------------------- FID
 
-def test_fid_equals_pytorch_fid():
+@pytest.mark.parametrize('method', ['eigh', 'sqrtm'])
+def test_fid_equals_pytorch_fid(method):
   import_pytorch_fid()
   from pytorch_fid.fid_score import calculate_frechet_distance
   a, b = _gaussian_features(0), _gaussian_features(1, shift=0.3)
   (mu1, s1), (mu2, s2) = metrics.statistics(a), metrics.statistics(b)
   want = calculate_frechet_distance(mu1, s1, mu2, s2)
-  got = metrics.frechet_distance(mu1, s1, mu2, s2)
+  got = metrics.frechet_distance(mu1, s1, mu2, s2, method=method)
   assert want > 1.0
   assert abs(got - want) <= 1e-6 * abs(want)
   # The statistics are np.mean / np.cov in float64, as the ADM evaluator computes them.
@@ -41,10 +42,23 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise():
   assert fids[0] > 0 and np.all(np.diff(fids) > 0), fids
 
 
-def test_fid_rejects_mismatched_statistics():
+def test_fid_of_rank_deficient_statistics_is_stable():
+  # Fewer images than dimensions (a during-training FID on few samples): both routes agree,
+  # and a set against itself is still ~0.
+  a, b = _gaussian_features(10, n=20), _gaussian_features(11, n=20, shift=0.5)
+  (mu1, s1), (mu2, s2) = metrics.statistics(a), metrics.statistics(b)
+  eigh = metrics.frechet_distance(mu1, s1, mu2, s2)
+  assert eigh == pytest.approx(metrics.frechet_distance(mu1, s1, mu2, s2, method='sqrtm'),
+                               rel=1e-4)
+  assert abs(metrics.frechet_distance(mu1, s1, mu1, s1)) < 1e-6 * np.trace(s1)
+
+
+def test_fid_rejects_mismatched_statistics_and_unknown_methods():
   mu, s = metrics.statistics(_gaussian_features(4))
   with pytest.raises(ValueError, match='do not match'):
     metrics.frechet_distance(mu, s, mu[:-1], s[:-1, :-1])
+  with pytest.raises(ValueError, match='method'):
+    metrics.frechet_distance(mu, s, mu, s, method='svd')
 
 
 # ----------------------------------------------------------------------------- IS

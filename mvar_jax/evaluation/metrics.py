@@ -5,9 +5,9 @@
     is_ = inception_score(logits_NK)                          # 5000-image splits (10 at 50k)
     precision, recall = precision_recall(pool_ref, pool_samples)   # k = 3, blocks of 10k
 
-- Frechet distance: |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2)), in float64 with
-  scipy's sqrtm; a non-finite square root is retried with 1e-6 added to both diagonals, and an
-  imaginary part above 1e-3 on the diagonal is an error (ADM's and pytorch-fid's rule).
+- Frechet distance: |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2)), in float64; the
+  trace of the root from symmetric eigendecompositions by default, or ADM's own route
+  (scipy's sqrtm with its eps retry) with method='sqrtm'.
 - Inception Score: softmax of the logits, then per consecutive split of `split_size` images
   exp(mean_i KL(p_i || mean p)), averaged over the splits.
 - Precision / recall (Kynkaanniemi et al. 2019): each feature's radius is its squared
@@ -41,26 +41,55 @@ def statistics(features_ND) -> tuple[np.ndarray, np.ndarray]:
   return x.mean(axis=0), np.cov(x, rowvar=False)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-  """Frechet distance of two Gaussians, float64 (see the module docstring)."""
-  from scipy import linalg
+def frechet_distance(mu1, sigma1, mu2, sigma2, *, method: str = 'eigh',
+                     eps: float = 1e-6) -> float:
+  """Frechet distance of two Gaussians in float64 (see the module docstring).
+
+  method: how tr(sqrtm(S1 S2)) is computed.
+    'eigh' (default): sum of sqrt(eigenvalues of S1^1/2 S2 S1^1/2), two symmetric
+      eigendecompositions; the same number for full-rank statistics, ~10x faster than
+      sqrtm at 2048 dimensions and stable for rank-deficient ones (fewer images than D).
+    'sqrtm': ADM's and pytorch-fid's route: scipy's sqrtm of the product, retried with eps
+      on the diagonals when not finite, an imaginary diagonal part above 1e-3 is an error.
+  """
   mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
   s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
   if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
     raise ValueError(f'statistics do not match: mu {mu1.shape} vs {mu2.shape}, '
                      f'sigma {s1.shape} vs {s2.shape}')
-  root, _ = linalg.sqrtm(s1 @ s2, disp=False)
-  if not np.isfinite(root).all():
-    warnings.warn(f'Frechet distance: singular covariance product; adding {eps} to the diagonals')
-    offset = np.eye(s1.shape[0]) * eps
-    root = linalg.sqrtm((s1 + offset) @ (s2 + offset))
+  if method == 'eigh':
+    tr_root = _trace_sqrt_product_eigh(s1, s2)
+  elif method == 'sqrtm':
+    tr_root = _trace_sqrt_product_sqrtm(s1, s2, eps)
+  else:
+    raise ValueError(f"frechet_distance method must be 'eigh' or 'sqrtm', got {method!r}")
+  diff = mu1 - mu2
+  return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_root)
+
+
+def _trace_sqrt_product_eigh(s1, s2) -> float:
+  # S1 S2 is similar to the PSD matrix S1^1/2 S2 S1^1/2: same (real, >= 0) eigenvalues.
+  w, v = np.linalg.eigh(s1)
+  root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+  m = root1 @ s2 @ root1
+  lam = np.linalg.eigvalsh(0.5 * (m + m.T))
+  return float(np.sqrt(np.clip(lam, 0.0, None)).sum())
+
+
+def _trace_sqrt_product_sqrtm(s1, s2, eps: float) -> float:
+  from scipy import linalg
+  with warnings.catch_warnings():  # singular products are handled below, as ADM does
+    warnings.simplefilter('ignore', linalg.LinAlgWarning)
+    root = linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(root).all():
+      offset = np.eye(s1.shape[0]) * eps
+      root = linalg.sqrtm((s1 + offset) @ (s2 + offset))
   if np.iscomplexobj(root):
     imag = np.abs(np.diagonal(root).imag).max()
     if imag > 1e-3:
       raise ValueError(f'Frechet distance: sqrtm has an imaginary diagonal part of {imag:.3g}')
     root = root.real
-  diff = mu1 - mu2
-  return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(root))
+  return float(np.trace(root))
 
 
 # ----------------------------------------------------------------------------- Inception Score
