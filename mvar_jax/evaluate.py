@@ -42,12 +42,10 @@ def evaluate_features(feats: dict[str, np.ndarray], ref, *, is_split_size: int =
   n = len(feats['pool'])
   if n < 2:
     raise ValueError(f'need at least 2 images for FID statistics, got {n}')
-  mu, sigma = metrics.statistics(feats['pool'])
-  mu_s, sigma_s = metrics.statistics(feats['spatial'])
   precision, recall = metrics.precision_recall(ref.pool, feats['pool'], block=pr_block)
   return {
-      'fid': metrics.frechet_distance(mu, sigma, ref.mu, ref.sigma),
-      'sfid': metrics.frechet_distance(mu_s, sigma_s, ref.mu_s, ref.sigma_s),
+      'fid': metrics.frechet_distance_of_features(feats['pool'], ref.mu, ref.sigma),
+      'sfid': metrics.frechet_distance_of_features(feats['spatial'], ref.mu_s, ref.sigma_s),
       'inception_score': metrics.inception_score(feats['logits'], split_size=is_split_size),
       'precision': precision,
       'recall': recall,

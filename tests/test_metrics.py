@@ -53,6 +53,14 @@ def test_fid_of_rank_deficient_statistics_is_stable():
   assert abs(metrics.frechet_distance(mu1, s1, mu1, s1)) < 1e-6 * np.trace(s1)
 
 
+@pytest.mark.parametrize('n', [20, 33, 40])  # fewer, as many as and more images than dimensions
+def test_fid_of_features_equals_fid_of_their_statistics(n):
+  a, b = _gaussian_features(12, n=n), _gaussian_features(13, shift=0.2)
+  mu2, s2 = metrics.statistics(b)
+  want = metrics.frechet_distance(*metrics.statistics(a), mu2, s2, method='sqrtm')
+  assert metrics.frechet_distance_of_features(a, mu2, s2) == pytest.approx(want, rel=1e-6)
+
+
 def test_fid_rejects_mismatched_statistics_and_unknown_methods():
   mu, s = metrics.statistics(_gaussian_features(4))
   with pytest.raises(ValueError, match='do not match'):

@@ -1,7 +1,8 @@
 """notebooks/mvar_jax_colab.ipynb runs end to end (nbclient) against a tiny demo model.
 
-No torch and no download: the demo model is trained here for a few steps on the built-in
-shapes, and the notebook's evaluation cell uses a randomly initialised Inception network.
+No torch and no download: the demo model is trained for a few steps on the built-in shapes
+(conftest's session fixture, shared with test_demo.py), and the notebook's evaluation cell
+uses a randomly initialised Inception network.
 """
 
 import os
@@ -10,18 +11,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from mvar_jax import demo
-from test_demo import tiny_demo_config  # tests/test_demo.py: the cheapest demo that runs
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, 'notebooks', 'mvar_jax_colab.ipynb')
-
-
-@pytest.fixture(scope='module')
-def demo_workdir(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('demo'))
-  demo.train_models(tiny_demo_config(), workdir)  # the notebook needs no samples.npz or judge
-  return workdir
 
 
 def _text(cell) -> str:
@@ -29,7 +20,8 @@ def _text(cell) -> str:
 
 
 @pytest.mark.slow
-def test_notebook_runs_every_cell(demo_workdir, monkeypatch):
+def test_notebook_runs_every_cell(tiny_demo_run, monkeypatch):
+  demo_workdir, _ = tiny_demo_run  # conftest: the tiny demo, trained once per session
   for name in ('MVAR_WEIGHTS', 'MVAR_INCEPTION', 'MVAR_JAX_DIR'):
     monkeypatch.delenv(name, raising=False)
   monkeypatch.setenv('MVAR_DEMO_WORKDIR', demo_workdir)

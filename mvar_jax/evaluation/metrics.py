@@ -67,6 +67,31 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, method: str = 'eigh',
   return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_root)
 
 
+def frechet_distance_of_features(features_ND, mu2, sigma2) -> float:
+  """Frechet distance of the statistics of `features_ND` to (mu2, sigma2), float64.
+
+  Equals `frechet_distance(*statistics(features_ND), mu2, sigma2)`. With fewer images than
+  dimensions (N <= D, e.g. a quick FID on a few hundred samples) sigma1 = A^T A has rank < N,
+  and the non-zero eigenvalues of sigma1 sigma2 are those of the N x N matrix A sigma2 A^T:
+  exact, and O(N D^2) instead of O(D^3).
+  """
+  x = np.asarray(features_ND, np.float64)
+  n, d = x.shape
+  if n > d:
+    return frechet_distance(*statistics(x), mu2, sigma2)
+  mu1, _ = statistics(x)
+  mu2, s2 = np.asarray(mu2, np.float64), np.asarray(sigma2, np.float64)
+  if mu2.shape != (d,) or s2.shape != (d, d):
+    raise ValueError(f'statistics do not match: features have D={d}, reference mu {mu2.shape}, '
+                     f'sigma {s2.shape}')
+  a = (x - mu1) / np.sqrt(n - 1)  # sigma1 = a.T @ a
+  m = a @ s2 @ a.T
+  lam = np.linalg.eigvalsh(0.5 * (m + m.T))
+  tr_root = float(np.sqrt(np.clip(lam, 0.0, None)).sum())
+  diff = mu1 - mu2
+  return float(diff @ diff + np.sum(a * a) + np.trace(s2) - 2.0 * tr_root)
+
+
 def _trace_sqrt_product_eigh(s1, s2) -> float:
   # S1 S2 is similar to the PSD matrix S1^1/2 S2 S1^1/2: same (real, >= 0) eigenvalues.
   w, v = np.linalg.eigh(s1)
