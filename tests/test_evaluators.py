@@ -123,6 +123,9 @@ def test_from_config_adds_fid_only_when_configured(tiny_mvar, tmp_path):
   assert (fid.name, fid.every, fid.prefix) == ('fid', 50, 'eval/')
   assert fid.evaluator.num_images == 100 and fid.evaluator.reference.num_images == 8
 
-  config.eval.fid_images = 2
-  with pytest.raises(ValueError, match='eval.fid_images'):
-    evaluators.from_config(config, model=model, tokenizer=tok, tok_params=v_params)
+  for field, bad in (('fid_images', 2), ('fid_every', -1), ('preprocess', 'tf2')):
+    bad_config = common.get_config('runlocal')
+    bad_config.eval.inception = weights
+    bad_config.eval[field] = bad
+    with pytest.raises(ValueError, match=f'eval.{field}'):
+      evaluators.from_config(bad_config, model=model, tokenizer=tok, tok_params=v_params)

@@ -143,11 +143,26 @@ class SampleFID:
 
 # ----------------------------------------------------------------------------- from config
 
+def validate_eval_config(e) -> None:
+  """Checks config.eval before anything is loaded; errors name the field and the range."""
+  from mvar_jax.evaluation import inception
+  for name, lo in (('fid_every', 0), ('fid_images', 4), ('fid_batch_size', 1),
+                   ('inception_batch_size', 1)):
+    if int(e[name]) != e[name] or e[name] < lo:
+      raise ValueError(f'eval.{name} must be an integer >= {lo}, got {e[name]!r}')
+  if e.preprocess not in inception.PREPROCESS:
+    raise ValueError(f'eval.preprocess must be one of {inception.PREPROCESS}, got {e.preprocess!r}')
+  if e.precision not in inception.PRECISIONS:
+    raise ValueError(f'eval.precision must be one of {tuple(inception.PRECISIONS)}, '
+                     f'got {e.precision!r}')
+
+
 def fid_from_config(config, *, sample_fn: Callable, workdir: str = '') -> Scheduled | None:
   """The SampleFID of `config.eval` (None when eval.inception is empty: FID is off)."""
   e = config.get('eval')
   if e is None or not e.inception:
     return None
+  validate_eval_config(e)
   from mvar_jax.evaluation import features, inception, reference
   net_cfg = inception.InceptionConfig(preprocess=e.preprocess, precision=e.precision).validate()
   extractor = features.FeatureExtractor(inception.load_params(e.inception), net_cfg,
