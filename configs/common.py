@@ -123,6 +123,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sample.batch_size = 64  # images per sampling call
   config.sample.output_dir = ''  # where samples.npz and the PNG grid go; '' = <workdir>/samples
 
+  # Evaluation with the FID Inception network (mvar_jax/evaluation/evaluators.py): FID, sFID,
+  # IS, precision and recall of samples during training and at its end. Off while inception=''.
+  config.eval = ml_collections.ConfigDict()
+  config.eval.inception = ''  # converted FID Inception dir or pytorch-fid's pt_inception-*.pth
+  config.eval.reference = ''  # ADM reference batch or reference cache npz; '' = data's val split
+  config.eval.reference_cache = ''  # cache of the val-split reference; '' = <workdir>/fid_reference.npz
+  config.eval.reference_images = -1  # val images for a computed reference; -1 = the whole split
+  config.eval.fid_every = 0  # steps between FID evaluations; 0 = only the final evaluation
+  config.eval.fid_images = 5000  # samples per evaluation (balanced labels); 50000 for paper numbers
+  config.eval.fid_batch_size = 64  # images per sampling call
+  config.eval.inception_batch_size = 64  # images per device per Inception step
+  config.eval.preprocess = 'adm'  # 'adm' (the ADM evaluator and its reference batches) | 'pytorch_fid'
+  config.eval.precision = 'highest'  # Inception convolutions: 'highest' (fp32) | 'default' (TF32)
+
   if args.runlocal:
     shrink(config)
   return config

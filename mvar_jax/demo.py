@@ -10,6 +10,8 @@ Stages (each reuses its output when the workdir already holds it, so a rerun res
 5. measure class consistency: a small CNN trained on fresh built-in images classifies
    the samples; the share recognised as their conditioning class is reported beside the
    wall time and the final losses (`<workdir>/demo_report.json`).
+`train_models` runs stages 1-3 alone; `load_pipeline(workdir)` turns their result into an
+`api.MVARPipeline` (the notebook uses both).
 """
 
 from __future__ import annotations
@@ -60,22 +62,13 @@ def class_consistency_of(config, npz_path: str) -> dict:
               num_samples=int(len(labels)))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs every stage; returns (and writes) the report.
-
-  The workdir is locked for the whole demo (lifecycle.WorkdirLock); a rerun of a finished
-  demo reuses every stage and reports the final metrics the MVAR run kept.
-  """
+def train_models(config: ml_collections.ConfigDict, workdir: str,
+                 timings: dict | None = None) -> tuple[ml_collections.ConfigDict, dict]:
+  """Stages 1-3 (tokenizer, token cache, MVAR); returns (the MVAR run's config, its metrics)."""
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  with lifecycle.WorkdirLock(workdir):
-    return _run(config, workdir)
-
-
-def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  timings = {} if timings is None else timings
   t0 = time.time()
-  timings = {}
-
   tok_cfg, tok_params = train_tokenizer.train_tokenizer(config, workdir)
   timings['tokenizer_s'] = time.time() - t0
 
@@ -93,6 +86,26 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t2 = time.time()
   metrics = train.train_and_evaluate(mvar_config, mvar_workdir)
   timings['mvar_s'] = time.time() - t2
+  return mvar_config, metrics
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs every stage; returns (and writes) the report.
+
+  The workdir is locked for the whole demo (lifecycle.WorkdirLock); a rerun of a finished
+  demo reuses every stage and reports the final metrics the MVAR run kept.
+  """
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  with lifecycle.WorkdirLock(workdir):
+    return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  t0 = time.time()
+  timings = {}
+  mvar_config, metrics = train_models(config, workdir, timings)
+  mvar_workdir = os.path.join(workdir, 'mvar')
 
   t3 = time.time()
   mvar_config.sample.num_images = config.demo_opts.samples_per_class * config.data.num_classes
@@ -112,6 +125,26 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info('demo report: %s', json.dumps(report, indent=2))
   print(summary(report, workdir))
   return report
+
+
+def load_pipeline(workdir: str):
+  """An `api.MVARPipeline` of a demo workdir: its tokenizer and the newest MVAR checkpoint.
+
+  The architecture comes from the config saved beside the checkpoint, so any demo size loads.
+  """
+  from mvar_jax import api, checkpointing
+  workdir = os.path.abspath(workdir)
+  mvar_dir = os.path.join(workdir, 'mvar')
+  ckpt = checkpointing.Checkpointer(os.path.join(mvar_dir, 'checkpoints'))
+  if ckpt.latest_step() is None:
+    raise FileNotFoundError(f'no MVAR checkpoint under {mvar_dir}: run the demo first '
+                            f'(python main.py --config=configs/demo.py --workdir={workdir})')
+  config = ml_collections.ConfigDict(json.loads(ckpt.restore_meta()['config']))
+  ckpt.close()
+  config.sample.checkpoint = ''
+  model, params, _ = sample_mode.load_params(config, mvar_dir)
+  tok, tok_params = train.load_tokenizer_for(model.config, os.path.join(workdir, 'tokenizer'))
+  return api.MVARPipeline(tok.config, tok_params, model.config, params)
 
 
 def summary(report: dict, workdir: str) -> str:

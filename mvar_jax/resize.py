@@ -2,6 +2,8 @@
 
     y_BhwC = resize_bicubic(x_BHWC, (h, w))  # F.interpolate(mode='bicubic')
     y_BhwC = resize_area(x_BHWC, (h, w))     # F.interpolate(mode='area')
+    y_BhwC = resize_bilinear(x_BHWC, (h, w))  # F.interpolate(mode='bilinear')
+    y_BhwC = resize_bilinear_tf1(x_BHWC, (h, w))  # TF1 ResizeBilinear (the 2015 Inception graph)
 
 The tokenizer's ids depend on these resizes through an argmin, so they must match
 PyTorch, which `jax.image.resize` does not (different border rule for cubic, no
@@ -70,6 +72,45 @@ def area_matrix(in_size: int, out_size: int) -> np.ndarray:
   return m
 
 
+@functools.lru_cache(maxsize=None)
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out, in) float64: torch bilinear, align_corners=False, no antialias.
+
+  Half-pixel centres src = (i + 0.5) * in/out - 0.5, clamped at 0 (torch does for linear),
+  computed in fp32 as torch does (fp64 coordinates differ by 1e-4 at 300 px).
+  """
+  _check_sizes(in_size, out_size)
+  f = np.float32
+  scale = f(in_size) / f(out_size)
+  i = np.arange(out_size, dtype=f)
+  return _linear_taps(in_size, np.maximum(scale * (i + f(0.5)) - f(0.5), f(0)))
+
+
+@functools.lru_cache(maxsize=None)
+def bilinear_tf1_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out, in) float64: TF1 ResizeBilinear with align_corners=False, half_pixel_centers=False.
+
+  src = i * in/out (no half-pixel shift): the resize baked into the 2015 Inception graph that
+  the ADM evaluator runs, so its features (and ADM's reference statistics) depend on it.
+  Coordinates in fp32, as TF computes them.
+  """
+  _check_sizes(in_size, out_size)
+  f = np.float32
+  return _linear_taps(in_size, np.arange(out_size, dtype=f) * (f(in_size) / f(out_size)))
+
+
+def _linear_taps(in_size: int, sources_f32: np.ndarray) -> np.ndarray:
+  """Two taps per output row: floor(src) and the next (border-clamped), fp32 fractions."""
+  m = np.zeros((len(sources_f32), in_size), np.float64)
+  for i, src in enumerate(sources_f32):
+    base = min(int(np.floor(src)), in_size - 1)
+    t = float(src - np.float32(base))
+    m[i, base] += 1.0 - t
+    m[i, min(base + 1, in_size - 1)] += t
+  m.setflags(write=False)
+  return m
+
+
 def _check_sizes(in_size: int, out_size: int) -> None:
   if in_size < 1 or out_size < 1:
     raise ValueError(f'resize sizes must be >= 1, got {in_size} -> {out_size}')
@@ -99,3 +140,13 @@ def resize_bicubic(x_BHWC, size: tuple[int, int]) -> jax.Array:
 def resize_area(x_BHWC, size: tuple[int, int]) -> jax.Array:
   """(B, H, W, C) -> (B, h, w, C) fp32, as F.interpolate(size=(h, w), mode='area')."""
   return _apply(x_BHWC, size, area_matrix)
+
+
+def resize_bilinear(x_BHWC, size: tuple[int, int]) -> jax.Array:
+  """(B, H, W, C) -> (B, h, w, C) fp32, as F.interpolate(size=(h, w), mode='bilinear')."""
+  return _apply(x_BHWC, size, bilinear_matrix)
+
+
+def resize_bilinear_tf1(x_BHWC, size: tuple[int, int]) -> jax.Array:
+  """(B, H, W, C) -> (B, h, w, C) fp32, as TF1 tf.image.resize_bilinear (legacy corners)."""
+  return _apply(x_BHWC, size, bilinear_tf1_matrix)

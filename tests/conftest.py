@@ -10,3 +10,16 @@ import jax  # noqa: E402
 
 # Must run before the first JAX computation: sharding tests build an 8-device mesh on CPU.
 jax.config.update('jax_num_cpu_devices', 8)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def tiny_demo_run(tmp_path_factory):
+  """(workdir, report) of the cheapest demo that runs every stage, shared by the demo and
+  notebook tests (training it is most of their time)."""
+  from test_demo import tiny_demo_config
+  from mvar_jax import demo
+  workdir = str(tmp_path_factory.mktemp('tiny_demo') / 'demo')
+  return workdir, demo.run(tiny_demo_config(), workdir)

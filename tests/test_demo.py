@@ -33,9 +33,8 @@ def tiny_demo_config():
 
 
 @pytest.mark.slow
-def test_demo_runs_every_stage_and_reports(tmp_path):
-  workdir = str(tmp_path / 'demo')
-  report = demo.run(tiny_demo_config(), workdir)
+def test_demo_runs_every_stage_and_reports(tiny_demo_run):
+  workdir, report = tiny_demo_run  # conftest: demo.run(tiny_demo_config(), workdir)
 
   # Every stage left its output where the next one (and a rerun) finds it.
   assert os.path.exists(os.path.join(workdir, 'tokenizer', 'vqvae.msgpack'))

@@ -70,3 +70,23 @@ def test_bad_sizes_raise():
     resize.bicubic_matrix(0, 4)
   with pytest.raises(ValueError, match='B, H, W, C'):
     resize.resize_area(np.zeros((4, 4, 3), np.float32), (2, 2))
+
+
+@pytest.mark.parametrize('shape_in,shape_out', [((256, 256), (299, 299)), ((7, 12), (5, 19)),
+                                                 ((300, 301), (299, 299))])
+def test_bilinear_matches_torch_both_directions(shape_in, shape_out):
+  x = np.random.default_rng(3).standard_normal((1, *shape_in, 2), np.float32)
+  got = np.asarray(resize.resize_bilinear(x, shape_out))
+  want = F.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=shape_out, mode='bilinear',
+                       align_corners=False).permute(0, 2, 3, 1).numpy()
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_tf1_bilinear_reads_from_the_top_left_corner():
+  # Legacy TF1 resize: output pixel i samples input i * in/out (no half-pixel shift), so
+  # upsampling 2 -> 4 gives [a, (a+b)/2, b, b], where torch gives [a, a/4*3+b/4, ...].
+  x = np.array([0.0, 8.0], np.float32).reshape(1, 2, 1, 1)
+  np.testing.assert_allclose(np.asarray(resize.resize_bilinear_tf1(x, (4, 1)))[0, :, 0, 0],
+                             [0.0, 4.0, 8.0, 8.0])
+  np.testing.assert_allclose(np.asarray(resize.resize_bilinear(x, (4, 1)))[0, :, 0, 0],
+                             [0.0, 2.0, 6.0, 8.0])
