@@ -58,6 +58,7 @@ from mvar_jax import checkpointing, config_utils, lifecycle, optim, sample_mode,
 from mvar_jax import transformer as tfm
 from mvar_jax import vqvae as vq
 from mvar_jax.data import sources
+from mvar_jax.evaluation import evaluators
 from mvar_jax.layout import ScaleLayout
 from mvar_jax.optim import Schedule
 
@@ -455,6 +456,16 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Callable[[int], None]
                  for seg in segments(t.schedule, layout.num_scales, config.model.refine_step)}
     eval_fn = compile_eval_step(setup, tokenizer, tok_shardings)
     lr_fn = schedule.lr(config)
+    # Validation loss every train.eval_every steps; FID/IS every eval.fid_every when an
+    # Inception network is configured (its sampler needs the whole tokenizer on device).
+    fid_on = bool(config.get('eval') and config.eval.inception)
+    evals = evaluators.from_config(
+        config, model=setup.model, tokenizer=tokenizer,
+        tok_params=jax.device_put(tok_host, setup.replicated) if fid_on else tok_params,
+        eval_fn=lambda p, b: eval_fn(p, b, tok_params),
+        eval_batches=lambda: (sharding.to_global_batch(local, setup.batch_sharding)
+                              for local in sources.eval_batches(config)),
+        workdir=workdir)
 
     # ------------------------------------------------------------- writers and hooks
     writer = run.writer
@@ -486,17 +497,10 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Callable[[int], None]
     def meta(**extra) -> dict:
       return dict(window=window.state(), config=config.to_json(), **extra)
 
-    def evaluate(s: int):
+    def evaluate(s: int, *, final: bool = False):
       drain()  # a NaN state is reported as such, not evaluated
-      acc = Accumulator(layout.num_scales)
       params = state['ema_params'] if 'ema_params' in state else state['params']
-      for local in sources.eval_batches(config):
-        batch = sharding.to_global_batch(local, setup.batch_sharding)
-        acc.add(jax.device_get(eval_fn(params, batch, tok_params)))
-      if acc.count.sum():
-        out = acc.summary('val', layout)
-        writer.write_scalars(s, out)
-        last_metrics.update(out)
+      last_metrics.update(evaluators.run_all(evals, params, s, writer, final=final))
 
     def write_samples(s: int):
       try:
@@ -549,7 +553,7 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Callable[[int], None]
           last_metrics.update(out)
           window.reset()
       if final:  # evaluate first: the final metrics are kept with the last checkpoint
-        evaluate(step)
+        evaluate(step, final=True)
         if t.sample_every and step % t.sample_every == 0:
           write_samples(step)
         drain()
@@ -560,13 +564,13 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Callable[[int], None]
         run.save(step, state, meta())
       if stop:
         raise run.preempted(step)
-      if t.eval_every and step % t.eval_every == 0:
+      if evaluators.any_due(evals, step):
         evaluate(step)
       if t.sample_every and step % t.sample_every == 0:
         write_samples(step)
     if restored is not None and step >= schedule.total_steps and not last_metrics:
       # Finished before final metrics were kept (an older run): compute them now.
-      evaluate(step)
+      evaluate(step, final=True)
       last_metrics.update(window.summary('train', layout))
   return last_metrics
 
