@@ -45,19 +45,44 @@ def top_k_top_p_filter(logits_BlV, *, top_k: int, top_p):
   top_p: sort ascending, drop tokens whose cumulative softmax is <= 1 - top_p; the
     largest logit is always kept; 1.0 keeps every token of non-zero probability.
   """
+  return jnp.where(logits_BlV < kept_threshold(logits_BlV, top_k=top_k, top_p=top_p), -jnp.inf,
+                   logits_BlV)
+
+
+def kept_threshold(logits_BlV, *, top_k: int, top_p):
+  """(..., 1) smallest kept logit: a token is kept iff its logit is >= it.
+
+  Both rules keep a set closed upwards, so one threshold describes it and the filter is a
+  single compare over the vocabulary. Upstream sorts the whole vocabulary twice (argsort,
+  then the inverse permutation); here only the k largest values are sorted, by
+  `lax.top_k` (or one value sort when top-k is off), and top-p scans those k.
+  Logits tied exactly at the top-p boundary are all kept (upstream keeps whichever of them
+  its unstable sort puts last); everywhere else the kept set is upstream's.
+  """
   v = logits_BlV.shape[-1]
-  if top_k > 0 and top_k < v:
-    kth_largest = jax.lax.top_k(logits_BlV, top_k)[0][..., -1:]
-    logits_BlV = jnp.where(logits_BlV < kth_largest, -jnp.inf, logits_BlV)
-  sorted_idx = jnp.argsort(logits_BlV, axis=-1)  # ascending
-  sorted_logits = jnp.take_along_axis(logits_BlV, sorted_idx, axis=-1)
-  cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-  remove_sorted = cum <= (1.0 - top_p)
-  remove_sorted = remove_sorted.at[..., -1].set(False)
-  # Scatter the sorted decision back to vocabulary order.
-  inv = jnp.argsort(sorted_idx, axis=-1)
-  remove = jnp.take_along_axis(remove_sorted, inv, axis=-1)
-  return jnp.where(remove, -jnp.inf, logits_BlV)
+  if 0 < top_k < v:
+    # On a 2-D operand XLA:CPU keeps top-k as its TopK kernel; on 3-D it falls back to a
+    # full sort of the vocabulary (4x slower at V=4096, k=900).
+    flat = logits_BlV.reshape(-1, v)
+    desc = jax.lax.top_k(flat, top_k)[0].reshape(*logits_BlV.shape[:-1], top_k)  # descending
+    kth = desc[..., -1:]
+    # Tokens tied with the k-th largest beyond the k (upstream keeps them) sit at the
+    # bottom of the ascending order: they add their mass to every cumulative sum.
+    n_tied = jnp.sum(logits_BlV >= kth, axis=-1, keepdims=True) - top_k
+  else:
+    desc = -jnp.sort(-logits_BlV, axis=-1)
+    kth, n_tied = desc[..., -1:], 0
+  top = desc[..., :1]
+  mass = jnp.exp(desc - top)  # unnormalised softmax of the kept values
+  tied_mass = n_tied * jnp.exp(kth - top)
+  total = jnp.sum(mass, axis=-1, keepdims=True) + tied_mass
+  probs = mass / total
+  # Upstream's ascending cumulative sum, read in descending order: a reverse cumsum
+  # (summed from the small end, as upstream does).
+  cum_asc = jnp.flip(jnp.cumsum(jnp.flip(probs, -1), axis=-1), -1) + tied_mass / total
+  keep = (cum_asc > 1.0 - top_p).at[..., 0].set(True)  # a prefix: cum_asc is non-increasing
+  last_kept = jnp.sum(keep, axis=-1, keepdims=True) - 1
+  return jnp.take_along_axis(desc, last_kept, axis=-1)
 
 
 def guidance(logits_2BlV, t):
