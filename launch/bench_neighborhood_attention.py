@@ -72,7 +72,7 @@ flags.DEFINE_integer('inner', 10, 'Calls per timed sample.')
 flags.DEFINE_integer('rotate_mb', 256, 'Input sets rotate until they hold this many MiB.')
 flags.DEFINE_bool('isolate', True, 'Run every case in a fresh process (clean peak memory).')
 flags.DEFINE_integer('case_timeout_s', 300, 'Per-case subprocess time limit.')
-flags.DEFINE_string('json_out', '', 'Also write all results as JSON lines here.')
+flags.DEFINE_string('json_out', '', 'Also append every result as a JSON line here.')
 flags.DEFINE_string('case', '', 'Internal: run this one JSON-encoded case and print RESULT.')
 
 FLAGS = flags.FLAGS
@@ -326,13 +326,13 @@ def main(argv):
     t0 = time.time()
     case_rows = _run_isolated(case) if FLAGS.isolate else run_case(case)
     rows.extend(case_rows)
+    if FLAGS.json_out:  # as we go: a long sweep cut short keeps what it measured
+      with open(FLAGS.json_out, 'a') as f:
+        for r in case_rows:
+          f.write(json.dumps(r) + '\n')
     print(f'# {case.label} {case.height}x{case.width} B{case.batch} h{case.heads}: '
           f'{", ".join(r.get("status", "?") for r in case_rows)} ({time.time() - t0:.0f}s)',
           flush=True)
-  if FLAGS.json_out:
-    with open(FLAGS.json_out, 'w') as f:
-      for r in rows:
-        f.write(json.dumps(r) + '\n')
   device = next((r['device'] for r in rows if 'device' in r), 'unknown device')
   print(f'# {device}; dtype {FLAGS.dtype}, kernel {FLAGS.kernel_size}, '
         f'hbm {FLAGS.hbm_gbps:.0f} GB/s, peak {FLAGS.peak_tflops:.0f} TF/s')

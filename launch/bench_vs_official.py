@@ -565,6 +565,7 @@ def main(argv=None):
       del contenders
   memory = {}
   if args.memory:
+    print_table(setup, results, memory)  # the times, in case the probes are cut short
     gc.collect()
     memory = memory_in_subprocesses(args, list(results))
   print_table(setup, results, memory)
