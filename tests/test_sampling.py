@@ -127,6 +127,17 @@ class TestSample:
     # The images are exactly the tokenizer's decoding of the sampled ids.
     np.testing.assert_allclose(pipe.decode(out.ids), out.images_BHW3, atol=1e-5)
 
+  def test_decoding_in_chunks_gives_the_same_images(self, pipe):
+    kw = dict(key=jax.random.key(5), labels=jnp.array([0, 1, 2], jnp.int32), cfg=1.5, top_k=4)
+    args = (pipe.transformer, pipe.transformer_params, pipe.tokenizer, pipe.tokenizer_params)
+    whole = sampling.sample(*args, decode_batch=0, **kw)
+    chunked = sampling.sample(*args, decode_batch=2, **kw)  # chunks of 2, the last one padded
+    for x, y in zip(whole.ids, chunked.ids):
+      np.testing.assert_array_equal(x, y)
+    np.testing.assert_allclose(chunked.images_BHW3, whole.images_BHW3, atol=1e-6)
+    with pytest.raises(ValueError, match='decode_batch must be an integer >= 0'):
+      sampling.sample(*args, decode_batch=-1, **kw)
+
   def test_top_k_one_is_greedy_and_ignores_the_key(self, pipe):
     a = pipe.sample(jax.random.key(1), labels=[2], cfg=1.0, top_k=1)
     b = pipe.sample(jax.random.key(2), labels=[2], cfg=1.0, top_k=1)
