@@ -45,6 +45,8 @@ import sys
 import time
 import types
 
+# JAX and torch share the GPU here: JAX must not grab 75% of it up front.
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
