@@ -39,6 +39,9 @@ flags.DEFINE_enum('mode', 'train', ['train', 'sample'], 'train: train_and_evalua
                   'sample config.sample.num_images images to samples.npz.')
 config_flags.DEFINE_config_file('config', None, 'Run configuration (configs/*.py[:arg]).',
                                 lock_config=True)
+flags.DEFINE_string('compilation_cache_dir', None, 'Persistent XLA compilation cache (a second '
+                    'run loads executables instead of compiling); default $MVAR_COMPILATION_CACHE_DIR '
+                    "or ~/.cache/mvar_jax/xla; 'none' turns it off.")
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -48,6 +51,7 @@ def main(argv):
   _hide_gpus_from_tensorflow()
 
   import jax  # after TF has been told to keep off the GPUs
+  from mvar_jax import compilation_cache
   from mvar_jax import sharding
   from mvar_jax import train
 

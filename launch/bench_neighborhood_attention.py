@@ -4,10 +4,15 @@ r"""Times 2D neighbourhood attention implementations, forward and forward+backwa
   python launch/bench_neighborhood_attention.py --maps=32x32 --batches=32 --heads=16 \
       --impls=pallas,cudnn_masked --pallas_configs='q=64,k=64;q=32,k=32,warps=2'
   python launch/bench_neighborhood_attention.py --smoke              # tiny, runs on CPU
+  python launch/bench_neighborhood_attention.py --impls=gather,dense_masked,blocked \
+      --maps=16x16,32x32,64x64 --batches=2 --heads=16 --dtype=float32 --blocked_rows=0,2,4,8
+                                                                     # the CPU/TPU choice of 'auto'
 
 Implementations (--impls):
   gather        pure-JAX gathered windows (reference.na2d_gather)
   dense_masked  dense attention under the (N, N) neighbourhood mask, XLA (reference.na2d_dense)
+  blocked       query row blocks x their key-row band, pure JAX (blocked.na2d_blocked; one
+                column per --blocked_rows entry, 0 = its default)
   cudnn_masked  jax.nn.dot_product_attention(mask=..., implementation='cudnn')
   dense_nomask  jax.nn.dot_product_attention without a mask, cuDNN (XLA off-GPU): a ceiling
                 for what a fused library does with all N keys, not the same function
@@ -53,6 +58,7 @@ flags.DEFINE_integer('head_dim', 64, 'Head dimension.')
 flags.DEFINE_integer('kernel_size', 7, 'Neighbourhood window (odd).')
 flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float16', 'float32'], 'Input dtype.')
 flags.DEFINE_list('passes', ['fwd', 'fwd+bwd'], 'Which passes to time.')
+flags.DEFINE_list('blocked_rows', ['0'], 'Query rows per block for the blocked impl (0: default).')
 flags.DEFINE_string('pallas_configs', '',
                     'Semicolon-separated BlockSizes overrides for the pallas impl, e.g. '
                     '"q=64,k=64,q_dq=64,k_dq=64,q_dkv=64,k_dkv=64,warps=4,stages=2,'
@@ -66,7 +72,7 @@ flags.DEFINE_integer('inner', 10, 'Calls per timed sample.')
 flags.DEFINE_integer('rotate_mb', 256, 'Input sets rotate until they hold this many MiB.')
 flags.DEFINE_bool('isolate', True, 'Run every case in a fresh process (clean peak memory).')
 flags.DEFINE_integer('case_timeout_s', 300, 'Per-case subprocess time limit.')
-flags.DEFINE_string('json_out', '', 'Also write all results as JSON lines here.')
+flags.DEFINE_string('json_out', '', 'Also append every result as a JSON line here.')
 flags.DEFINE_string('case', '', 'Internal: run this one JSON-encoded case and print RESULT.')
 
 FLAGS = flags.FLAGS
@@ -88,7 +94,7 @@ class Case:
   kernel_size: int
   dtype: str
   passes: tuple[str, ...]
-  pallas_config: str = ''  # BlockSizes overrides, 'q=64,k=32,...'
+  pallas_config: str = ''  # BlockSizes overrides, 'q=64,k=32,...'; blocked: 'rows=4'
 
   @property
   def label(self) -> str:
@@ -124,6 +130,10 @@ def _attention_fn(case: Case):
     return lambda q, k, v: reference.na2d_gather(q, k, v, **kw)
   if case.impl == 'dense_masked':
     return lambda q, k, v: reference.na2d_dense(q, k, v, **kw)
+  if case.impl == 'blocked':
+    from mvar_jax.kernels.neighborhood_attention import blocked
+    rows = int(case.pallas_config.split('=')[1]) if case.pallas_config else None
+    return lambda q, k, v: blocked.na2d_blocked(q, k, v, block_rows=rows, **kw)
   if case.impl == 'cudnn_masked':
     if not on_gpu:
       raise NotImplementedError('cuDNN needs a GPU')
@@ -252,8 +262,11 @@ def _cases() -> list[Case]:
     for batch in batches:
       for n_heads in heads:
         for impl in FLAGS.impls:
-          for config in (pallas_configs if impl == 'pallas' else ['']):
-            _block_sizes(config, head_dim, FLAGS.dtype)  # errors at the edge, before any run
+          configs = {'pallas': pallas_configs,
+                     'blocked': [f'rows={r}' if int(r) else '' for r in FLAGS.blocked_rows]}
+          for config in configs.get(impl, ['']):
+            if impl == 'pallas':
+              _block_sizes(config, head_dim, FLAGS.dtype)  # errors at the edge, before any run
             cases.append(Case(impl, height, width, batch, n_heads, head_dim,
                               FLAGS.kernel_size, FLAGS.dtype, tuple(FLAGS.passes), config))
   return cases
@@ -313,13 +326,13 @@ def main(argv):
     t0 = time.time()
     case_rows = _run_isolated(case) if FLAGS.isolate else run_case(case)
     rows.extend(case_rows)
+    if FLAGS.json_out:  # as we go: a long sweep cut short keeps what it measured
+      with open(FLAGS.json_out, 'a') as f:
+        for r in case_rows:
+          f.write(json.dumps(r) + '\n')
     print(f'# {case.label} {case.height}x{case.width} B{case.batch} h{case.heads}: '
           f'{", ".join(r.get("status", "?") for r in case_rows)} ({time.time() - t0:.0f}s)',
           flush=True)
-  if FLAGS.json_out:
-    with open(FLAGS.json_out, 'w') as f:
-      for r in rows:
-        f.write(json.dumps(r) + '\n')
   device = next((r['device'] for r in rows if 'device' in r), 'unknown device')
   print(f'# {device}; dtype {FLAGS.dtype}, kernel {FLAGS.kernel_size}, '
         f'hbm {FLAGS.hbm_gbps:.0f} GB/s, peak {FLAGS.peak_tflops:.0f} TF/s')

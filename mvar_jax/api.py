@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mvar_jax import config_utils, sampling, vqvae
+from mvar_jax import compilation_cache, config_utils, sampling, vqvae
 from mvar_jax.attention import AttentionConfig
 from mvar_jax.transformer import MVARTransformer, TransformerConfig
 
@@ -42,6 +42,7 @@ class MVARPipeline:
   transformer_params: Any
 
   def __post_init__(self):
+    compilation_cache.enable()  # a second process loads the sampler instead of compiling it
     t, v = self.transformer_config, self.tokenizer_config
     if (t.vocab_size, t.cvae, tuple(t.patch_nums)) != (v.vocab_size, v.z_channels, tuple(v.patch_nums)):
       raise ValueError(

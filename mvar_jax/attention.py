@@ -36,7 +36,7 @@ class AttentionConfig:
   mode: str = 'mvar'  # 'mvar' (block-diagonal + neighbourhood) or 'var' (block-causal)
   refine_step: int = 8  # first scale that uses neighbourhood attention in 'mvar' mode
   kernel_size: int = 7  # neighbourhood window (odd)
-  implementation: str = 'auto'  # neighbourhood op: 'auto' | 'gather' | 'dense' | 'pallas'
+  implementation: str = 'auto'  # neighbourhood op: 'auto' | 'gather' | 'dense' | 'blocked' | 'pallas'
 
   def validate(self, layout: ScaleLayout) -> None:
     """Raises ValueError naming the field when the config cannot serve `layout`."""

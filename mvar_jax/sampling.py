@@ -45,19 +45,44 @@ def top_k_top_p_filter(logits_BlV, *, top_k: int, top_p):
   top_p: sort ascending, drop tokens whose cumulative softmax is <= 1 - top_p; the
     largest logit is always kept; 1.0 keeps every token of non-zero probability.
   """
+  return jnp.where(logits_BlV < kept_threshold(logits_BlV, top_k=top_k, top_p=top_p), -jnp.inf,
+                   logits_BlV)
+
+
+def kept_threshold(logits_BlV, *, top_k: int, top_p):
+  """(..., 1) smallest kept logit: a token is kept iff its logit is >= it.
+
+  Both rules keep a set closed upwards, so one threshold describes it and the filter is a
+  single compare over the vocabulary. Upstream sorts the whole vocabulary twice (argsort,
+  then the inverse permutation); here only the k largest values are sorted, by
+  `lax.top_k` (or one value sort when top-k is off), and top-p scans those k.
+  Logits tied exactly at the top-p boundary are all kept (upstream keeps whichever of them
+  its unstable sort puts last); everywhere else the kept set is upstream's.
+  """
   v = logits_BlV.shape[-1]
-  if top_k > 0 and top_k < v:
-    kth_largest = jax.lax.top_k(logits_BlV, top_k)[0][..., -1:]
-    logits_BlV = jnp.where(logits_BlV < kth_largest, -jnp.inf, logits_BlV)
-  sorted_idx = jnp.argsort(logits_BlV, axis=-1)  # ascending
-  sorted_logits = jnp.take_along_axis(logits_BlV, sorted_idx, axis=-1)
-  cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-  remove_sorted = cum <= (1.0 - top_p)
-  remove_sorted = remove_sorted.at[..., -1].set(False)
-  # Scatter the sorted decision back to vocabulary order.
-  inv = jnp.argsort(sorted_idx, axis=-1)
-  remove = jnp.take_along_axis(remove_sorted, inv, axis=-1)
-  return jnp.where(remove, -jnp.inf, logits_BlV)
+  if 0 < top_k < v:
+    # On a 2-D operand XLA:CPU keeps top-k as its TopK kernel; on 3-D it falls back to a
+    # full sort of the vocabulary (4x slower at V=4096, k=900).
+    flat = logits_BlV.reshape(-1, v)
+    desc = jax.lax.top_k(flat, top_k)[0].reshape(*logits_BlV.shape[:-1], top_k)  # descending
+    kth = desc[..., -1:]
+    # Tokens tied with the k-th largest beyond the k (upstream keeps them) sit at the
+    # bottom of the ascending order: they add their mass to every cumulative sum.
+    n_tied = jnp.sum(logits_BlV >= kth, axis=-1, keepdims=True) - top_k
+  else:
+    desc = -jnp.sort(-logits_BlV, axis=-1)
+    kth, n_tied = desc[..., -1:], 0
+  top = desc[..., :1]
+  mass = jnp.exp(desc - top)  # unnormalised softmax of the kept values
+  tied_mass = n_tied * jnp.exp(kth - top)
+  total = jnp.sum(mass, axis=-1, keepdims=True) + tied_mass
+  probs = mass / total
+  # Upstream's ascending cumulative sum, read in descending order: a reverse cumsum
+  # (summed from the small end, as upstream does).
+  cum_asc = jnp.flip(jnp.cumsum(jnp.flip(probs, -1), axis=-1), -1) + tied_mass / total
+  keep = (cum_asc > 1.0 - top_p).at[..., 0].set(True)  # a prefix: cum_asc is non-increasing
+  last_kept = jnp.sum(keep, axis=-1, keepdims=True) - 1
+  return jnp.take_along_axis(desc, last_kept, axis=-1)
 
 
 def guidance(logits_2BlV, t):
@@ -83,8 +108,28 @@ def validate_sampling_args(*, num_classes: int, labels, cfg, top_k, top_p) -> No
                        f'got values in [{arr.min()}, {arr.max()}]')
 
 
+DEFAULT_DECODE_BATCH = 8  # images per VQ-VAE decoder call inside the sampler
+
+
+def decode_in_chunks(vqvae, v_params, f_hat_BhwC, decode_batch: int):
+  """Images in [-1, 1] of f_hat, `decode_batch` images at a time (0: all at once).
+
+  The decoder's 256 px activations dominate the sampler's memory (at batch 32, 160
+  channels at 256x256 are 1.3 GB per tensor in fp32); a lax.map over chunks bounds them by
+  the chunk, at the cost of a loop the backend cannot parallelise across chunks.
+  """
+  b = f_hat_BhwC.shape[0]
+  if not decode_batch or decode_batch >= b:
+    return vqvae.fhat_to_img(v_params, f_hat_BhwC)
+  pad = -b % decode_batch
+  f = jnp.pad(f_hat_BhwC, ((0, pad),) + ((0, 0),) * 3)
+  f = f.reshape(-1, decode_batch, *f_hat_BhwC.shape[1:])
+  img = jax.lax.map(lambda chunk: vqvae.fhat_to_img(v_params, chunk), f)
+  return img.reshape(-1, *img.shape[2:])[:b]
+
+
 def _scale_loop(t_params, v_params, labels_B, key, cfg, top_p, *, transformer, vqvae, top_k,
-                more_smooth, use_cfg):
+                more_smooth, use_cfg, decode_batch=DEFAULT_DECODE_BATCH):
   """The traced body: returns (ids per scale, images in [0, 1])."""
   tcfg = transformer.config
   layout = tcfg.layout
@@ -127,7 +172,7 @@ def _scale_loop(t_params, v_params, labels_B, key, cfg, top_p, *, transformer, v
     if si + 1 < k_scales:
       next_BlC = next_map.reshape(b, -1, next_map.shape[-1])
       prefix.append(next_BlC)
-  images = (vqvae.fhat_to_img(v_params, f_hat) + 1.0) * 0.5
+  images = (decode_in_chunks(vqvae, v_params, f_hat, decode_batch) + 1.0) * 0.5
   return ids, images
 
 
@@ -137,16 +182,31 @@ def _variables(params):
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(transformer, vqvae, batch_size: int, top_k: int, more_smooth: bool, use_cfg: bool):
+def _compiled(transformer, vqvae, batch_size: int, top_k: int, more_smooth: bool, use_cfg: bool,
+              decode_batch: int = DEFAULT_DECODE_BATCH):
   del batch_size  # part of the cache key: one executable per batch size
   return jax.jit(functools.partial(_scale_loop, transformer=transformer, vqvae=vqvae, top_k=top_k,
-                                   more_smooth=more_smooth, use_cfg=use_cfg))
+                                   more_smooth=more_smooth, use_cfg=use_cfg,
+                                   decode_batch=decode_batch))
+
+
+def inference_params(params, dtype='bfloat16'):
+  """A copy of the transformer params in `dtype` for sampling (half the argument memory).
+
+  Pair it with TransformerConfig(dtype='bfloat16'): the blocks then use the weights as
+  they are; fp32 parts (embeddings, the head) upcast them on the fly.
+  """
+  return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
 
 
 def sample(transformer, t_params, vqvae, v_params, *, key, labels=None, batch_size=None,
            cfg: float = 1.5, top_k: int = 0, top_p: float = 1.0,
-           more_smooth: bool = False) -> SampleOutput:
-  """Samples images; `labels` (B,) or None for uniformly random labels (then batch_size)."""
+           more_smooth: bool = False, decode_batch: int = DEFAULT_DECODE_BATCH) -> SampleOutput:
+  """Samples images; `labels` (B,) or None for uniformly random labels (then batch_size).
+
+  decode_batch: images per VQ-VAE decoder call (0: the whole batch at once; see
+  `decode_in_chunks`).
+  """
   num_classes = transformer.config.num_classes
   validate_sampling_args(num_classes=num_classes, labels=labels, cfg=cfg, top_k=top_k, top_p=top_p)
   label_key, key = jax.random.split(key)
@@ -155,8 +215,10 @@ def sample(transformer, t_params, vqvae, v_params, *, key, labels=None, batch_si
       raise ValueError(f'give labels or batch_size >= 1, got batch_size={batch_size}')
     labels = jax.random.randint(label_key, (batch_size,), 0, num_classes)
   labels = jnp.asarray(labels, jnp.int32)
+  if int(decode_batch) != decode_batch or decode_batch < 0:
+    raise ValueError(f'decode_batch must be an integer >= 0 (0: all at once), got {decode_batch}')
   fn = _compiled(transformer, vqvae, int(labels.shape[0]), int(top_k), bool(more_smooth),
-                 bool(cfg != 1.0))
+                 bool(cfg != 1.0), int(decode_batch))
   ids, images = fn(_variables(t_params), v_params, labels, key, jnp.float32(cfg),
                    jnp.float32(top_p))
   return SampleOutput(ids=ids, images_BHW3=images, labels_B=labels)

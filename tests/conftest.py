@@ -5,6 +5,8 @@ import os
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+# Hermetic tests: no executables from earlier runs (tests that exercise the cache set their own).
+os.environ.setdefault('MVAR_COMPILATION_CACHE_DIR', 'none')
 
 import jax  # noqa: E402
 

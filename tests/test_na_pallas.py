@@ -152,7 +152,7 @@ def test_api_switch_and_env_var(monkeypatch):
   q, k, v, _ = _inputs(4, (1, 36, 2, 16), jnp.float32)
   kwargs = dict(height=6, width=6, kernel_size=3)
   want = reference.na2d_gather(q, k, v, **kwargs)
-  assert api.resolve_implementation('auto') == 'gather'  # CPU: never the kernel
+  assert api.resolve_implementation('auto') == 'blocked'  # CPU: never the kernel
   got = api.neighborhood_attention(q, k, v, implementation='pallas', interpret=True,
                                    block_sizes=SMALL, **kwargs)
   assert _rel_err(got, want) < 1e-5
@@ -161,9 +161,9 @@ def test_api_switch_and_env_var(monkeypatch):
   assert _rel_err(got, want) < 1e-5
 
 
-def test_auto_is_the_kernel_on_gpu_and_the_gather_reference_elsewhere(monkeypatch):
+def test_auto_is_the_kernel_on_gpu_and_the_blocked_op_elsewhere(monkeypatch):
   # The GPU choice follows launch/results/h100_2026-11-25.md (Pallas fastest in every case).
-  assert api.resolve_implementation('auto') == 'gather'  # the tests run on CPU
+  assert api.resolve_implementation('auto') == 'blocked'  # the tests run on CPU
   monkeypatch.setattr(api.jax, 'default_backend', lambda: 'gpu')
   assert api.resolve_implementation('auto') == 'pallas'
 

@@ -234,21 +234,22 @@ def test_api_dense_and_gather_agree():
 def test_api_unknown_implementation_lists_the_allowed_ones():
   q, k, v = random_qkv(0, batch=1, height=4, width=4, heads=1, head_dim=4)
   with pytest.raises(ValueError, match=r"implementation must be one of \('auto', 'gather', "
-                                       r"'dense', 'pallas'\), got 'triton'"):
+                                       r"'dense', 'blocked', 'pallas'\), got 'triton'"):
     api.neighborhood_attention(q, k, v, height=4, width=4, kernel_size=3, implementation='triton')
   with pytest.raises(ValueError, match='implementation must be one of'):
     api.resolve_implementation('Gather')
 
 
-def test_api_auto_is_gather_on_cpu():
+def test_api_auto_is_blocked_on_cpu():
   assert jax.default_backend() == 'cpu'
-  assert api.resolve_implementation('auto') == 'gather'
-  assert api.resolve_implementation(None) == 'gather'
+  assert api.resolve_implementation('auto') == 'blocked'
+  assert api.resolve_implementation(None) == 'blocked'
   assert api.resolve_implementation('dense') == 'dense'
+  assert api.resolve_implementation('gather') == 'gather'
   q, k, v = random_qkv(1, batch=1, height=5, width=6, heads=2, head_dim=8)
   kwargs = dict(height=5, width=6, kernel_size=3)
-  np.testing.assert_array_equal(api.neighborhood_attention(q, k, v, **kwargs),
-                                reference.na2d_gather(q, k, v, **kwargs))
+  np.testing.assert_allclose(api.neighborhood_attention(q, k, v, **kwargs),
+                             reference.na2d_gather(q, k, v, **kwargs), atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------

@@ -68,7 +68,16 @@ class TestFiltering:
     logits = np.log([0.5, 0.3, 0.15, 0.05])
     assert kept(filter1d(logits, top_k=2, top_p=0.6)) == {0}
 
-  @pytest.mark.parametrize('top_k,top_p', [(0, 0.9), (5, 1.0), (7, 0.7), (30, 0.96), (1, 0.5)])
+  @pytest.mark.parametrize('top_p,want', [(0.6, {0}), (0.95, {0, 1, 2, 3})])
+  def test_ties_kept_by_top_k_count_in_the_top_p_mass(self, top_p, want):
+    # top-2 keeps 0.6 and all three tied 0.1s (renormalised 2/3 and 1/9 each): the ties'
+    # ascending cumsums are 1/9, 2/9, 1/3; top_p=0.6 drops all three (<= 0.4), 0.95 none.
+    logits = np.log([0.6, 0.1, 0.1, 0.1, 0.05, 0.05])
+    assert kept(filter1d(logits, top_k=2, top_p=top_p)) == want
+    theirs = torch_official_filter(torch.tensor(logits, dtype=torch.float32)[None, None], 2, top_p)
+    assert kept(theirs.numpy()) == want
+
+  @pytest.mark.parametrize('top_k,top_p', [(0, 0.9), (5, 1.0), (7, 0.7), (30, 0.96), (1, 0.5), (39, 0.3), (40, 0.8)])
   def test_matches_the_upstream_rule_on_random_logits(self, top_k, top_p):
     rng = np.random.default_rng(top_k)
     logits = rng.normal(size=(3, 4, 40)).astype(np.float32) * 2
@@ -117,6 +126,17 @@ class TestSample:
     assert all(int(i.min()) >= 0 and int(i.max()) < 32 for i in out.ids)
     # The images are exactly the tokenizer's decoding of the sampled ids.
     np.testing.assert_allclose(pipe.decode(out.ids), out.images_BHW3, atol=1e-5)
+
+  def test_decoding_in_chunks_gives_the_same_images(self, pipe):
+    kw = dict(key=jax.random.key(5), labels=jnp.array([0, 1, 2], jnp.int32), cfg=1.5, top_k=4)
+    args = (pipe.transformer, pipe.transformer_params, pipe.tokenizer, pipe.tokenizer_params)
+    whole = sampling.sample(*args, decode_batch=0, **kw)
+    chunked = sampling.sample(*args, decode_batch=2, **kw)  # chunks of 2, the last one padded
+    for x, y in zip(whole.ids, chunked.ids):
+      np.testing.assert_array_equal(x, y)
+    np.testing.assert_allclose(chunked.images_BHW3, whole.images_BHW3, atol=1e-6)
+    with pytest.raises(ValueError, match='decode_batch must be an integer >= 0'):
+      sampling.sample(*args, decode_batch=-1, **kw)
 
   def test_top_k_one_is_greedy_and_ignores_the_key(self, pipe):
     a = pipe.sample(jax.random.key(1), labels=[2], cfg=1.0, top_k=1)

@@ -3,10 +3,12 @@
   out_BNHD = neighborhood_attention(q, k, v, height=16, width=16, kernel_size=7, scale=1.0)
 
 implementation:
-  'gather'  pure-JAX gathered windows (reference; default on CPU and TPU)
+  'gather'  pure-JAX gathered windows (reference)
   'dense'   dense attention under a neighbourhood mask (XLA)
+  'blocked' query row blocks x their key-row band, dense matmuls under the window mask
+            (pure JAX; default on CPU and TPU)
   'pallas'  fused Pallas GPU kernel (forward and backward; interpret=True runs it on CPU)
-  'auto'    on GPU: GPU_DEFAULT (see below); elsewhere 'gather'
+  'auto'    on GPU: GPU_DEFAULT (see below); elsewhere 'blocked'
 
 On GPU 'auto' is the Pallas kernel: on an H100 it beat every dense alternative at 16x16 and
 32x32 (3.2x cuDNN's masked attention at 32x32, forward and backward; see
@@ -19,7 +21,7 @@ import jax
 
 from mvar_jax.kernels.neighborhood_attention import reference
 
-IMPLEMENTATIONS = ('auto', 'gather', 'dense', 'pallas')
+IMPLEMENTATIONS = ('auto', 'gather', 'dense', 'blocked', 'pallas')
 GPU_DEFAULT = 'pallas'  # what 'auto' picks on GPU (measured: launch/results/h100_2026-11-25.md)
 
 
@@ -30,7 +32,7 @@ def resolve_implementation(implementation: str | None) -> str:
     raise ValueError(f'implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}')
   if implementation == 'auto':
     if jax.default_backend() != 'gpu':
-      return 'gather'
+      return 'blocked'  # fastest and smallest on CPU (launch/bench_neighborhood_attention.py)
     if GPU_DEFAULT == 'pallas' and not _pallas_available():
       return 'dense'
     return GPU_DEFAULT
@@ -64,6 +66,9 @@ def neighborhood_attention(q_BNHD, k_BNHD, v_BNHD, *, height: int, width: int,
     return reference.na2d_gather(q_BNHD, k_BNHD, v_BNHD, **kwargs)
   if impl == 'dense':
     return reference.na2d_dense(q_BNHD, k_BNHD, v_BNHD, **kwargs)
+  if impl == 'blocked':
+    from mvar_jax.kernels.neighborhood_attention import blocked
+    return blocked.na2d_blocked(q_BNHD, k_BNHD, v_BNHD, **kwargs)
   from mvar_jax.kernels.neighborhood_attention import pallas_kernel
   return pallas_kernel.na2d_pallas(q_BNHD, k_BNHD, v_BNHD, block_sizes=block_sizes,
                                    interpret=interpret, **kwargs)

@@ -1,0 +1,586 @@
+r"""Side by side with the official PyTorch code: same weights, one run, interleaved.
+
+  python launch/bench_vs_official.py --official_mvar_src=/path/to/MVAR \
+      --official_var_src=/path/to/VAR --depth=16 --batch=2             # CPU or GPU
+  python launch/bench_vs_official.py ... --smoke                      # tiny models, any machine
+
+Builds the official MVAR and VAR (checkouts of CVL-UESTC/MVAR and FoundationVision/VAR that
+you provide; nothing of theirs is copied here) at --depth with their own initialisation, fills
+the VQ-VAE their builder leaves uninitialised, converts the same weights with
+mvar_jax.convert, then times, alternating contenders within every repetition:
+
+  sampling   official MVAR, official VAR (KV cache), ours MVAR, ours VAR mode: class labels,
+             cfg, top-k, top-p as given, the VQ-VAE decode to images included;
+  training   one step per segment, forward + backward + AdamW (betas 0.9/0.95, wd 0.05):
+             MVAR's segment A (scales 0..refine_step-1) and each later scale alone (the
+             official schedule), and VAR's whole sequence under its block-causal mask.
+
+The first call of each contender is reported apart (ours: tracing + XLA compile, or a load
+from the persistent compilation cache); then --reps timed calls, medians reported. Peak
+memory is measured per contender in a fresh subprocess (--memory): host RSS high-water on
+CPU; torch.cuda.max_memory_allocated / JAX peak_bytes_in_use on GPU.
+
+Precision: fp32 everywhere on CPU. On GPU the official code runs under torch.autocast as in
+its demos (fp16 sampling; bf16 training, which needs no loss scaler), ours in bf16
+(TransformerConfig.dtype) with fp32 parameters.
+
+Missing optional imports of the official code are replaced and the table says so:
+`natten` (its na2d, see launch/natten_fallback.py: --na2d_fallback=sdpa|flex) and
+`huggingface_hub` (a mixin class only used for hub uploads). flash_attn / xformers are
+optional in the official code itself; what it found is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import importlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import types
+
+# JAX and torch share the GPU here: JAX must not grab 75% of it up front.
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+SAMPLERS = ('official MVAR', 'ours MVAR', 'official VAR', 'ours VAR mode')
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--official_mvar_src', required=True, help='checkout of CVL-UESTC/MVAR')
+  p.add_argument('--official_var_src', required=True, help='checkout of FoundationVision/VAR')
+  p.add_argument('--depth', type=int, default=16)
+  p.add_argument('--batch', type=int, default=2, help='images per sampling call')
+  p.add_argument('--train_batch', type=int, default=2, help='images per training step')
+  p.add_argument('--cfg', type=float, default=1.5)
+  p.add_argument('--top_k', type=int, default=900)
+  p.add_argument('--top_p', type=float, default=0.96)
+  p.add_argument('--reps', type=int, default=3, help='timed calls per contender (median)')
+  p.add_argument('--warmup', type=int, default=1, help='untimed calls after the first')
+  p.add_argument('--skip_sampling', action='store_true')
+  p.add_argument('--skip_train', action='store_true')
+  p.add_argument('--memory', action=argparse.BooleanOptionalAction, default=True,
+                 help='peak memory per contender, each in a fresh subprocess')
+  p.add_argument('--na2d_fallback', choices=('auto', 'sdpa', 'flex'), default='auto',
+                 help="official MVAR's na2d when natten cannot be imported (launch/natten_fallback.py)")
+  p.add_argument('--implementation', default='auto', help='our neighbourhood op')
+  p.add_argument('--threads', type=int, default=0,
+                 help='CPU threads for both torch and XLA (0: each its default); 1 gives '
+                      'steadier numbers on a shared machine, where spinning thread pools suffer')
+  p.add_argument('--smoke', action='store_true', help='tiny models: checks the script runs')
+  p.add_argument('--json_out', default='')
+  p.add_argument('--probe', default='', help=argparse.SUPPRESS)  # internal: one contender
+  return p.parse_args(argv)
+
+
+# ============================================================================= official code
+
+def _stub_huggingface_hub() -> bool:
+  """The official models subclass PyTorchModelHubMixin only to push to the hub."""
+  try:
+    import huggingface_hub  # noqa: F401
+    return False
+  except ImportError:
+    module = types.ModuleType('huggingface_hub')
+    module.PyTorchModelHubMixin = type('PyTorchModelHubMixin', (), {})
+    sys.modules['huggingface_hub'] = module
+    return True
+
+
+_OFFICIAL_TOP_LEVEL = ('models', 'utils', 'dist')  # both checkouts use these names
+
+
+def import_official(src: str):
+  """The `models` package of one checkout, imported so that the other's can follow."""
+  if not os.path.isdir(os.path.join(src, 'models')):
+    raise SystemExit(f'{src} has no models/ package: pass a checkout of the official repository')
+  own = lambda k: k.split('.')[0] in _OFFICIAL_TOP_LEVEL
+  saved = {k: sys.modules.pop(k) for k in list(sys.modules) if own(k)}
+  sys.path.insert(0, src)
+  try:
+    return importlib.import_module('models')
+  finally:
+    sys.path.remove(src)
+    for k in [k for k in sys.modules if own(k)]:
+      del sys.modules[k]  # the loaded classes keep their modules alive
+    sys.modules.update(saved)
+
+
+def fill_vqvae_(vae, seed: int) -> None:
+  """Deterministic values for the official VQ-VAE, which its builder leaves as torch.empty.
+
+  Convs trunc-normal(0.02) (so activations stay O(1) through 30 layers), norms 1/0, biases
+  0, codebook uniform(+-1/V) as VAR's VQ-VAE initialiser.
+  """
+  import torch
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in vae.named_parameters():
+      if 'embedding' in name:
+        p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) / p.shape[0])
+      elif name.endswith('bias'):
+        p.zero_()
+      elif p.ndim == 1:
+        p.fill_(1.0)
+      else:
+        p.copy_(torch.nn.init.trunc_normal_(torch.empty(p.shape), std=0.02, generator=g))
+
+
+@dataclasses.dataclass
+class Setup:
+  args: argparse.Namespace
+  device: str  # 'cpu' | 'cuda'
+  patch_nums: tuple
+  refine_step: int
+  kernel_size: int
+  num_classes: int
+  vocab: int
+  notes: list
+
+
+def make_setup(args) -> Setup:
+  import torch
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  if args.smoke:
+    return Setup(args, device, (1, 2, 3, 4, 6), refine_step=4, kernel_size=3, num_classes=10,
+                 vocab=64, notes=[])
+  return Setup(args, device, (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), refine_step=8, kernel_size=7,
+               num_classes=1000, vocab=4096, notes=[])
+
+
+def build_official(setup: Setup, which: str):
+  """(vae, transformer) of the official code, official init, VQ-VAE filled; eval mode."""
+  import torch
+  import natten_fallback
+  args = setup.args
+  if which == 'mvar':
+    label = natten_fallback.install(args.na2d_fallback)
+    if 'unavailable' in label and 'na2d fallback' not in setup.notes:
+      setup.notes.append('na2d fallback')  # resolved to its label when the table is printed
+  if _stub_huggingface_hub() and 'huggingface_hub stubbed' not in setup.notes:
+    setup.notes.append('huggingface_hub stubbed')
+  models = import_official(args.official_mvar_src if which == 'mvar' else args.official_var_src)
+  kw = dict(device=setup.device, patch_nums=setup.patch_nums, V=setup.vocab,
+            num_classes=setup.num_classes, depth=1 if args.smoke else args.depth,
+            ch=32 if args.smoke else 160)
+  torch.manual_seed(0)
+  if which == 'mvar':
+    vae, model = models.build_vae_mvar(kernel_size=setup.kernel_size,
+                                       refine_step=setup.refine_step, **kw)
+  else:
+    vae, model = models.build_vae_var(**kw)
+  fill_vqvae_(vae, seed=1)
+  return vae.eval(), model.eval()
+
+
+def convert_to_ours(setup: Setup, vae, model, mode: str):
+  """(tokenizer, tok params, transformer module, params) from the official modules' weights."""
+  import jax
+  import jax.numpy as jnp
+  from mvar_jax import convert, transformer as tfm, vqvae
+  from mvar_jax.attention import AttentionConfig
+  on_gpu = setup.device == 'cuda'
+  sd = lambda m: {k: v.detach().float().cpu().numpy() for k, v in m.state_dict().items()}
+  v_cfg, v_params = convert.convert_vqvae(
+      sd(vae), patch_nums=setup.patch_nums, precision='default' if on_gpu else 'highest')
+  attention = AttentionConfig(mode=mode, refine_step=setup.refine_step,
+                              kernel_size=setup.kernel_size,
+                              implementation=setup.args.implementation)
+  t_cfg, t_params = convert.convert_transformer(
+      sd(model), patch_nums=setup.patch_nums, attention=attention,
+      dtype='bfloat16' if on_gpu else 'float32')
+  to_dev = lambda t: jax.tree_util.tree_map(jnp.asarray, t)
+  return vqvae.Tokenizer(v_cfg), to_dev(v_params), tfm.MVARTransformer(t_cfg), to_dev(t_params)
+
+
+# ============================================================================= contenders
+
+@dataclasses.dataclass
+class Contender:
+  name: str
+  kind: str  # 'sample' | 'train'
+  run: callable  # one synchronised call
+  framework: str  # 'torch' | 'jax'
+
+
+def _torch_sync(device):
+  import torch
+  if device == 'cuda':
+    torch.cuda.synchronize()
+
+
+def official_samplers(setup: Setup, which: str):
+  import torch
+  args = setup.args
+  vae, model = build_official(setup, which)
+  labels = torch.arange(args.batch, device=setup.device) % setup.num_classes
+  amp = torch.autocast('cuda', dtype=torch.float16, enabled=setup.device == 'cuda')
+
+  def run():
+    with torch.inference_mode(), amp:
+      if which == 'mvar':
+        f_hat = model.autoregressive_infer(B=args.batch, label_B=labels, g_seed=0, cfg=args.cfg,
+                                           top_k=args.top_k, top_p=args.top_p)
+        img = vae.fhat_to_img(f_hat).add_(1).mul_(0.5)
+      else:
+        img = model.autoregressive_infer_cfg(B=args.batch, label_B=labels, g_seed=0,
+                                             cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
+    _torch_sync(setup.device)
+    return img
+
+  return run, (vae, model)
+
+
+def our_sampler(setup: Setup, official, mode: str):
+  import jax
+  import jax.numpy as jnp
+  from mvar_jax import sampling
+  args = setup.args
+  tok, v_params, model, t_params = convert_to_ours(setup, *official, mode)
+  labels = jnp.arange(args.batch, dtype=jnp.int32) % setup.num_classes
+  key = jax.random.key(0)
+
+  def run():
+    out = sampling.sample(model, t_params, tok, v_params, key=key, labels=labels, cfg=args.cfg,
+                          top_k=args.top_k, top_p=args.top_p)
+    return jax.block_until_ready(out.images_BHW3)
+
+  return run
+
+
+def segments(setup: Setup, which: str):
+  """(first, last) scale ranges of one training step each: the official schedule."""
+  k = len(setup.patch_nums)
+  if which == 'var':
+    return [(0, k - 1)]
+  return [(0, setup.refine_step - 1)] + [(s, s) for s in range(setup.refine_step, k)]
+
+
+def _span(patch_nums, first, last):
+  begin = sum(p * p for p in patch_nums[:first])
+  return begin, begin + sum(p * p for p in patch_nums[first:last + 1])
+
+
+def _train_data(setup: Setup, seed: int = 0):
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  b, L = setup.args.train_batch, sum(p * p for p in setup.patch_nums)
+  x = rng.standard_normal((b, L - 1, 32)).astype(np.float32)  # Cvae 32 in both builders
+  gt = rng.integers(0, setup.vocab, (b, L)).astype(np.int64)
+  labels = rng.integers(0, setup.num_classes, (b,)).astype(np.int64)
+  return x, gt, labels
+
+
+def official_train_steps(setup: Setup, which: str, official):
+  import torch
+  import torch.nn.functional as F
+  _, model = official
+  model.train()
+  for p in model.parameters():
+    p.requires_grad_(True)
+  on_gpu = setup.device == 'cuda'
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
+                          fused=on_gpu)
+  x, gt, labels = (torch.from_numpy(a).to(setup.device) for a in _train_data(setup))
+  if which == 'mvar' and setup.device == 'cpu':
+    # NATTEN 0.21 on CPU runs na2d through flex_attention, which has no CPU backward: the
+    # official MVAR cannot train on CPU with it. Swap in the SDPA+mask op (same function).
+    import natten_fallback
+    na_globals = type(model.blocks[0].attn).forward.__globals__  # models/basic_mvar.py
+    if not getattr(sys.modules.get('natten'), '_MVAR_FALLBACK', False):
+      na_globals['na2d'] = natten_fallback.na2d_sdpa
+      note = 'official MVAR training on CPU: na2d via torch SDPA+mask (natten has no CPU backward)'
+      if note not in setup.notes:
+        setup.notes.append(note)
+  amp = torch.autocast('cuda', dtype=torch.bfloat16, enabled=on_gpu)
+  first_l = setup.patch_nums[0] ** 2
+  steps = []
+  for first, last in segments(setup, which):
+    lo, hi = _span(setup.patch_nums, first, last)
+
+    def run(lo=lo, hi=hi, first=first):
+      with amp:
+        if which == 'var':
+          logits = model(labels, x)
+        else:
+          logits = model(label_B=labels, x_BlCv_wo_first_l=x[:, max(0, lo - first_l):hi - first_l],
+                         L_bg=lo, L_ed=hi, using_nattn=first >= setup.refine_step)
+        loss = F.cross_entropy(logits.float().reshape(-1, setup.vocab), gt[:, lo:hi].reshape(-1))
+      opt.zero_grad(set_to_none=True)
+      loss.backward()
+      opt.step()
+      _torch_sync(setup.device)
+      return loss
+
+    steps.append(((first, last), run))
+  return steps
+
+
+def our_train_steps(setup: Setup, official, mode: str):
+  import jax
+  import jax.numpy as jnp
+  import optax
+  _, _, model, params = convert_to_ours(setup, *official, mode)
+  tx = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.05)
+  x, gt, labels = (jnp.asarray(a) for a in _train_data(setup))
+  gt, labels = gt.astype(jnp.int32), labels.astype(jnp.int32)
+  first_l = setup.patch_nums[0] ** 2
+  state = {'params': params, 'opt': tx.init(params)}
+  steps = []
+  for first, last in segments(setup, 'var' if mode == 'var' else 'mvar'):
+    lo, hi = _span(setup.patch_nums, first, last)
+
+    def step(params, opt_state, rng, first=first, last=last, lo=lo, hi=hi):
+      def loss_fn(p):
+        logits = model.apply({'params': p}, labels, x[:, max(0, lo - first_l):hi - first_l],
+                             first=first, last=last, train=True, rngs={'dropout': rng})
+        return optax.softmax_cross_entropy_with_integer_labels(logits, gt[:, lo:hi]).mean()
+      loss, grads = jax.value_and_grad(loss_fn)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+
+    def run(jitted=jitted):
+      state['params'], state['opt'], loss = jitted(state['params'], state['opt'],
+                                                   jax.random.key(1))
+      return jax.block_until_ready(loss)
+
+    steps.append(((first, last), run))
+  return steps
+
+
+FAMILIES = (('mvar', 'official MVAR', 'ours MVAR'), ('var', 'official VAR', 'ours VAR mode'))
+
+
+def _seg_name(first: int, last: int) -> str:
+  return f'scales {first}..{last}' if first != last else f'scale {first}'
+
+
+def sampling_contenders(setup: Setup, only: str = '') -> list[Contender]:
+  """The four samplers (or the one named `only`); official weights built, ours converted."""
+  out = []
+  for which, off_name, our_name in FAMILIES:
+    if only and only not in (off_name, our_name):
+      continue
+    run, official = official_samplers(setup, which)
+    if not only or only == off_name:
+      out.append(Contender(off_name, 'sample', run, 'torch'))
+    if not only or only == our_name:
+      out.append(Contender(our_name, 'sample', our_sampler(setup, official, which), 'jax'))
+    del run, official  # a probe of ours keeps no torch model
+  return out
+
+
+def train_contenders(setup: Setup, which: str, only: str = '') -> list[Contender]:
+  """One training step per segment, official and ours (a fresh official model: train mode)."""
+  _, off_name, our_name = next(f for f in FAMILIES if f[0] == which)
+  segs = segments(setup, which)
+  off_names = [f'{off_name} train {_seg_name(*s)}' for s in segs]
+  our_names = [f'{our_name} train {_seg_name(*s)}' for s in segs]
+  official = build_official(setup, which)
+  out = []
+  if not only or only in our_names:
+    for name, (_, run) in zip(our_names, our_train_steps(setup, official, which)):
+      if not only or only == name:
+        out.append(Contender(name, 'train', run, 'jax'))
+  if not only or only in off_names:
+    for name, (_, run) in zip(off_names, official_train_steps(setup, which, official)):
+      if not only or only == name:
+        out.append(Contender(name, 'train', run, 'torch'))
+  # Interleave official and ours segment by segment so that the table reads in pairs.
+  order = {n: i for i, n in enumerate(x for pair in zip(off_names, our_names) for x in pair)}
+  return sorted(out, key=lambda c: order[c.name])
+
+
+def all_names(setup: Setup) -> list[str]:
+  names = [] if setup.args.skip_sampling else [n for f in FAMILIES for n in f[1:]]
+  if not setup.args.skip_train:
+    for which, off_name, our_name in FAMILIES:
+      for s in segments(setup, which):
+        names += [f'{off_name} train {_seg_name(*s)}', f'{our_name} train {_seg_name(*s)}']
+  return names
+
+
+# ============================================================================= measuring
+
+def time_interleaved(contenders: list[Contender], reps: int, warmup: int) -> dict:
+  """{name: (first call s, [timed s])}; every repetition runs each contender once, in turn."""
+  first, times = {}, {c.name: [] for c in contenders}
+  for c in contenders:
+    t = time.perf_counter()
+    c.run()
+    first[c.name] = time.perf_counter() - t
+    print(f'# first call {c.name}: {first[c.name]:.2f} s', flush=True)
+  for _ in range(warmup):
+    for c in contenders:
+      c.run()
+  for r in range(reps):
+    for c in contenders:
+      t = time.perf_counter()
+      c.run()
+      times[c.name].append(time.perf_counter() - t)
+    print(f'# rep {r + 1}/{reps}: ' + ', '.join(f'{n} {v[-1]:.2f}s' for n, v in times.items()),
+          flush=True)
+  return {n: (first[n], times[n]) for n in first}
+
+
+def _rss_bytes() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def probe_memory(setup: Setup, name: str) -> dict:
+  """Peak memory of one contender (two calls), in this fresh process."""
+  import torch
+  if ' train ' in name:
+    which = 'mvar' if name.startswith(('official MVAR', 'ours MVAR')) else 'var'
+    contenders = train_contenders(setup, which, only=name)
+  else:
+    contenders = sampling_contenders(setup, only=name)
+  if len(contenders) != 1:
+    raise SystemExit(f'no contender named {name!r}')
+  gc.collect()
+  rss_before = _rss_bytes()
+  if setup.device == 'cuda':
+    torch.cuda.reset_peak_memory_stats()
+  t = time.perf_counter()
+  contenders[0].run()  # ours: loaded from the persistent compilation cache the main run filled
+  first = time.perf_counter() - t
+  contenders[0].run()
+  res = {'rss_before': rss_before, 'rss_peak': _rss_bytes(), 'first_call_s': first}
+  if setup.device == 'cuda':
+    if contenders[0].framework == 'torch':
+      res['device_peak'] = torch.cuda.max_memory_allocated()
+    else:
+      import jax
+      res['device_peak'] = (jax.devices()[0].memory_stats() or {}).get('peak_bytes_in_use')
+  return res
+
+
+def memory_in_subprocesses(args, names) -> dict:
+  out = {}
+  for name in names:
+    argv = [sys.executable, os.path.abspath(__file__), f'--probe={name}', '--no-memory']
+    for k, v in vars(args).items():
+      if k in ('probe', 'memory', 'json_out'):
+        continue
+      if isinstance(v, bool):
+        if v:
+          argv.append(f'--{k}')
+      else:
+        argv.append(f'--{k}={v}')
+    env = dict(os.environ)
+    env.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')  # a JAX probe's peak, not 75%
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith('PROBE ')), None)
+    if line is None:
+      out[name] = {'error': (proc.stderr.strip().splitlines() or ['no output'])[-1][:200]}
+    else:
+      out[name] = json.loads(line[len('PROBE '):])
+    print(f'# memory {name}: {out[name]}', flush=True)
+  return out
+
+
+def device_line(setup: Setup) -> str:
+  import jax
+  import torch
+  d = jax.devices()[0]
+  torch_dev = torch.cuda.get_device_name(0) if setup.device == 'cuda' else (
+      f'{torch.get_num_threads()} CPU threads')
+  return (f'jax {jax.__version__} on {d.platform} ({d.device_kind}); torch {torch.__version__} on '
+          f'{setup.device} ({torch_dev}); {os.cpu_count()} CPU cores; load average '
+          f'{os.getloadavg()[0]:.1f} at the end')
+
+
+def print_table(setup: Setup, results: dict, memory: dict):
+  args = setup.args
+  gib = lambda b: f'{b / 2**30:.2f}' if isinstance(b, (int, float)) and b else 'n/a'
+  print(f'\n# {device_line(setup)}')
+  print(f'# depth {args.depth if not args.smoke else 1}, sampling batch {args.batch} (cfg '
+        f'{args.cfg}, top-k {args.top_k}, top-p {args.top_p}, VQ-VAE decode included), training '
+        f'batch {args.train_batch}; median of {args.reps} interleaved reps after '
+        f'{args.warmup} warm-up')
+  import natten_fallback
+  notes = [natten_fallback.describe(args.na2d_fallback) if n == 'na2d fallback' else n
+           for n in setup.notes]
+  if notes:
+    print('# official code ran with: ' + '; '.join(notes))
+  header = (f'{"contender":<44}{"median s":>10}{"min s":>9}{"first s":>9}{"vs official":>13}'
+            f'{"peak RSS GiB":>14}{"device GiB":>12}{"1st s, new proc":>17}')
+  print(header)
+  print('-' * len(header))
+  for name, (first, times) in results.items():
+    med = statistics.median(times)
+    ratio = ''
+    if name.startswith('ours'):
+      twin = name.replace('ours VAR mode', 'official VAR').replace('ours MVAR', 'official MVAR')
+      if twin in results:
+        ratio = f'{med / statistics.median(results[twin][1]):.2f}x'
+    label = name
+    if name.startswith('official MVAR') and any('unavailable' in n for n in notes):
+      label += ' *'
+    mem = memory.get(name, {})
+    print(f'{label:<44}{med:>10.3f}{min(times):>9.3f}{first:>9.2f}{ratio:>13}'
+          f'{gib(mem.get("rss_peak")):>14}{gib(mem.get("device_peak")):>12}'
+          f'{mem.get("first_call_s", float("nan")):>17.2f}')
+  if any('unavailable' in n for n in notes):
+    print(f'# * {next(n for n in notes if "unavailable" in n)}')
+  print('# "vs official": our median / the official median (< 1: ours is faster). '
+        'first s: first call (ours: compile, or load from the compilation cache); '
+        '1st s, new proc: the first call in the memory probe, a fresh process started after '
+        'the main run (ours: a persistent-cache load).')
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.smoke:
+    args.top_k = min(args.top_k, 20)
+    args.reps, args.warmup = min(args.reps, 2), 0
+  if args.threads:  # before JAX starts its CPU client
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen='
+                               f'{str(args.threads > 1).lower()} intra_op_parallelism_threads='
+                               f'{args.threads}').strip()
+  import torch
+  if args.threads:
+    torch.set_num_threads(args.threads)
+  from mvar_jax import compilation_cache
+  compilation_cache.enable()
+  setup = make_setup(args)
+  if args.probe:
+    print('PROBE ' + json.dumps(probe_memory(setup, args.probe)), flush=True)
+    return
+  results = {}
+  # Phases keep at most one family's training state in memory (d16: ~5 GB a side).
+  if not args.skip_sampling:
+    contenders = sampling_contenders(setup)
+    results.update(time_interleaved(contenders, args.reps, args.warmup))
+    del contenders
+  if not args.skip_train:
+    for which, _, _ in FAMILIES:
+      gc.collect()
+      contenders = train_contenders(setup, which)
+      results.update(time_interleaved(contenders, args.reps, args.warmup))
+      del contenders
+  memory = {}
+  if args.memory:
+    print_table(setup, results, memory)  # the times, in case the probes are cut short
+    gc.collect()
+    memory = memory_in_subprocesses(args, list(results))
+  print_table(setup, results, memory)
+  if args.json_out:
+    with open(args.json_out, 'w') as f:
+      json.dump({'device': device_line(setup), 'args': vars(args), 'notes': setup.notes,
+                 'results': results, 'memory': memory}, f, indent=1)
+
+
+if __name__ == '__main__':
+  main()
