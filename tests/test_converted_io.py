@@ -17,8 +17,11 @@ CFG = vqvae.VQVAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, v
 
 @pytest.fixture(scope='module')
 def params():
-  return convert.jax_tree_to_numpy(
-      vqvae.init_params(CFG, jax.random.key(0, impl='unsafe_rbg'))['params'])
+  """Random values in the initialiser's shapes (compiling VQVAE.init costs more than this file)."""
+  import flax.linen as nn
+  shapes = jax.eval_shape(lambda: nn.unbox(vqvae.init_params(CFG, jax.random.key(0))['params']))
+  rng = np.random.default_rng(0)
+  return jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
 
 
 @pytest.fixture

@@ -168,7 +168,7 @@ class TestSample:
 
   @pytest.mark.parametrize('kwargs,field', [
       (dict(labels=[0, 6]), 'labels'), (dict(labels=[-1]), 'labels'), (dict(cfg=-1.0), 'cfg'),
-      (dict(top_p=0.0), 'top_p'), (dict(top_p=1.5), 'top_p'), (dict(top_k=-2), 'top_k'),
+      (dict(top_p=-0.1), 'top_p'), (dict(top_p=1.5), 'top_p'), (dict(top_k=-2), 'top_k'),
       (dict(labels=None, batch_size=0), 'batch_size')])
   def test_bad_arguments_name_the_field(self, pipe, kwargs, field):
     kwargs = {'labels': [0], **kwargs}
