@@ -64,6 +64,8 @@ def main(argv=None):
                  help="'var' and/or 'mvar': run one per process for a per-model peak memory")
   p.add_argument('--skip_train', action='store_true')
   p.add_argument('--skip_sample', action='store_true')
+  p.add_argument('--bf16_params', action='store_true',
+                 help='sample with a bf16 copy of the transformer params (sampling.inference_params)')
   p.add_argument('--smoke', action='store_true', help='tiny models on any backend')
   args = p.parse_args(argv)
 
@@ -98,7 +100,8 @@ def main(argv=None):
       # program needs, free of autotuning scratch that peak_bytes_in_use also counts) and its
       # timing come from one executable.
       loop = sampling._compiled(model, tok, b, 900, False, True)
-      loop_args = ({'params': t_params}, v_params, labels, jax.random.key(1), jnp.float32(1.5),
+      sample_params = sampling.inference_params(t_params) if args.bf16_params else t_params
+      loop_args = ({'params': sample_params}, v_params, labels, jax.random.key(1), jnp.float32(1.5),
                    jnp.float32(0.96))
       ms_sample, xla_gib = float('nan'), float('nan')
       if not args.skip_sample:
