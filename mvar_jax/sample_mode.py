@@ -202,22 +202,27 @@ def _sample_chunks(chunks, device, *, model, params, tokenizer, tok_params, labe
 
 def _write_npz_streaming(out_dir: str, total_chunks: int, fp: str, num_images: int) -> str:
   """Streams the shards, in order, into samples.npz (arr_0 written piece by piece); atomic."""
-  first = read_shard(shard_path(out_dir, 0), fp)
+
+  def shard(c):
+    found = read_shard(shard_path(out_dir, c), fp)
+    if found is None:
+      raise FileNotFoundError(f'{shard_path(out_dir, c)} is missing or unreadable (is '
+                              'sample.output_dir shared by all processes?); rerun sample mode')
+    return found
+
+  first = shard(0)
   h, w, ch = first['images'].shape[1:]
   path = os.path.join(out_dir, NPZ_NAME)
   tmp = f'{path}.tmp.{os.getpid()}'
   labels = []
   with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
     with zf.open('arr_0.npy', 'w', force_zip64=True) as f:
-      np.lib.format.write_array_header_2_0(f, {'descr': np.lib.format.dtype_to_descr(
+      np.lib.format.write_array_header_1_0(f, {'descr': np.lib.format.dtype_to_descr(
           np.dtype(np.uint8)), 'fortran_order': False, 'shape': (num_images, h, w, ch)})
       for c in range(total_chunks):
-        shard = first if c == 0 else read_shard(shard_path(out_dir, c), fp)
-        if shard is None:
-          raise FileNotFoundError(f'{shard_path(out_dir, c)} is missing or unreadable; rerun '
-                                  'sample mode to sample it')
-        f.write(np.ascontiguousarray(shard['images'], np.uint8).tobytes())
-        labels.append(shard['labels'])
+        arrays = first if c == 0 else shard(c)
+        f.write(np.ascontiguousarray(arrays['images'], np.uint8).tobytes())
+        labels.append(arrays['labels'])
     with zf.open('arr_1.npy', 'w') as f:
       np.lib.format.write_array(f, np.concatenate(labels).astype(np.int64))
   with open(tmp, 'rb+') as f:
