@@ -116,19 +116,15 @@ def main(argv=None) -> dict:
   from mvar_jax import sharding
   sharding.initialize_distributed()
   import jax
-  from mvar_jax.evaluation import features, inception
+  from mvar_jax.evaluation import evaluators, features, inception
   t0 = time.time()
   config = inception.InceptionConfig(preprocess=args.preprocess, precision=args.precision).validate()
   extractor = features.FeatureExtractor(inception.load_params(args.inception), config,
                                         per_device_batch=args.per_device_batch)
   ref = _reference(args, extractor)
-  samples = features.NpzImages(args.samples, 'arr_0')
-  try:
-    n = len(samples) if args.num_images < 0 else min(args.num_images, len(samples))
-    images = samples if n == len(samples) else _Head(samples, n)
-    results = evaluate_images(images, ref, extractor)
-  finally:
-    samples.close()
+  file_fid = evaluators.SamplesFileFID(args.samples, extractor=extractor, reference=ref,
+                                       num_images=args.num_images)
+  results = dict(file_fid.run(None))
   results['seconds'] = time.time() - t0
   results.update(samples=os.path.abspath(args.samples), preprocess=args.preprocess,
                  devices=jax.device_count())
@@ -139,20 +135,6 @@ def main(argv=None) -> dict:
     print(format_table(results))
     print(f'wrote {out}')
   return results
-
-
-class _Head:
-  """The first n rows of a sliceable array."""
-
-  def __init__(self, arr, n: int):
-    self.arr, self.n = arr, n
-
-  def __len__(self):
-    return self.n
-
-  def __getitem__(self, rows: slice):
-    lo, hi, _ = rows.indices(self.n)
-    return self.arr[lo:hi]
 
 
 if __name__ == '__main__':

@@ -102,6 +102,21 @@ def test_adm_preprocessing_is_the_tf1_graph_resize_and_128_scaling():
   assert np.abs(np.asarray(inception.preprocess(images, 'pytorch_fid')) - want).max() > 0.05
 
 
+def test_pth_file_converts_once_and_loads_from_the_directory(torch_fid_model, tmp_path):
+  import torch
+  _, full = torch_fid_model
+  torch.save(full.state_dict(), tmp_path / 'pt_inception-2015-12-05-test.pth')
+  inception.main(['--pth', str(tmp_path / 'pt_inception-2015-12-05-test.pth'),
+                  '--out', str(tmp_path / 'inception')])
+  from_dir = inception.load_params(str(tmp_path / 'inception'))
+  from_pth = inception.load_params(str(tmp_path / 'pt_inception-2015-12-05-test.pth'))
+  want = full.Mixed_6d.branch7x7_2.conv.weight.detach().numpy().transpose(2, 3, 1, 0)
+  np.testing.assert_array_equal(from_dir['Mixed_6d']['branch7x7_2']['conv']['kernel'], want)
+  np.testing.assert_array_equal(from_pth['fc']['kernel'], full.fc.weight.detach().numpy().T)
+  with pytest.raises(FileNotFoundError, match='nowhere.pth'):
+    inception.load_params(str(tmp_path / 'nowhere.pth'))
+
+
 def test_converter_names_every_key_that_does_not_fit():
   from mvar_jax import convert
   from mvar_jax.convert import CheckpointMismatchError

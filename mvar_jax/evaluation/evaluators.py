@@ -5,11 +5,12 @@
     metrics = evaluators.run_all(evals, params, step, writer)             # those due at `step`
     metrics = evaluators.run_all(evals, params, step, writer, final=True) # every one
 
-One interface serves the trainer (periodic and final evaluations), the CLI and notebooks:
+One interface serves the trainer (periodic and final evaluations) and the CLI:
 - `ValidationLoss`: per-scale teacher-forced loss and accuracy on the validation split
   (names as the trainer's: 'val/loss', 'val_loss/s09_16x16', ...);
 - `SampleFID`: samples `num_images` with a balanced label list through the sampler and
-  scores them (FID, sFID, IS, precision, recall) against a reference.
+  scores them (FID, sFID, IS, precision, recall) against a reference;
+- `SamplesFileFID`: the same metrics of a samples.npz (`python -m mvar_jax.evaluate`).
 Each is wrapped in a `Scheduled` (name, evaluator, every, prefix); `every` = 0 runs it only
 in the final evaluation, which a finished run does on every start (big_vision's rule), so a
 run that was stopped after its last checkpoint still reports its final numbers.
@@ -139,6 +140,43 @@ class SampleFID:
     results = evaluate.evaluate_features(feats, self.reference)
     for name in evaluate.METRICS:
       yield name, results[name]
+
+
+class SamplesFileFID:
+  """The same metrics of the images in a samples.npz (arr_0); `params` is not used.
+
+  What `python -m mvar_jax.evaluate` runs: the file is streamed, never loaded whole.
+  """
+
+  def __init__(self, path: str, *, extractor, reference, num_images: int = -1):
+    self.path, self.extractor, self.reference = path, extractor, reference
+    self.num_images = num_images  # the first N images; -1 = all
+
+  def run(self, params=None):
+    del params
+    from mvar_jax import evaluate
+    from mvar_jax.evaluation import features
+    images = features.NpzImages(self.path, 'arr_0')
+    try:
+      n = len(images) if self.num_images < 0 else min(self.num_images, len(images))
+      feats = self.extractor.of_array(images if n == len(images) else _Head(images, n))
+    finally:
+      images.close()
+    yield from evaluate.evaluate_features(feats, self.reference).items()
+
+
+class _Head:
+  """The first n rows of a sliceable array."""
+
+  def __init__(self, arr, n: int):
+    self.arr, self.n = arr, n
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, rows: slice):
+    lo, hi, _ = rows.indices(self.n)
+    return self.arr[lo:hi]
 
 
 # ----------------------------------------------------------------------------- from config

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -258,8 +259,9 @@ def init_params(config: InceptionConfig, key) -> dict:
   return jax.jit(FIDInception(config.validate()).init)(key, images)['params']
 
 
+@functools.lru_cache(maxsize=1)
 def abstract_params() -> dict:
-  """ShapeDtypeStructs of the parameter tree (no compute)."""
+  """ShapeDtypeStructs of the parameter tree (no compute; traced once, shared: do not edit)."""
   return jax.eval_shape(lambda: init_params(InceptionConfig(), jax.random.key(0)))
 
 
@@ -267,7 +269,7 @@ def random_params(seed: int = 0) -> dict:
   """Random, well-scaled parameters drawn on the host (tests, the notebook; no download).
 
   He-normal kernels and batch-norm statistics near identity keep the features O(1) through
-  the 94 convolutions (Flax's default init with unit statistics lets them grow ~10x per
+  the 94 convolutions and the classifier (Flax's default init with unit statistics lets them grow ~10x per
   block). Drawn with numpy from the abstract tree: no 299 px forward pass is run.
   """
   rng = np.random.default_rng(seed)
@@ -290,12 +292,12 @@ def params_from_state_dict(state_dict) -> dict:
   from mvar_jax import convert
   sd = {k: v for k, v in state_dict.items()
         if not k.endswith('num_batches_tracked') and not k.startswith('AuxLogits.')}
-  return convert.state_dict_to_params(sd, abstract_params(), 'FID Inception (pt_inception-2015-12-05)')
+  return convert.state_dict_to_params(sd, abstract_params(),
+                                      'FID Inception (pt_inception-2015-12-05)')
 
 
 def convert_pth(path: str) -> dict:
   """Reads `pt_inception-2015-12-05-*.pth` (torch, weights_only) into our params tree."""
-  import os
   if not os.path.exists(path):
     raise FileNotFoundError(f'Inception weights not found: {path} (pytorch-fid\'s '
                             'pt_inception-2015-12-05-6726825d.pth, downloaded once by the user)')
@@ -307,12 +309,12 @@ def convert_pth(path: str) -> dict:
 
 def load_params(path: str) -> dict:
   """Params from a `.pth` file (converted on the fly) or a directory written by `main`."""
-  import os
   from mvar_jax import checkpointing
   if path.endswith('.pth'):
     return convert_pth(path)
   _, params = checkpointing.load_converted(path, 'inception')
-  checkpointing.check_tree_matches(params, abstract_params(), f'FID Inception ({os.path.join(path, "inception.msgpack")})')
+  where = os.path.join(path, 'inception.msgpack')
+  checkpointing.check_tree_matches(params, abstract_params(), f'FID Inception ({where})')
   return params
 
 
