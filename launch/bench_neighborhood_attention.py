@@ -70,6 +70,8 @@ flags.DEFINE_integer('warmup', 3, 'Untimed calls after compilation.')
 flags.DEFINE_integer('reps', 15, 'Timed samples (median reported).')
 flags.DEFINE_integer('inner', 10, 'Calls per timed sample.')
 flags.DEFINE_integer('rotate_mb', 256, 'Input sets rotate until they hold this many MiB.')
+flags.DEFINE_bool('compile_only', False, 'Only compile and report XLA memory analysis (no timing): '
+                  'fast, and meaningful on a busy machine.')
 flags.DEFINE_bool('isolate', True, 'Run every case in a fresh process (clean peak memory).')
 flags.DEFINE_integer('case_timeout_s', 300, 'Per-case subprocess time limit.')
 flags.DEFINE_string('json_out', '', 'Also append every result as a JSON line here.')
@@ -217,6 +219,10 @@ def run_case(case: Case) -> list[dict]:
       if mem is not None:
         row['xla_bytes'] = int(mem.argument_size_in_bytes + mem.output_size_in_bytes
                                + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+      if FLAGS.compile_only:
+        row['status'] = 'compiled'
+        rows.append(row)
+        continue
       jax.block_until_ready(fn(*sets[0]))
       row['peak_bytes'] = _peak_bytes()  # one set only: timing sets come after
       while len(sets) < n_sets:
@@ -275,7 +281,7 @@ def _cases() -> list[Case]:
 def _run_isolated(case: Case) -> list[dict]:
   argv = [sys.executable, os.path.abspath(__file__),
           f'--case={json.dumps(dataclasses.asdict(case))}']
-  for name in ('warmup', 'reps', 'inner', 'rotate_mb', 'smoke'):
+  for name in ('warmup', 'reps', 'inner', 'rotate_mb', 'smoke', 'compile_only'):
     argv.append(f'--{name}={FLAGS[name].value}')
   try:
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=FLAGS.case_timeout_s)
@@ -296,6 +302,9 @@ def _fmt_table(rows: list[dict]) -> str:
   mib = lambda b: f'{b / 2**20:9.0f}' if b else f'{"n/a":>9}'
   for r in rows:
     prefix = f'{r["impl"]:<28} {r["map"]:>5} {r["batch"]:>4} {r["heads"]:>3} {r["which"]:<7}'
+    if r.get('status') == 'compiled':
+      lines.append(f'{prefix} {"compiled only":>58} {mib(r.get("xla_bytes")).strip():>8}')
+      continue
     if r.get('status') != 'ok':
       lines.append(f'{prefix} {r.get("status")}')
       continue

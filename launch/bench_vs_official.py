@@ -66,6 +66,9 @@ def parse_args(argv=None):
   p.add_argument('--top_p', type=float, default=0.96)
   p.add_argument('--reps', type=int, default=3, help='timed calls per contender (median)')
   p.add_argument('--warmup', type=int, default=1, help='untimed calls after the first')
+  p.add_argument('--samplers', default=','.join(SAMPLERS),
+                 help='comma-separated subset of the four samplers to time (memory: each pair '
+                      'holds its own weights; d16 all four need ~8 GB of host RAM on CPU)')
   p.add_argument('--skip_sampling', action='store_true')
   p.add_argument('--skip_train', action='store_true')
   p.add_argument('--memory', action=argparse.BooleanOptionalAction, default=True,
@@ -369,13 +372,19 @@ def _seg_name(first: int, last: int) -> str:
 def sampling_contenders(setup: Setup, only: str = '') -> list[Contender]:
   """The four samplers (or the one named `only`); official weights built, ours converted."""
   out = []
+  chosen = [n.strip() for n in setup.args.samplers.split(',')]
+  unknown = sorted(set(chosen) - set(SAMPLERS))
+  if unknown:
+    raise SystemExit(f'--samplers: unknown {unknown}; choose from {SAMPLERS}')
   for which, off_name, our_name in FAMILIES:
     if only and only not in (off_name, our_name):
       continue
+    if not only and off_name not in chosen and our_name not in chosen:
+      continue
     run, official = official_samplers(setup, which)
-    if not only or only == off_name:
+    if only == off_name or (not only and off_name in chosen):
       out.append(Contender(off_name, 'sample', run, 'torch'))
-    if not only or only == our_name:
+    if only == our_name or (not only and our_name in chosen):
       out.append(Contender(our_name, 'sample', our_sampler(setup, official, which), 'jax'))
     del run, official  # a probe of ours keeps no torch model
   return out
@@ -403,7 +412,8 @@ def train_contenders(setup: Setup, which: str, only: str = '') -> list[Contender
 
 
 def all_names(setup: Setup) -> list[str]:
-  names = [] if setup.args.skip_sampling else [n for f in FAMILIES for n in f[1:]]
+  names = [] if setup.args.skip_sampling else [
+      n.strip() for n in setup.args.samplers.split(',')]
   if not setup.args.skip_train:
     for which, off_name, our_name in FAMILIES:
       for s in segments(setup, which):

@@ -108,28 +108,33 @@ def na2d_flex(query, key, value, kernel_size, dilation=1, stride=1, is_causal=Fa
 
 
 def na2d_auto(query, key, value, kernel_size, **kwargs):
-  """'flex' on CUDA unless it failed once, else 'sdpa'."""
-  if query.device.type != 'cuda' or _AUTO_STATE.get('kind') == 'sdpa':
+  """'flex' on CUDA unless it failed once (decided apart for inference and for training,
+  whose backward compiles separately), else 'sdpa'."""
+  mode = 'train' if query.requires_grad else 'infer'
+  if query.device.type != 'cuda' or _AUTO_STATE.get(mode) == 'sdpa':
     return na2d_sdpa(query, key, value, kernel_size, **kwargs)
   try:
     out = na2d_flex(query, key, value, kernel_size, **kwargs)
-    _AUTO_STATE['kind'] = 'flex'
+    _AUTO_STATE[mode] = 'flex'
     return out
   except Exception as e:  # noqa: BLE001 - any compile failure: the plain op still works
-    if _AUTO_STATE.get('kind') == 'flex':
+    if _AUTO_STATE.get(mode) == 'flex':
       raise
-    print(f'natten fallback: flex_attention failed ({type(e).__name__}: {str(e)[:120]}); '
-          'using SDPA+mask', file=sys.stderr)
-    _AUTO_STATE['kind'] = 'sdpa'
+    print(f'natten fallback ({mode}): flex_attention failed ({type(e).__name__}: '
+          f'{str(e)[:120]}); using SDPA+mask', file=sys.stderr)
+    _AUTO_STATE[mode] = 'sdpa'
     return na2d_sdpa(query, key, value, kernel_size, **kwargs)
 
 
 def describe(kind: str) -> str:
   """Label for tables: what ran in place of natten.na2d."""
+  names = {'sdpa': 'torch SDPA+mask', 'flex': 'torch flex_attention (compiled)'}
+  if kind == 'auto' and len(set(_AUTO_STATE.values())) > 1:
+    used = ', '.join(f'{m}: {names[k]}' for m, k in sorted(_AUTO_STATE.items()))
+    return f'na2d via {used}, natten unavailable'
   if kind == 'auto':
-    kind = _AUTO_STATE.get('kind', 'sdpa')
-  return {'sdpa': 'na2d via torch SDPA+mask, natten unavailable',
-          'flex': 'na2d via torch flex_attention (compiled), natten unavailable'}[kind]
+    kind = next(iter(_AUTO_STATE.values()), 'sdpa')
+  return f'na2d via {names[kind]}, natten unavailable'
 
 
 def real_natten_available() -> bool:
