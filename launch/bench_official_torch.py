@@ -10,9 +10,10 @@ The official builders leave the VQ-VAE uninitialised (torch.empty); it is filled
 normals here so that no NaN/inf reaches the timed code.
 
 Official MVAR imports `natten.na2d`. Where NATTEN is not installed (e.g. a GPU machine with no
-wheel for its torch/CUDA), `--natten_fallback` installs a stand-in module whose na2d is torch's
-scaled_dot_product_attention under NATTEN's window mask (window clamped inside the map); the
-row is then labelled so. Prints one RESULT json line and a one-line table.
+wheel for its torch/CUDA), `--natten_fallback` installs `launch/natten_fallback.py`'s masked-SDPA
+stand-in (NATTEN's window rule, checked against NATTEN's own outputs in the tests); the row is
+then labelled so. `bench_vs_official.py` is the full side-by-side; this script is its light
+sampling-only sibling, one official model per process. Prints one RESULT json line and a one-line table.
 """
 
 from __future__ import annotations
@@ -20,46 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
-import types
-
-
-def _natten_stand_in():
-  """A `natten` module with na2d(q, k, v, kernel_size, dilation=1, scale) on (B, H, W, h, D)."""
-  import torch
-  import torch.nn.functional as F
-
-  masks = {}
-
-  def window_mask(height, width, kernel_size, device):
-    key = (height, width, kernel_size, str(device))
-    if key not in masks:
-      def starts(n):
-        i = torch.arange(n, device=device)
-        return (i - kernel_size // 2).clamp(0, n - kernel_size)
-      r, c = starts(height), starts(width)
-      rows = torch.arange(height, device=device)
-      cols = torch.arange(width, device=device)
-      row_ok = (rows[None, :] >= r[:, None]) & (rows[None, :] < r[:, None] + kernel_size)
-      col_ok = (cols[None, :] >= c[:, None]) & (cols[None, :] < c[:, None] + kernel_size)
-      mask = row_ok[:, None, :, None] & col_ok[None, :, None, :]  # (qi, qj, ki, kj)
-      masks[key] = mask.reshape(height * width, height * width)
-    return masks[key]
-
-  def na2d(q, k, v, kernel_size, dilation=1, scale=None, **unused):
-    assert dilation == 1, 'stand-in supports dilation 1 only'
-    b, height, width, heads, d = q.shape
-    flat = lambda x: x.reshape(b, height * width, heads, d).transpose(1, 2)
-    out = F.scaled_dot_product_attention(
-        flat(q), flat(k), flat(v), attn_mask=window_mask(height, width, kernel_size, q.device),
-        scale=scale)
-    return out.transpose(1, 2).reshape(b, height, width, heads, d)
-
-  module = types.ModuleType('natten')
-  module.na2d = na2d
-  return module
 
 
 def main(argv=None) -> None:
@@ -84,8 +49,9 @@ def main(argv=None) -> None:
     except ImportError:
       if not args.natten_fallback:
         raise SystemExit('official MVAR needs natten; pass --natten_fallback for the SDPA stand-in')
-      sys.modules['natten'] = _natten_stand_in()
-      na_label = 'na2d: SDPA+window mask stand-in'
+      sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+      import natten_fallback
+      na_label = natten_fallback.install('sdpa')
 
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   torch.backends.cudnn.allow_tf32 = True
