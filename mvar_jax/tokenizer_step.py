@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 
 from mvar_jax import discriminator as disc_lib
 
@@ -61,12 +62,39 @@ class LossWeights:
 
   @classmethod
   def from_config(cls, t) -> 'LossWeights':
-    """From `config.tokenizer` fields (l1_weight, l2_weight, perceptual_weight, disc_weight,
-    disc_start, disc_adaptive); absent fields keep the defaults (plain L1 + L2)."""
-    return cls(l1=t.get('l1_weight', 1.0), l2=t.get('l2_weight', 1.0),
-               perceptual=t.get('perceptual_weight', 0.0), disc=t.get('disc_weight', 0.0),
-               disc_start=t.get('disc_start', 0),
+    """From `config.tokenizer` fields (l1_weight, l2_weight, perceptual_weight, lpips_weights,
+    disc_weight, disc_start, disc_adaptive); absent fields keep the defaults (plain L1 + L2).
+    Without `lpips_weights` the perceptual loss is off, whatever its weight (logged)."""
+    perceptual = t.get('perceptual_weight', 0.0)
+    if perceptual and not t.get('lpips_weights', ''):
+      logging.warning('tokenizer: perceptual_weight=%s but no lpips_weights: perceptual loss '
+                      'off (make them with `python -m mvar_jax.lpips`)', perceptual)
+      perceptual = 0.0
+    return cls(l1=t.get('l1_weight', 1.0), l2=t.get('l2_weight', 1.0), perceptual=perceptual,
+               disc=t.get('disc_weight', 0.0), disc_start=t.get('disc_start', 0),
                adaptive=t.get('disc_adaptive', True)).validate()
+
+
+def discriminator_from_config(t):
+  """(PatchDiscriminator, its optax optimizer) from `config.tokenizer`, or (None, None) when
+  disc_weight is 0. Adam (disc_b1, disc_b2) at disc_lr (0: the tokenizer's lr), clipped."""
+  if not t.get('disc_weight', 0.0):
+    return None, None
+  ndf = t.get('disc_ndf', 64)
+  cfg = disc_lib.DiscriminatorConfig(ndf=ndf, num_layers=t.get('disc_layers', 3),
+                                     norm_groups=min(32, ndf)).validate()
+  tx = optax.chain(optax.clip_by_global_norm(t.get('grad_clip', 1.0)),
+                   optax.adam(t.get('disc_lr', 0.0) or t.lr, b1=t.get('disc_b1', 0.9),
+                              b2=t.get('disc_b2', 0.95)))
+  return disc_lib.PatchDiscriminator(cfg), tx
+
+
+def lpips_from_config(t):
+  """(LPIPS module, params) when the perceptual loss is on, else (None, None)."""
+  if not (t.get('perceptual_weight', 0.0) and t.get('lpips_weights', '')):
+    return None, None
+  from mvar_jax import lpips
+  return lpips.LPIPS(t.get('precision', 'highest')), lpips.load_params(t.lpips_weights)
 
 
 def adaptive_weight(rec_grad, gan_grad, disc_weight: float):

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from mvar_jax import discriminator as disc_lib, lpips, tokenizer_step as ts, vqvae
+from mvar_jax import discriminator as disc_lib, lpips, tokenizer_recipes, tokenizer_step as ts, vqvae
 
 TOK_CFG = vqvae.VQVAEConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=32,
                             patch_nums=(1, 2, 4, 8), using_sa=False, using_mid_sa=False,
@@ -133,10 +133,28 @@ def test_perceptual_term_enters_the_loss_and_needs_weights():
   np.testing.assert_allclose(m['loss'], m['l1'] + m['l2'] + m['vq'] + m['perceptual'], rtol=1e-5)
 
 
-def test_loss_weights_from_config_and_validation():
-  import ml_collections
-  t = ml_collections.ConfigDict(dict(l1_weight=0.0, l2_weight=1.0, perceptual_weight=1.0,
-                                     disc_weight=0.5, disc_start=100, disc_adaptive=False))
-  assert ts.LossWeights.from_config(t) == ts.LossWeights(0.0, 1.0, 1.0, 0.5, 100, False)
+@pytest.mark.parametrize('recipe', tokenizer_recipes.RECIPES)
+def test_every_recipe_configures_the_step(recipe):
+  t = tokenizer_recipes.loss_fields(recipe, steps=300)
+  t.lr, t.grad_clip = 1e-4, 1.0
+  w = ts.LossWeights.from_config(t)
+  # No lpips_weights configured: the perceptual loss is off, whatever the recipe's weight.
+  assert w.perceptual == 0.0
+  assert (w.l1, w.l2, w.disc, w.disc_start) == (t.l1_weight, t.l2_weight, t.disc_weight,
+                                                t.disc_start)
+  disc, disc_tx = ts.discriminator_from_config(t)
+  assert (disc is None) == (recipe == 'plain') == (disc_tx is None)
+  t.lpips_weights = '/nonexistent/lpips_vgg.msgpack'
+  assert ts.LossWeights.from_config(t).perceptual == t.perceptual_weight
+  if t.perceptual_weight:
+    with pytest.raises(FileNotFoundError, match='mvar_jax.lpips'):
+      ts.lpips_from_config(t)
+
+
+def test_recipe_and_weight_validation():
+  with pytest.raises(ValueError, match='recipe must be one of'):
+    tokenizer_recipes.loss_fields('vqgan')
+  with pytest.raises(ValueError, match='steps'):
+    tokenizer_recipes.loss_fields('demo')
   with pytest.raises(ValueError, match='disc_start'):
     ts.LossWeights(disc_start=-1).validate()
