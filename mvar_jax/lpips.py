@@ -143,7 +143,13 @@ def convert_lpips(vgg16_sd: Mapping[str, np.ndarray], heads_sd: Mapping[str, np.
 def save_params(path: str, params) -> None:
   from flax import serialization
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  convert._atomic_write(path, serialization.msgpack_serialize(convert.jax_tree_to_numpy(params)))
+  blob = serialization.msgpack_serialize(convert.jax_tree_to_numpy(params))
+  tmp = f'{path}.tmp-{os.getpid()}'  # a crash mid-write never leaves a truncated weights file
+  with open(tmp, 'wb') as f:
+    f.write(blob)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
 
 
 def load_params(path: str) -> dict:
