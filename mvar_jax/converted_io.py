@@ -35,6 +35,8 @@ from typing import Any, Callable, Mapping
 import msgpack
 import numpy as np
 
+from mvar_jax import atomic_file
+
 MANIFEST_VERSION = 1
 _NDARRAY_EXT = 1  # flax.serialization._MsgpackExtType.ndarray
 _CHUNK = 1 << 20  # bytes per read while hashing/parsing
@@ -113,32 +115,16 @@ def _write_tree(out: _HashingWriter, node: Mapping[str, Any], packer: msgpack.Pa
     del leaf  # let the tensor go before the next one is fetched
 
 
-def _fsync_dir(path: str) -> None:
-  try:
-    fd = os.open(path, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
-
-
 def _write_atomically(path: str, write: Callable[[_HashingWriter], None]) -> dict:
   """Writes through `write` into a temporary file, fsyncs, renames; returns size and hash."""
-  tmp = f'{path}.tmp-{os.getpid()}'
-  try:
-    with open(tmp, 'wb') as f:
-      out = _HashingWriter(f)
-      write(out)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  writers = []
+
+  def hashing_write(f):
+    writers.append(_HashingWriter(f))
+    write(writers[0])
+
+  atomic_file.write_atomically(path, hashing_write)
+  out = writers[0]
   return {'bytes': out.size, 'sha256': out.sha256.hexdigest()}
 
 
@@ -165,7 +151,7 @@ def write_converted(out_dir: str, name: str, config: Mapping[str, Any],
   manifest = {'version': MANIFEST_VERSION, 'hash': 'sha256', 'files': files}
   _write_atomically(os.path.join(out_dir, manifest_file),
                     lambda out: out.write(json.dumps(manifest, indent=2).encode()))
-  _fsync_dir(out_dir)
+  atomic_file.fsync_dir(out_dir)
   return manifest
 
 

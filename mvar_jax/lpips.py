@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mvar_jax import atomic_file
 from mvar_jax import convert
 
 # Input scaling of lpips v0.1 (its ScalingLayer): ImageNet statistics mapped to [-1, 1] inputs.
@@ -144,12 +145,7 @@ def save_params(path: str, params) -> None:
   from flax import serialization
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   blob = serialization.msgpack_serialize(convert.jax_tree_to_numpy(params))
-  tmp = f'{path}.tmp-{os.getpid()}'  # a crash mid-write never leaves a truncated weights file
-  with open(tmp, 'wb') as f:
-    f.write(blob)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  atomic_file.write_atomically(path, lambda f: f.write(blob))
 
 
 def load_params(path: str) -> dict:

@@ -44,6 +44,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from mvar_jax import atomic_file
 from mvar_jax import checkpointing
 from mvar_jax import config_utils
 from mvar_jax import lifecycle
@@ -95,15 +96,6 @@ def check_writable(out_dir: str) -> None:
     raise PermissionError(
         f'sample.output_dir={out_dir!r} is not writable ({e.strerror or e}); nothing was sampled. '
         'Choose a writable directory (--config.sample.output_dir=...)') from e
-
-
-def _atomic_savez(path: str, **arrays) -> None:
-  tmp = f'{path}.tmp.{os.getpid()}.{threading.get_ident()}'
-  with open(tmp, 'wb') as f:
-    np.savez(f, **arrays)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def read_shard(path: str, fingerprint: str) -> dict | None:
@@ -194,9 +186,9 @@ def _sample_chunks(chunks, device, *, model, params, tokenizer, tok_params, labe
                           labels=jax.device_put(padded.astype(np.int32), device), cfg=s.cfg,
                           top_k=s.top_k, top_p=s.top_p, more_smooth=s.more_smooth)
     imgs = np.asarray(jax.device_get(out.images_BHW3))[:hi - lo]
-    _atomic_savez(shard_path(out_dir, c),
-                  images=np.clip(np.round(imgs * 255), 0, 255).astype(np.uint8),
+    arrays = dict(images=np.clip(np.round(imgs * 255), 0, 255).astype(np.uint8),
                   labels=lab.astype(np.int64), fingerprint=np.asarray(fp))
+    atomic_file.write_atomically(shard_path(out_dir, c), lambda f: np.savez(f, **arrays))
     progress(hi - lo)
 
 

@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from absl import logging
 import numpy as np
 
+from mvar_jax import atomic_file
+
 FORMAT_VERSION = 1
 _META = 'meta-{:05d}-of-{:05d}.json'
 _SHARD = 'shard-{:05d}-{:05d}.npz'
@@ -37,19 +39,6 @@ _SHARED_FIELDS = ('format_version', 'L', 'vocab_size', 'patch_nums', 'flip', 'im
 def ids_dtype(vocab_size: int) -> np.dtype:
   """uint16 halves the cache (ImageNet at 256 px: 1.7 GB instead of 3.5 GB) whenever ids fit."""
   return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.int32)
-
-
-def _atomic_write(path: str, write: Callable[[Any], None]):
-  tmp = os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.tmp-{os.getpid()}')
-  try:
-    with open(tmp, 'wb') as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def _own_files(path: str, process_index: int) -> list[str]:
@@ -94,20 +83,6 @@ def is_complete(path: str) -> bool:
     return False
   return all(_part_problem(path, os.path.join(path, _META.format(i, count))) is None
              for i in range(count))
-
-
-def _fsync_dir(path: str) -> None:
-  """Makes the renames durable (a power cut must not undo a rename the metadata relies on)."""
-  try:
-    fd = os.open(path, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
 
 
 def build_token_cache(batches_iter: Iterable[Mapping[str, np.ndarray]],
@@ -170,7 +145,7 @@ def build_token_cache(batches_iter: Iterable[Mapping[str, np.ndarray]],
       return
     arrays = {k: np.concatenate(v) for k, v in buf.items()}
     name = _SHARD.format(process_index, len(shards))
-    _atomic_write(os.path.join(path, name), lambda f: np.savez(f, **arrays))
+    atomic_file.write_atomically(os.path.join(path, name), lambda f: np.savez(f, **arrays))
     shards.append(name)
     shard_bytes.append(os.path.getsize(os.path.join(path, name)))
     for v in buf.values():
@@ -199,8 +174,8 @@ def build_token_cache(batches_iter: Iterable[Mapping[str, np.ndarray]],
       'shards': shards, 'shard_bytes': shard_bytes, 'process_index': process_index,
       'process_count': process_count,
   }
-  _atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
-  _fsync_dir(path)
+  atomic_file.write_atomically(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+  atomic_file.fsync_dir(path)
   logging.info('token cache %s: wrote %d examples in %d shards (process %d of %d)', path, count,
                len(shards), process_index, process_count)
   return meta

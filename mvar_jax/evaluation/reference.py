@@ -20,6 +20,7 @@ import os
 import jax
 import numpy as np
 
+from mvar_jax import atomic_file
 from mvar_jax.evaluation import metrics
 
 STAT_KEYS = ('mu', 'sigma', 'mu_s', 'sigma_s')
@@ -51,10 +52,9 @@ def save(ref: Reference, path: str) -> None:
   if jax.process_index() != 0:
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f'{path}.tmp-{os.getpid()}.npz'
-  np.savez(tmp, mu=ref.mu, sigma=ref.sigma, mu_s=ref.mu_s, sigma_s=ref.sigma_s, pool=ref.pool,
-           preprocess=np.asarray(ref.preprocess))
-  os.replace(tmp, path)
+  arrays = dict(mu=ref.mu, sigma=ref.sigma, mu_s=ref.mu_s, sigma_s=ref.sigma_s, pool=ref.pool,
+                preprocess=np.asarray(ref.preprocess))
+  atomic_file.write_atomically(path, lambda f: np.savez(f, **arrays))
 
 
 def load(path: str, extractor=None) -> Reference:
