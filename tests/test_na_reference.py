@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mvar_jax.kernels.neighborhood_attention import api, reference
+from mvar_jax.kernels.neighborhood_attention import api, blocked, reference
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'natten_na2d.npz')
 
@@ -120,7 +120,8 @@ def test_matches_natten_fixtures(case):
   batch, height, width, heads, head_dim = q.shape
   to_BNHD = lambda x_BHWhD: jnp.asarray(x_BHWhD.reshape(batch, height * width, heads, head_dim))
   expected_BNHD = out.reshape(batch, height * width, heads, head_dim)
-  for fn in (reference.na2d_gather, reference.na2d_dense):
+  # Every pure-JAX implementation against NATTEN's own outputs.
+  for fn in (reference.na2d_gather, reference.na2d_dense, blocked.na2d_blocked):
     out_BNHD = fn(to_BNHD(q), to_BNHD(k), to_BNHD(v), height=height, width=width,
                   kernel_size=kernel_size, scale=scale)
     np.testing.assert_allclose(out_BNHD, expected_BNHD, atol=1e-5, rtol=0, err_msg=fn.__name__)
