@@ -25,3 +25,23 @@ def tiny_demo_run(tmp_path_factory):
   from mvar_jax import demo
   workdir = str(tmp_path_factory.mktemp('tiny_demo') / 'demo')
   return workdir, demo.run(tiny_demo_config(), workdir)
+
+
+# Test files that share a session fixture run on the same xdist worker (`-n 2 --dist loadfile`,
+# the README's command): the tiny demo run is trained once for the demo and notebook tests.
+_SAME_WORKER_AS = {'tests/test_notebook.py': 'tests/test_demo.py'}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  if config.getoption('dist') != 'loadfile':
+    return None
+  from xdist.scheduler import LoadFileScheduling
+
+  class SharedFixtureFileScheduling(LoadFileScheduling):
+
+    def _split_scope(self, nodeid):
+      scope = super()._split_scope(nodeid)
+      return _SAME_WORKER_AS.get(scope, scope)
+
+  return SharedFixtureFileScheduling(config, log)
