@@ -181,13 +181,106 @@ def _variables(params):
   return params if 'params' in params else {'params': params}
 
 
+# XLA:CPU's YNNPACK "eltwise" fusions take the scalar constants of an elementwise chain (the
+# tanh-GELU's 0.5, 1, sqrt(2/pi), 0.044715) as operands broadcast to the full activation
+# shape. In the unrolled sampler CSE shares those broadcasts between the 16 blocks of a scale
+# and the scheduler materialises them up front, so four (2B, L, 4096) fp32 tensors per large
+# scale stay live for the whole call: 2.2 of the 3.3 GiB of temporaries at d16, batch 32.
+# The fused subgraphs' inner tensors are also invisible to `memory_analysis`. YNNPACK for
+# single dots only keeps its matmul kernels without either effect (see launch/README.md for
+# the measurements).
+_CPU_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+
+
+@functools.lru_cache(maxsize=None)
+def compiler_options(backend: str | None = None) -> tuple:
+  """The XLA options the sampler compiles with on `backend` (default: JAX's), as items.
+
+  Empty off CPU, and on an XLA:CPU that does not know the option (it is experimental; a
+  one-op program is compiled with it once to find out).
+  """
+  backend = backend or jax.default_backend()
+  if backend != 'cpu':
+    return ()
+  try:
+    jax.jit(lambda x: x + 1, backend='cpu').lower(jnp.float32(0)).compile(_CPU_OPTIONS)
+  except Exception:  # jaxlib without the option: compile with its defaults
+    return ()
+  return tuple(_CPU_OPTIONS.items())
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled(transformer, vqvae, batch_size: int, top_k: int, more_smooth: bool, use_cfg: bool,
               decode_batch: int = DEFAULT_DECODE_BATCH):
   del batch_size  # part of the cache key: one executable per batch size
   return jax.jit(functools.partial(_scale_loop, transformer=transformer, vqvae=vqvae, top_k=top_k,
                                    more_smooth=more_smooth, use_cfg=use_cfg,
-                                   decode_batch=decode_batch))
+                                   decode_batch=decode_batch),
+                 compiler_options=dict(compiler_options()) or None)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledSampler:
+  """The sampling loop compiled for one batch size and one set of static options.
+
+  `executable` is the jax.stages.Compiled that `__call__` runs: its `memory_analysis()` and
+  `cost_analysis()` describe exactly the program being timed.
+  """
+  executable: jax.stages.Compiled
+  num_classes: int
+  batch_size: int
+  top_k: int
+  use_cfg: bool
+
+  def memory_analysis(self):
+    return self.executable.memory_analysis()
+
+  def __call__(self, t_params, v_params, *, key, labels, cfg: float = 1.5,
+               top_p: float = 1.0) -> SampleOutput:
+    """Samples len(labels) == batch_size images; `key` as in `sample` (same key, same images)."""
+    validate_sampling_args(num_classes=self.num_classes, labels=labels, cfg=cfg,
+                           top_k=self.top_k, top_p=top_p)
+    labels = jnp.asarray(labels, jnp.int32)
+    if labels.shape != (self.batch_size,):
+      raise ValueError(f'labels must have shape ({self.batch_size},) for this compiled sampler, '
+                       f'got {labels.shape}')
+    if bool(cfg != 1.0) != self.use_cfg:
+      raise ValueError(f'cfg={cfg}: this sampler was compiled '
+                       + ('with guidance (cfg != 1)' if self.use_cfg else 'without guidance (cfg == 1)'))
+    _, key = jax.random.split(key)  # as `sample` does after drawing labels
+    ids, images = self.executable(_variables(t_params), v_params, labels, key, jnp.float32(cfg),
+                                  jnp.float32(top_p))
+    return SampleOutput(ids=ids, images_BHW3=images, labels_B=labels)
+
+
+def compile_sampler(transformer, t_params, vqvae, v_params, *, batch_size: int,
+                    cfg: float = 1.5, top_k: int = 0, more_smooth: bool = False,
+                    decode_batch: int = DEFAULT_DECODE_BATCH) -> CompiledSampler:
+  """Lowers and compiles the sampling loop now (or loads it from the compilation cache).
+
+  t_params / v_params: arrays or jax.ShapeDtypeStruct trees of the same structure (nothing
+  is allocated: `compile_sampler(...).memory_analysis()` works for any size on any machine).
+  Only whether cfg == 1 matters here; its value and top_p are given at call time.
+  """
+  validate_sampling_args(num_classes=transformer.config.num_classes, labels=None, cfg=cfg,
+                         top_k=top_k, top_p=1.0)
+  if int(batch_size) != batch_size or batch_size < 1:
+    raise ValueError(f'batch_size must be an integer >= 1, got {batch_size}')
+  _check_decode_batch(decode_batch)
+  use_cfg = bool(cfg != 1.0)
+  fn = _compiled(transformer, vqvae, int(batch_size), int(top_k), bool(more_smooth), use_cfg,
+                 int(decode_batch))
+  sds = jax.ShapeDtypeStruct
+  executable = fn.lower(_variables(t_params), v_params, sds((batch_size,), jnp.int32),
+                        jax.eval_shape(lambda: jax.random.key(0)), sds((), jnp.float32),
+                        sds((), jnp.float32)).compile()
+  return CompiledSampler(executable, transformer.config.num_classes, int(batch_size),
+                         int(top_k), use_cfg)
+
+
+def _check_decode_batch(decode_batch) -> None:
+  if int(decode_batch) != decode_batch or decode_batch < 0:
+    raise ValueError(f'decode_batch must be an integer >= 0 (0: all at once), got {decode_batch}')
 
 
 def inference_params(params, dtype='bfloat16'):
@@ -215,8 +308,7 @@ def sample(transformer, t_params, vqvae, v_params, *, key, labels=None, batch_si
       raise ValueError(f'give labels or batch_size >= 1, got batch_size={batch_size}')
     labels = jax.random.randint(label_key, (batch_size,), 0, num_classes)
   labels = jnp.asarray(labels, jnp.int32)
-  if int(decode_batch) != decode_batch or decode_batch < 0:
-    raise ValueError(f'decode_batch must be an integer >= 0 (0: all at once), got {decode_batch}')
+  _check_decode_batch(decode_batch)
   fn = _compiled(transformer, vqvae, int(labels.shape[0]), int(top_k), bool(more_smooth),
                  bool(cfg != 1.0), int(decode_batch))
   ids, images = fn(_variables(t_params), v_params, labels, key, jnp.float32(cfg),
