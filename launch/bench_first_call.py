@@ -77,17 +77,19 @@ def child(args) -> dict:
     return jax.block_until_ready(out.images_BHW3)
 
   durations.clear()
-  t = time.perf_counter()
+  t, c = time.perf_counter(), time.process_time()
   call()
-  first = time.perf_counter() - t
+  first, first_cpu = time.perf_counter() - t, time.process_time() - c
   stages = {name: durations.get(event, 0.0) for name, event in STAGES}
-  steady = []
+  steady, steady_cpu = [], []
   for _ in range(args.steady):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     call()
     steady.append(time.perf_counter() - t)
+    steady_cpu.append(time.process_time() - c)
   return {'startup': t_import - t_start, 'weights': t_weights - t_import, 'first': first,
-          'steady': statistics.median(steady), **stages}
+          'steady': statistics.median(steady), 'first cpu': first_cpu,
+          'steady cpu': statistics.median(steady_cpu), **stages}
 
 
 def main(argv=None):
@@ -114,17 +116,22 @@ def main(argv=None):
         loads.append(os.getloadavg()[0])
         print(f'# {which}: {results[which][-1]}', flush=True)
 
-  cols = ('startup', 'weights', 'trace', 'lower', 'cache load', 'compile', 'first', 'steady')
+  cols = ('startup', 'weights', 'trace', 'lower', 'cache load', 'compile', 'first', 'steady',
+          'first cpu', 'steady cpu')
   print(f'\n# d{args.depth if not args.smoke else "smoke"}, batch {args.batch}, MVAR, cfg 1.5, '
         f'top-k 900, top-p 0.96; median s of {args.runs} runs; 1-min load average '
         f'{min(loads):.1f}..{max(loads):.1f} ({os.cpu_count()} CPUs)')
-  print(f'{"process":<16}' + ''.join(f'{c:>11}' for c in cols) + f'{"first/steady":>14}')
+  print(f'{"process":<16}' + ''.join(f'{c:>11}' for c in cols) + f'{"first/steady":>14}'
+        f'{"(cpu)":>7}')
   for which, runs in results.items():
     med = {c: statistics.median(r[c] for r in runs) for c in cols}
     ratio = statistics.median(r['first'] / r['steady'] for r in runs)
-    print(f'{which:<16}' + ''.join(f'{med[c]:>11.2f}' for c in cols) + f'{ratio:>14.2f}')
+    ratio_cpu = statistics.median(r['first cpu'] / r['steady cpu'] for r in runs)
+    print(f'{which:<16}' + ''.join(f'{med[c]:>11.2f}' for c in cols) + f'{ratio:>14.2f}'
+          f'{ratio_cpu:>7.2f}')
   print('# first = the whole first sample() call; trace/lower/cache load/compile are the parts '
-        'JAX reports inside it; the rest of it is the first execution.')
+        'JAX reports inside it; the rest of it is the first execution. cpu: process CPU time '
+        '(all threads), steadier than wall time on a shared machine.')
 
 
 if __name__ == '__main__':

@@ -7,6 +7,9 @@
 
 The sampler compiles one large program per batch size (every scale unrolled: ~20 s on a
 2-core CPU at d16); with the cache a second process loads the executable from disk instead.
+JAX's cache alone still traces and lowers the program in every process to find its key
+(~5.5 s of CPU at d16), so `load_or_compile` also keeps the whole compiled executable, under a
+key of our own, in EXECUTABLES_SUBDIR of the same directory.
 Precedence: the `directory` argument, then $MVAR_COMPILATION_CACHE_DIR, then a directory the
 user already gave JAX (`jax_compilation_cache_dir` / $JAX_COMPILATION_CACHE_DIR), then the
 default. 'none' (or '') in the argument or the variable turns the cache off.

@@ -17,8 +17,11 @@ never the max); sample. `more_smooth` (visualisation only) replaces the code
 vectors by a Gumbel-softmax mixture with tau = max(0.27 (1 - 0.95 r), 0.005) on
 logits * (1 + r), r = si / (K - 1).
 
-One jitted function per (batch size, static options) is cached; cfg and top_p are
-traced, so changing them does not recompile.
+One executable per (batch size, static options, parameter shapes) is cached, in the process
+and, with the persistent compilation cache on, on disk (`compile_sampler`; a new process
+then neither traces nor compiles); cfg and top_p are arguments, so changing them does not
+recompile. `compile_sampler(...)` returns that executable: its memory analysis is the
+program that `sample` runs.
 """
 
 from __future__ import annotations
