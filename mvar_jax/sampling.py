@@ -189,15 +189,16 @@ def _variables(params):
   return params if 'params' in params else {'params': params}
 
 
-# XLA:CPU's YNNPACK "eltwise" fusions take the scalar constants of an elementwise chain (the
-# tanh-GELU's 0.5, 1, sqrt(2/pi), 0.044715) as operands broadcast to the full activation
-# shape. In the unrolled sampler CSE shares those broadcasts between the 16 blocks of a scale
-# and the scheduler materialises them up front, so four (2B, L, 4096) fp32 tensors per large
-# scale stay live for the whole call: 2.2 of the 3.3 GiB of temporaries at d16, batch 32.
-# The fused subgraphs' inner tensors are also invisible to `memory_analysis`. YNNPACK for
-# single dots only keeps its matmul kernels without either effect (see launch/README.md for
-# the measurements).
-_CPU_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+# XLA:CPU's YNNPACK fusions are off for the sampler. The "eltwise" ones take the scalar
+# constants of an elementwise chain (the tanh-GELU's 0.5, 1, sqrt(2/pi), 0.044715) as operands
+# broadcast to the full activation shape; in the unrolled sampler CSE shares those broadcasts
+# between the 16 blocks of a scale and the scheduler materialises them up front, so four
+# (2B, L, 4096) fp32 tensors per large scale stay live for the whole call: 2.2 of the 3.3 GiB
+# of temporaries at d16, batch 32 (and a fused subgraph's inner tensors are invisible to
+# `memory_analysis`). Without any YNNPACK fusion the d16 sampler runs in the same CPU time,
+# compiles faster, and a new process loads its stored executable in 10 instead of 14 CPU
+# seconds (single-dot fusions: same memory, slower load). Measurements: launch/README.md.
+_CPU_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
 
 @functools.lru_cache(maxsize=None)
