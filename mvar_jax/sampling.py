@@ -265,9 +265,15 @@ class CompiledSampler:
 
 
 def _signature(tree) -> tuple:
-  """Hashable structure, shapes and dtypes of a tree of arrays or ShapeDtypeStructs."""
+  """Hashable structure, shapes, dtypes and placements of a tree of arrays or ShapeDtypeStructs.
+
+  The placement is part of it: params put on device 1 (sample_mode's one thread per device)
+  need an executable compiled for device 1, as jit would retrace for them.
+  """
   leaves, treedef = jax.tree_util.tree_flatten(tree)
-  return treedef, tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves)
+  return treedef, tuple(jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                             sharding=getattr(x, 'sharding', None))
+                        for x in leaves)
 
 
 @functools.lru_cache(maxsize=64)
