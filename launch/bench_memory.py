@@ -35,6 +35,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import smoke_configs  # noqa: E402  (launch/)
+
 PAPER_GB = {('MVAR', 16): 3.8, ('VAR', 16): 10.9}  # sampling, batch 32, RTX 4090
 PATCH_NUMS = {256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)}
 REFINE_STEP = {256: 8, 512: 6}  # configs/mvar_d16.py and configs/mvar_d16_512.py
@@ -73,7 +75,10 @@ class Mem:
 
 
 def analyse(fn, *abstract_args) -> Mem:
-  m = fn.lower(*abstract_args).compile().memory_analysis()
+  return _mem(fn.lower(*abstract_args).compile().memory_analysis())
+
+
+def _mem(m) -> Mem:
   return Mem(m.argument_size_in_bytes, m.output_size_in_bytes, m.temp_size_in_bytes,
              m.alias_size_in_bytes)
 
@@ -90,13 +95,7 @@ def build(args, depth: int, mode: str):
   pn = PATCH_NUMS[args.res]
   dtype = args.dtype or ('bfloat16' if jax.default_backend() == 'gpu' else 'float32')
   if args.smoke:
-    pn = (1, 2, 3, 4, 6)
-    v_cfg = vqvae.VQVAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8,
-                              vocab_size=64, patch_nums=pn, using_sa=False, using_mid_sa=False)
-    t_cfg = tfm.TransformerConfig(depth=depth, width=64, num_heads=2, vocab_size=64, cvae=8,
-                                  patch_nums=pn, dtype=dtype,
-                                  attention=AttentionConfig(mode=mode, refine_step=4,
-                                                            kernel_size=3))
+    v_cfg, t_cfg = smoke_configs.tiny(depth, mode=mode, dtype=dtype)
   else:
     v_cfg = vqvae.VQVAEConfig(patch_nums=pn, precision='default')
     t_cfg = tfm.preset(depth, patch_nums=pn, dtype=dtype,
@@ -112,17 +111,21 @@ def sampler_mem(args, tok, v_abs, model, t_abs) -> Mem:
   kw = {}
   if args.decode_batch >= 0:
     kw['decode_batch'] = args.decode_batch
-  fn = sampling._compiled(model, tok, args.batch, args.top_k, False, args.cfg != 1.0, **kw)
-  sds = jax.ShapeDtypeStruct
-  key = jax.eval_shape(lambda: jax.random.key(0))
-  return analyse(fn, {'params': t_abs}, v_abs, sds((args.batch,), jnp.int32), key,
-                 sds((), jnp.float32), sds((), jnp.float32))
+  sampler = sampling.compile_sampler(model, t_abs, tok, v_abs, batch_size=args.batch,
+                                     cfg=args.cfg, top_k=args.top_k, **kw)
+  return _mem(sampler.memory_analysis())
+
+
+def _sampler_jit(fn):
+  """jax.jit with the XLA options the sampler compiles with, so the parts add up."""
+  from mvar_jax import sampling
+  return jax.jit(fn, compiler_options=dict(sampling.compiler_options()) or None)
 
 
 def decoder_mem(args, tok, v_abs) -> Mem:
   pn = tok.config.patch_nums[-1]
   f_hat = jax.ShapeDtypeStruct((args.batch, pn, pn, tok.config.z_channels), jnp.float32)
-  return analyse(jax.jit(lambda p, f: tok.fhat_to_img(p, f)), v_abs, f_hat)
+  return analyse(_sampler_jit(lambda p, f: tok.fhat_to_img(p, f)), v_abs, f_hat)
 
 
 def last_scale_mem(args, model, t_abs) -> Mem:
@@ -132,7 +135,7 @@ def last_scale_mem(args, model, t_abs) -> Mem:
   b = 2 * args.batch if args.cfg != 1.0 else args.batch
   x = jax.ShapeDtypeStruct((b, cfg.patch_nums[-1] ** 2, cfg.cvae), jnp.float32)
   labels = jax.ShapeDtypeStruct((b,), jnp.int32)
-  fn = jax.jit(lambda p, l, x: model.apply({'params': p}, l, x, first=k, last=k))
+  fn = _sampler_jit(lambda p, l, x: model.apply({'params': p}, l, x, first=k, last=k))
   return analyse(fn, t_abs, labels, x)
 
 
@@ -177,7 +180,7 @@ def train_mem(args, model, t_abs) -> tuple[Mem, str]:
 def main(argv=None):
   args = parse_args(argv)
   if args.smoke:
-    args.depths, args.batch, args.top_k = '1', 2, 10
+    args.depths, args.batch, args.top_k = '1', 2, smoke_configs.TOP_K
   from mvar_jax import compilation_cache
   compilation_cache.enable()
   gib = lambda b: f'{b / 2**30:8.2f}'

@@ -30,6 +30,8 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import smoke_configs  # noqa: E402  (launch/)
+
 
 def _median_ms(fn, warmup: int, reps: int, what: str = '') -> float:
   t = time.perf_counter()
@@ -70,12 +72,7 @@ def main(argv=None):
   args = p.parse_args(argv)
 
   if args.smoke:
-    pn = (1, 2, 3, 4, 6)
-    v_cfg = vqvae.VQVAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8,
-                              vocab_size=64, patch_nums=pn, using_sa=False, using_mid_sa=False)
-    base = transformer.TransformerConfig(depth=2, width=64, num_heads=2, vocab_size=64, cvae=8,
-                                         patch_nums=pn, attention=AttentionConfig(refine_step=4,
-                                                                                  kernel_size=3))
+    v_cfg, base = smoke_configs.tiny(depth=2)
     args.warmup, args.reps = 1, 2
   else:
     v_cfg = vqvae.VQVAEConfig(precision='default')
@@ -96,22 +93,22 @@ def main(argv=None):
       cfg = dataclasses.replace(base, attention=attn)
       model = transformer.MVARTransformer(cfg)
       labels = jnp.arange(b, dtype=jnp.int32) % cfg.num_classes
-      # The sampler's own jitted loop, compiled once here so that its memory_analysis (what the
-      # program needs, free of autotuning scratch that peak_bytes_in_use also counts) and its
-      # timing come from one executable.
-      loop = sampling._compiled(model, tok, b, 900, False, True)
       sample_params = sampling.inference_params(t_params) if args.bf16_params else t_params
-      loop_args = ({'params': sample_params}, v_params, labels, jax.random.key(1), jnp.float32(1.5),
-                   jnp.float32(0.96))
       ms_sample, xla_gib = float('nan'), float('nan')
       if not args.skip_sample:
         try:
+          # One executable gives both the time and the memory analysis (what the program
+          # needs, free of the autotuning scratch that peak_bytes_in_use also counts).
           t = time.perf_counter()
-          compiled = loop.lower(*loop_args).compile()
+          sampler = sampling.compile_sampler(model, sample_params, tok, v_params, batch_size=b,
+                                             cfg=1.5, top_k=900)
           print(f'  {name} b{b} sampling: compile {time.perf_counter() - t:.1f} s', flush=True)
-          xla_gib = _program_gib(compiled)
-          ms_sample = _median_ms(lambda: compiled(*loop_args)[1], args.warmup, args.reps,
-                                 f'{name} b{b} sampling')
+          xla_gib = _program_gib(sampler)
+          key = jax.random.key(1)
+          ms_sample = _median_ms(
+              lambda: sampler(sample_params, v_params, key=key, labels=labels, cfg=1.5,
+                              top_p=0.96).images_BHW3, args.warmup, args.reps,
+              f'{name} b{b} sampling')
         except Exception as e:  # e.g. out of memory: report and go on
           print(f'{name} b{b} sampling failed: {type(e).__name__}: {str(e)[:200]}')
       ms_train = float('nan')

@@ -25,6 +25,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import smoke_configs  # noqa: E402  (launch/)
+
 
 def _median_ms(fn, *args, reps: int):
   jax.block_until_ready(fn(*args))
@@ -52,13 +54,8 @@ def main(argv=None):
   args = p.parse_args(argv)
 
   if args.smoke:
-    pn = (1, 2, 3, 4, 6)
-    v_cfg = vqvae.VQVAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8,
-                              vocab_size=64, patch_nums=pn, using_sa=False, using_mid_sa=False)
-    t_cfg = tfm.TransformerConfig(depth=1, width=64, num_heads=2, vocab_size=64, cvae=8,
-                                  patch_nums=pn, attention=AttentionConfig(refine_step=4,
-                                                                           kernel_size=3))
-    args.top_k, args.reps = 10, 1
+    v_cfg, t_cfg = smoke_configs.tiny(depth=1)
+    args.top_k, args.reps = smoke_configs.TOP_K, 1
   else:
     v_cfg = vqvae.VQVAEConfig()
     t_cfg = tfm.preset(args.depth)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mvar_jax import atomic_file
 from mvar_jax.data import builtin
 
 Params = Any
@@ -142,10 +143,7 @@ def save_classifier(path: str, params: Params, *, image_size: int) -> None:
       {'variables': serialization.to_state_dict(jax.device_get(params)),
        'image_size': int(image_size)})
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(blob)
-  os.replace(tmp, path)
+  atomic_file.write_atomically(path, lambda f: f.write(blob))
 
 
 def load_classifier(path: str, *, image_size: int | None = None) -> Params:

@@ -17,8 +17,11 @@ never the max); sample. `more_smooth` (visualisation only) replaces the code
 vectors by a Gumbel-softmax mixture with tau = max(0.27 (1 - 0.95 r), 0.005) on
 logits * (1 + r), r = si / (K - 1).
 
-One jitted function per (batch size, static options) is cached; cfg and top_p are
-traced, so changing them does not recompile.
+One executable per (batch size, static options, parameter shapes) is cached, in the process
+and, with the persistent compilation cache on, on disk (`compile_sampler`; a new process
+then neither traces nor compiles); cfg and top_p are arguments, so changing them does not
+recompile. `compile_sampler(...)` returns that executable: its memory analysis is the
+program that `sample` runs.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mvar_jax import compilation_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +148,10 @@ def _scale_loop(t_params, v_params, labels_B, key, cfg, top_p, *, transformer, v
   next_BlC = None  # teacher input of the current scale (None at scale 0)
   prefix = []  # 'var' mode recomputes the prefix
   ids = []
-  keys = jax.random.split(key, 2 * k_scales)
+  # The caller's key: its first half draws random labels (`sample`), the second drives the
+  # scales. Split here, not eagerly: an eager split compiles a program of its own in every
+  # new process.
+  keys = jax.random.split(jax.random.split(key)[1], 2 * k_scales)
   for si, pn in enumerate(layout.patch_nums):
     ratio = si / (k_scales - 1) if k_scales > 1 else 0.0
     if tcfg.attention.mode == 'var':
@@ -181,13 +189,135 @@ def _variables(params):
   return params if 'params' in params else {'params': params}
 
 
+# XLA:CPU's YNNPACK fusions are off for the sampler. The "eltwise" ones take the scalar
+# constants of an elementwise chain (the tanh-GELU's 0.5, 1, sqrt(2/pi), 0.044715) as operands
+# broadcast to the full activation shape; in the unrolled sampler CSE shares those broadcasts
+# between the 16 blocks of a scale and the scheduler materialises them up front, so four
+# (2B, L, 4096) fp32 tensors per large scale stay live for the whole call: 2.2 of the 3.3 GiB
+# of temporaries at d16, batch 32 (and a fused subgraph's inner tensors are invisible to
+# `memory_analysis`). Without any YNNPACK fusion the d16 sampler runs in the same CPU time,
+# compiles faster, and a new process loads its stored executable in 10 instead of 14 CPU
+# seconds (single-dot fusions: same memory, slower load). Measurements: launch/README.md.
+_CPU_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
+
+
+@functools.lru_cache(maxsize=None)
+def compiler_options(backend: str | None = None) -> tuple:
+  """The XLA options the sampler compiles with on `backend` (default: JAX's), as items.
+
+  Empty off CPU, and on an XLA:CPU that does not know the option (it is experimental; a
+  one-op program is compiled with it once to find out).
+  """
+  backend = backend or jax.default_backend()
+  if backend != 'cpu':
+    return ()
+  try:
+    jax.jit(lambda x: x + 1, backend='cpu').lower(np.float32(0)).compile(_CPU_OPTIONS)
+  except Exception:  # jaxlib without the option: compile with its defaults
+    return ()
+  return tuple(_CPU_OPTIONS.items())
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled(transformer, vqvae, batch_size: int, top_k: int, more_smooth: bool, use_cfg: bool,
               decode_batch: int = DEFAULT_DECODE_BATCH):
   del batch_size  # part of the cache key: one executable per batch size
   return jax.jit(functools.partial(_scale_loop, transformer=transformer, vqvae=vqvae, top_k=top_k,
                                    more_smooth=more_smooth, use_cfg=use_cfg,
-                                   decode_batch=decode_batch))
+                                   decode_batch=decode_batch),
+                 compiler_options=dict(compiler_options()) or None)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledSampler:
+  """The sampling loop compiled for one batch size and one set of static options.
+
+  `executable` is the jax.stages.Compiled that `__call__` runs: its `memory_analysis()` and
+  `cost_analysis()` describe exactly the program being timed.
+  """
+  executable: jax.stages.Compiled
+  num_classes: int
+  batch_size: int
+  top_k: int
+  use_cfg: bool
+
+  def memory_analysis(self):
+    return self.executable.memory_analysis()
+
+  def __call__(self, t_params, v_params, *, key, labels, cfg: float = 1.5,
+               top_p: float = 1.0) -> SampleOutput:
+    """Samples len(labels) == batch_size images; `key` as in `sample` (same key, same images)."""
+    validate_sampling_args(num_classes=self.num_classes, labels=labels, cfg=cfg,
+                           top_k=self.top_k, top_p=top_p)
+    labels = np.asarray(labels, np.int32)
+    if labels.shape != (self.batch_size,):
+      raise ValueError(f'labels must have shape ({self.batch_size},) for this compiled sampler, '
+                       f'got {labels.shape}')
+    if bool(cfg != 1.0) != self.use_cfg:
+      raise ValueError(f'cfg={cfg}: this sampler was compiled '
+                       + ('with guidance (cfg != 1)' if self.use_cfg else
+                          'without guidance (cfg == 1)'))
+    # numpy scalars and arrays go to the executable as they are: jnp conversions would each
+    # compile a small program in a fresh process before the sampler's first call.
+    ids, images = self.executable(_variables(t_params), v_params, labels, key, np.float32(cfg),
+                                  np.float32(top_p))
+    return SampleOutput(ids=ids, images_BHW3=images, labels_B=jax.device_put(labels))
+
+
+def _signature(tree) -> tuple:
+  """Hashable structure, shapes, dtypes and placements of a tree of arrays or ShapeDtypeStructs.
+
+  The placement is part of it: params put on device 1 (sample_mode's one thread per device)
+  need an executable compiled for device 1, as jit would retrace for them.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  return treedef, tuple(jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                             sharding=getattr(x, 'sharding', None))
+                        for x in leaves)
+
+
+@functools.lru_cache(maxsize=64)
+def _sampler(transformer, vqvae, batch_size: int, top_k: int, more_smooth: bool, use_cfg: bool,
+             decode_batch: int, t_sig, v_sig, key_aval) -> CompiledSampler:
+  """One CompiledSampler per process and signature, kept on disk across processes
+  (compilation_cache.load_or_compile: a new process skips tracing and lowering)."""
+  fn = _compiled(transformer, vqvae, batch_size, top_k, more_smooth, use_cfg, decode_batch)
+  sds = jax.ShapeDtypeStruct
+  lower = lambda: fn.lower(t_sig[0].unflatten(t_sig[1]), v_sig[0].unflatten(v_sig[1]),
+                           sds((batch_size,), jnp.int32), key_aval, sds((), jnp.float32),
+                           sds((), jnp.float32))
+  key = compilation_cache.executable_key(
+      'sampling._scale_loop', repr(transformer.config), repr(vqvae.config), batch_size, top_k,
+      more_smooth, use_cfg, decode_batch, str(t_sig), str(v_sig), str(key_aval),
+      compiler_options())
+  executable = compilation_cache.load_or_compile(key, lower)
+  return CompiledSampler(executable, transformer.config.num_classes, batch_size, top_k, use_cfg)
+
+
+def compile_sampler(transformer, t_params, vqvae, v_params, *, batch_size: int,
+                    cfg: float = 1.5, top_k: int = 0, more_smooth: bool = False,
+                    decode_batch: int = DEFAULT_DECODE_BATCH, key=None) -> CompiledSampler:
+  """Lowers and compiles the sampling loop now (or loads it from the compilation cache).
+
+  t_params / v_params: arrays or jax.ShapeDtypeStruct trees of the same structure (nothing
+  is allocated: `compile_sampler(...).memory_analysis()` works for any size on any machine).
+  Only whether cfg == 1 matters here; its value and top_p are given at call time. key: a key
+  of the kind you will sample with (default: jax.random.key's).
+  """
+  validate_sampling_args(num_classes=transformer.config.num_classes, labels=None, cfg=cfg,
+                         top_k=top_k, top_p=1.0)
+  if int(batch_size) != batch_size or batch_size < 1:
+    raise ValueError(f'batch_size must be an integer >= 1, got {batch_size}')
+  _check_decode_batch(decode_batch)
+  key = jax.eval_shape(lambda: jax.random.key(0)) if key is None else key
+  return _sampler(transformer, vqvae, int(batch_size), int(top_k), bool(more_smooth),
+                  bool(cfg != 1.0), int(decode_batch), _signature(_variables(t_params)),
+                  _signature(v_params), jax.ShapeDtypeStruct(key.shape, key.dtype))
+
+
+def _check_decode_batch(decode_batch) -> None:
+  if int(decode_batch) != decode_batch or decode_batch < 0:
+    raise ValueError(f'decode_batch must be an integer >= 0 (0: all at once), got {decode_batch}')
 
 
 def inference_params(params, dtype='bfloat16'):
@@ -209,16 +339,12 @@ def sample(transformer, t_params, vqvae, v_params, *, key, labels=None, batch_si
   """
   num_classes = transformer.config.num_classes
   validate_sampling_args(num_classes=num_classes, labels=labels, cfg=cfg, top_k=top_k, top_p=top_p)
-  label_key, key = jax.random.split(key)
   if labels is None:
     if not batch_size or batch_size < 1:
       raise ValueError(f'give labels or batch_size >= 1, got batch_size={batch_size}')
-    labels = jax.random.randint(label_key, (batch_size,), 0, num_classes)
-  labels = jnp.asarray(labels, jnp.int32)
-  if int(decode_batch) != decode_batch or decode_batch < 0:
-    raise ValueError(f'decode_batch must be an integer >= 0 (0: all at once), got {decode_batch}')
-  fn = _compiled(transformer, vqvae, int(labels.shape[0]), int(top_k), bool(more_smooth),
-                 bool(cfg != 1.0), int(decode_batch))
-  ids, images = fn(_variables(t_params), v_params, labels, key, jnp.float32(cfg),
-                   jnp.float32(top_p))
-  return SampleOutput(ids=ids, images_BHW3=images, labels_B=labels)
+    labels = jax.random.randint(jax.random.split(key)[0], (batch_size,), 0, num_classes)
+  labels = np.asarray(labels, np.int32)
+  sampler = compile_sampler(transformer, t_params, vqvae, v_params, batch_size=labels.shape[0],
+                            cfg=cfg, top_k=top_k, more_smooth=more_smooth,
+                            decode_batch=decode_batch, key=key)
+  return sampler(t_params, v_params, key=key, labels=labels, cfg=cfg, top_p=top_p)

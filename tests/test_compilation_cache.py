@@ -54,9 +54,10 @@ class TestResolveDirectory:
 _SAMPLE_SCRIPT = textwrap.dedent('''
     import json, sys
     import jax, numpy as np
-    hits = []
-    jax.monitoring.register_event_listener(
-        lambda name, **kw: hits.append(name) if name == '/jax/compilation_cache/cache_hits' else None)
+    traced = []  # the sampler traced in this process (its executable did not come from disk)
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, secs, fun_name='', **kw: traced.append(fun_name)
+        if name == '/jax/core/compile/jaxpr_trace_duration' and 'scale_loop' in fun_name else None)
     from mvar_jax import api, transformer, vqvae
     from mvar_jax.attention import AttentionConfig
     pn = (1, 2, 3, 4)
@@ -72,8 +73,10 @@ _SAMPLE_SCRIPT = textwrap.dedent('''
     fill = lambda t: jax.tree_util.tree_map(
         lambda s: (0.2 * rng.standard_normal(s.shape)).astype(np.float32), nn.unbox(t))
     pipe = api.MVARPipeline(v_cfg, fill(shapes_v), t_cfg, fill(shapes_t))
-    out = pipe.sample(jax.random.key(3), labels=[0, 2], cfg=1.5, top_k=5, top_p=0.9)
-    print(json.dumps({'hits': len(hits), 'ids': [np.asarray(i).tolist() for i in out.ids]}))
+    key = jax.random.key(3)
+    del traced[:]
+    out = pipe.sample(key, labels=[0, 2], cfg=1.5, top_k=5, top_p=0.9)
+    print(json.dumps({'traced': len(traced), 'ids': [np.asarray(i).tolist() for i in out.ids]}))
 ''')
 
 
@@ -87,10 +90,17 @@ def _run(cache_dir):
 
 
 def test_a_second_process_loads_the_sampler_from_the_cache(tmp_path):
-  """The API turns the cache on by itself; the second process compiles nothing it has seen."""
+  """The API turns the cache on by itself; the second process neither traces nor compiles it."""
   first = _run(tmp_path / 'xla')
-  assert first['hits'] == 0
-  assert os.listdir(tmp_path / 'xla')  # executables were written
+  assert first['traced'] >= 1
+  stored = os.listdir(tmp_path / 'xla' / compilation_cache.EXECUTABLES_SUBDIR)
+  assert len(stored) == 1  # the whole sampler executable
   second = _run(tmp_path / 'xla')
-  assert second['hits'] >= 1
+  assert second['traced'] == 0
   assert second['ids'] == first['ids']  # same key, same samples, across processes
+  # A damaged file is not fatal: the third process compiles again and overwrites it.
+  path = tmp_path / 'xla' / compilation_cache.EXECUTABLES_SUBDIR / stored[0]
+  path.write_bytes(path.read_bytes()[:1000])
+  third = _run(tmp_path / 'xla')
+  assert third['traced'] >= 1 and third['ids'] == first['ids']
+  assert path.stat().st_size > 1000

@@ -118,6 +118,28 @@ class TestSample:
       np.testing.assert_array_equal(x, y)
     assert any(not np.array_equal(x, y) for x, y in zip(a.ids, c.ids))
 
+  def test_compile_sampler_runs_what_sample_runs(self, pipe):
+    """One executable, compiled from shapes alone, for both the timing and the memory figure."""
+    kw = dict(labels=[0, 3, 4], cfg=2.0, top_p=0.9)  # as above: the executable is reused
+    want = pipe.sample(jax.random.key(7), top_k=8, **kw)
+    shapes = lambda tree: jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    sampler = sampling.compile_sampler(
+        pipe.transformer, shapes(pipe.transformer_params), pipe.tokenizer,
+        shapes(pipe.tokenizer_params), batch_size=3, cfg=2.0, top_k=8)
+    got = sampler(pipe.transformer_params, pipe.tokenizer_params, key=jax.random.key(7), **kw)
+    for x, y in zip(want.ids, got.ids):
+      np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(want.images_BHW3, got.images_BHW3)
+    param_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(pipe.transformer_params))
+    assert sampler.memory_analysis().argument_size_in_bytes >= param_bytes
+    with pytest.raises(ValueError, match=r'labels must have shape \(3,\)'):
+      sampler(pipe.transformer_params, pipe.tokenizer_params, key=jax.random.key(7),
+              labels=[0], cfg=2.0)
+    with pytest.raises(ValueError, match='cfg=1.0: this sampler was compiled with guidance'):
+      sampler(pipe.transformer_params, pipe.tokenizer_params, key=jax.random.key(7),
+              labels=[0, 1, 2], cfg=1.0)
+
   def test_shapes_ranges_and_consistency_with_the_tokenizer(self, pipe):
     out = pipe.sample(jax.random.key(0), labels=[1, 2], cfg=1.5, top_k=0, top_p=1.0)
     assert out.images_BHW3.shape == (2, pipe.image_size, pipe.image_size, 3)
