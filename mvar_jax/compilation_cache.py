@@ -94,8 +94,11 @@ def executable_key(*parts) -> str:
   import flax
   import jaxlib
   device = jax.devices()[0]
+  # XLA_FLAGS and these JAX options change what compiles without changing our arguments.
   described = repr((parts, jax.__version__, jaxlib.__version__, flax.__version__,
                     device.platform, device.device_kind, jax.device_count(),
+                    jax.process_count(), jax.process_index(), os.environ.get('XLA_FLAGS', ''),
+                    jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision,
                     _SOURCE_FINGERPRINT))
   return hashlib.sha256(described.encode()).hexdigest()
 

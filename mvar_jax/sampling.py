@@ -286,11 +286,19 @@ def _sampler(transformer, vqvae, batch_size: int, top_k: int, more_smooth: bool,
   lower = lambda: fn.lower(t_sig[0].unflatten(t_sig[1]), v_sig[0].unflatten(v_sig[1]),
                            sds((batch_size,), jnp.int32), key_aval, sds((), jnp.float32),
                            sds((), jnp.float32))
-  key = compilation_cache.executable_key(
-      'sampling._scale_loop', repr(transformer.config), repr(vqvae.config), batch_size, top_k,
-      more_smooth, use_cfg, decode_batch, str(t_sig), str(v_sig), str(key_aval),
-      compiler_options())
-  executable = compilation_cache.load_or_compile(key, lower)
+  devices = {d for x in (*t_sig[1], *v_sig[1]) if x.sharding is not None
+             for d in x.sharding.device_set}
+  if len(devices) > 1:
+    # Params sharded over a mesh (the trainer's preview grid, possibly across processes): an
+    # executable of several devices is compiled here and kept in memory only; reloading one
+    # from disk would place it on this process's devices alone.
+    executable = lower().compile()
+  else:
+    key = compilation_cache.executable_key(
+        'sampling._scale_loop', repr(transformer.config), repr(vqvae.config), batch_size, top_k,
+        more_smooth, use_cfg, decode_batch, str(t_sig), str(v_sig), str(key_aval),
+        compiler_options())
+    executable = compilation_cache.load_or_compile(key, lower)
   return CompiledSampler(executable, transformer.config.num_classes, batch_size, top_k, use_cfg)
 
 
