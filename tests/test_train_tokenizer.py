@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mvar_jax import api, train_tokenizer, vqvae
+from mvar_jax import api, tokenizer_recipes, train_tokenizer, vqvae
 from mvar_jax.data import pipeline
 
 
@@ -23,7 +23,14 @@ def tiny_config(steps=30, lr=3e-3):
   t.using_sa = t.using_mid_sa = False
   t.steps, t.batch_size, t.lr, t.warmup_steps, t.log_every = steps, 16, lr, 5, 10
   t.restart_dead_every = 10
+  t.eval_images, t.eval_batch_size = 16, 16  # held-out reconstruction metrics at the end
   return c
+
+
+def gan_recipe(t, disc_start):
+  """The demo recipe's GAN (small discriminator, adaptive weight) from `disc_start` on."""
+  t.update(tokenizer_recipes.loss_fields('demo', steps=3 * disc_start))
+  t.disc_ndf, t.disc_layers = 8, 1  # 16 px: 8x8 -> 6x6 patch logits
 
 
 def read_scalars(logdir):
