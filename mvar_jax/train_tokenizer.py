@@ -198,9 +198,9 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: str):
                                         with_rfid=False)
 
   def init(key):
-    k_tok, k_disc = jax.random.split(key)
-    params = nn.unbox(vqvae.init_params(cfg, k_tok)['params'])
-    state = ts.init_state(params, tx, disc, disc_tx, k_disc, (cfg.resolution, cfg.resolution, 3))
+    params = nn.unbox(vqvae.init_params(cfg, key)['params'])
+    state = ts.init_state(params, tx, disc, disc_tx, jax.random.fold_in(key, 1),
+                          (cfg.resolution, cfg.resolution, 3))
     return dict(state, step=jnp.zeros((), jnp.int32),
                 since_hit=jnp.zeros((cfg.vocab_size,), jnp.int32),
                 window_hits=jnp.zeros((len(cfg.patch_nums), cfg.vocab_size), jnp.int32))

@@ -35,28 +35,6 @@ from mvar_jax import tokenizer_step as ts, train_tokenizer, vqvae  # noqa: E402
 from mvar_jax.data import pipeline  # noqa: E402
 
 
-def random_lpips(seed: int):
-  """LPIPS params: random He-initialised VGG16 trunk, the package's heads if installed."""
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(lambda: lpips.init_params(jax.random.key(0)))
-  params = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32), shapes)
-  for name, p in params['net'].items():
-    k = p['kernel']
-    fan_in = k.shape[0] * k.shape[1] * k.shape[2]
-    p['kernel'] = (rng.standard_normal(k.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
-  try:
-    heads = convert.extract_state_dict(convert.load_torch_file(lpips.package_heads_path()))
-    for k in range(5):
-      w = heads[f'lin{k}.model.1.weight']  # (1, C, 1, 1)
-      params[f'lin{k}']['kernel'] = w.transpose(2, 3, 1, 0)
-    source = 'lpips package heads'
-  except (FileNotFoundError, ImportError):
-    for k in range(5):
-      params[f'lin{k}']['kernel'] = np.abs(params[f'lin{k}']['kernel']) + 1.0
-    source = 'uniform heads (lpips package not installed)'
-  return jax.tree_util.tree_map(jnp.asarray, params), source
-
-
 def train_one(recipe: str, config, steps: int, lpips_params, val_images):
   t = config.tokenizer
   t.update(tokenizer_recipes.loss_fields(recipe, steps=steps))
@@ -140,8 +118,8 @@ def main(argv=None):
   p.add_argument('--recipes', default='plain,demo')
   p.add_argument('--out', default='')
   args = p.parse_args(argv)
-  lp_train, heads = random_lpips(0)
-  lp_other, _ = random_lpips(1)
+  lp_train, heads = lpips.random_params(0)
+  lp_other, _ = lpips.random_params(1)
   config = demo_config.get_config()
   val = next(pipeline.create_dataset(config.data, split='val', batch_size=args.val,
                                      shuffle=False, repeat=False))['image']
