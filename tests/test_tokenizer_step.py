@@ -3,7 +3,6 @@
 import dataclasses
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +10,7 @@ import optax
 import pytest
 
 from mvar_jax import discriminator as disc_lib, lpips, tokenizer_recipes, tokenizer_step as ts, vqvae
+from test_vqvae import random_params
 
 # The GAN step runs at 8 px (the smallest the patch discriminator takes with one strided
 # layer: 8 -> 4 -> 3 -> 2x2 logits); LPIPS's five VGG stages need 16 px.
@@ -56,10 +56,20 @@ def test_discriminator_emits_patch_logits_and_validates():
 
 # ----------------------------------------------------------------------------- the step
 
+def _disc_params(cfg, image_shape_HWC, seed=0):
+  """Upstream's init distribution drawn on the host (no compiled init)."""
+  abstract = jax.eval_shape(lambda: disc_lib.init_params(cfg, jax.random.key(0), image_shape_HWC))
+  rng = np.random.default_rng(seed)
+  draw = {'kernel': lambda s: 0.02 * rng.standard_normal(s), 'scale': lambda s:
+          1 + 0.02 * rng.standard_normal(s), 'bias': np.zeros}
+  return jax.tree_util.tree_map_with_path(
+      lambda path, a: jnp.asarray(draw[path[-1].key](a.shape), jnp.float32), abstract)
+
+
 @functools.lru_cache(maxsize=None)
 def _setup(cfg=TOK_CFG):
   tok = vqvae.Tokenizer(cfg)
-  params = nn.unbox(vqvae.init_params(cfg, jax.random.key(0))['params'])
+  params = random_params(cfg)  # host-drawn: compiling Flax's init costs more than the step
   disc = disc_lib.PatchDiscriminator(DISC_CFG)
   tx, disc_tx = optax.adam(1e-3), optax.adam(1e-3)
   s = cfg.resolution
@@ -70,9 +80,11 @@ def _setup(cfg=TOK_CFG):
 def _fresh_state(cfg=TOK_CFG, with_disc=True):
   tok, params, disc, tx, disc_tx, _ = _setup(cfg)
   params = jax.tree_util.tree_map(jnp.array, params)  # the step donates its state
-  s = cfg.resolution
-  return ts.init_state(params, tx, disc if with_disc else None, disc_tx, jax.random.key(1),
-                       (s, s, 3))
+  state = ts.init_state(params, tx, None, None, None, None)
+  if with_disc:
+    d = _disc_params(DISC_CFG, (cfg.resolution, cfg.resolution, 3))
+    state.update(disc_params=d, disc_opt_state=disc_tx.init(d))
+  return state
 
 
 def _numpy(tree):
