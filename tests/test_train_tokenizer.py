@@ -139,6 +139,13 @@ def test_tokenizer_config_describes_the_released_architecture():
   assert cfg.resolution == 256
   small = train_tokenizer.vqvae_config_from(tokenizer_config.get_config('small'))
   assert small.resolution == 32 and small.patch_nums[-1] == 8
+  # Loss weights: LlamaGen's recipe on VAR's quantizer; the small one is the demo recipe.
+  from mvar_jax import tokenizer_step
+  w = tokenizer_step.LossWeights.from_config(tokenizer_config.get_config().tokenizer)
+  assert (w.l1, w.l2, w.disc, w.disc_start, w.adaptive) == (0.0, 1.0, 0.5, 20_000, False)
+  assert w.perceptual == 0.0  # no lpips_weights configured: the perceptual term is off
+  t = tokenizer_config.get_config('small').tokenizer
+  assert t.disc_weight > 0 and 0 < t.disc_start < t.steps and t.perceptual_weight == 1.0
 
 
 # ============================================================================= crash safety
