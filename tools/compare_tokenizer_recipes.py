@@ -61,7 +61,7 @@ def train_one(recipe: str, config, steps: int, lpips_params, val_images):
   for step in range(1, steps + 1):
     images = jnp.asarray(next(data)['image'])
     t0 = time.perf_counter()
-    state, m = ts.gan_train_step(state, images, jnp.int32(step), lpips_params, tok=tok, tx=tx,
+    state, m = ts.gan_train_step(state, images, jnp.int32(step - 1), lpips_params, tok=tok, tx=tx,
                                  disc=disc, disc_tx=disc_tx, weights=weights,
                                  lpips_model=lp_model)
     hits = np.asarray(m.pop('hits_SV'))  # blocks until the step is done
@@ -77,9 +77,9 @@ def train_one(recipe: str, config, steps: int, lpips_params, val_images):
       last = {k: float(v) for k, v in m.items()}
       print(f'{recipe} step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in sorted(last.items())),
             flush=True)
-  # Steps before and after disc_start compile separately only once (lax.cond); drop the
+  # The step (global index step - 1, as the trainer's) compiles once for both phases; drop the
   # first step and the first GAN step from the timing.
-  gan_from = weights.disc_start if weights.disc else steps + 1
+  gan_from = weights.disc_start + 1 if weights.disc else steps + 1  # first GAN step (1-based)
   pre = [d for s, d in times if 1 < s < gan_from]
   post = [d for s, d in times if s > gan_from]
   return tok, cfg, state['params'], dict(
