@@ -30,12 +30,15 @@ from mvar_jax import recon_metrics
 def heldout_images(data_cfg, num_images: int) -> np.ndarray | None:
   """The first `num_images` images (N, H, W, 3) float32 in [-1, 1] of the 'val' split.
 
-  None (logged) when the data has no validation split.
+  Every process reads the same images (the Inception extractor's `of_array` wants an array
+  all processes can index, and every process then reports the same numbers). None (logged)
+  when the data has no validation split.
   """
   from mvar_jax.data import pipeline
   try:
     it = pipeline.create_dataset(data_cfg, split='val', batch_size=min(num_images, 256),
-                                 shuffle=False, repeat=False, drop_remainder=False)
+                                 process_index=0, process_count=1, shuffle=False, repeat=False,
+                                 drop_remainder=False)
     chunks, seen = [], 0
     for batch in it:
       chunks.append(np.asarray(batch['image'][:num_images - seen], np.float32))
