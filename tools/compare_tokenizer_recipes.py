@@ -35,9 +35,13 @@ from mvar_jax import tokenizer_step as ts, train_tokenizer, vqvae  # noqa: E402
 from mvar_jax.data import pipeline  # noqa: E402
 
 
-def train_one(recipe: str, config, steps: int, lpips_params, val_images):
+def train_one(recipe: str, config, steps: int, lpips_params, val_images, overrides=()):
   t = config.tokenizer
   t.update(tokenizer_recipes.loss_fields(recipe, steps=steps))
+  if recipe != 'plain':  # tuning the full recipe: --set disc_start=200 --set disc_weight=0.1
+    for item in overrides:
+      key, value = item.split('=', 1)
+      t[key] = type(t[key])(value)
   t.steps = steps
   t.lpips_weights = 'random-vgg'  # in-memory params below (not a file)
   cfg = train_tokenizer.vqvae_config_from(config)
@@ -117,6 +121,8 @@ def main(argv=None):
   p.add_argument('--val', type=int, default=256, help='held-out images')
   p.add_argument('--recipes', default='plain,demo')
   p.add_argument('--out', default='')
+  p.add_argument('--set', action='append', default=[],
+                 help='tokenizer field=value applied to the non-plain recipes (repeatable)')
   args = p.parse_args(argv)
   lp_train, heads = lpips.random_params(0)
   lp_other, _ = lpips.random_params(1)
@@ -127,7 +133,7 @@ def main(argv=None):
   for recipe in args.recipes.split(','):
     c = demo_config.get_config()
     c.tokenizer.batch_size = args.batch
-    tok, cfg, params, timing = train_one(recipe, c, args.steps, lp_train, val)
+    tok, cfg, params, timing = train_one(recipe, c, args.steps, lp_train, val, args.set)
     results[recipe] = dict(timing, **evaluate(tok, cfg, params, np.asarray(val),
                                               {'lpips': lp_train, 'lpips_other_trunk': lp_other}))
     print(recipe, json.dumps(results[recipe]), flush=True)
