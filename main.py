@@ -4,13 +4,17 @@
         --config.tokenizer.checkpoint=weights/vqvae
     python main.py --mode=sample --config=configs/mvar_d16.py --workdir=workdirs/d16 \
         --config.tokenizer.checkpoint=weights/vqvae [--config.sample.checkpoint=weights/mvar_d16]
+    python main.py --mode=eval_tokenizer --config=configs/tokenizer.py --workdir=workdirs/vqvae
 
 Config fields can be overridden on the command line (`--config.train.batch_size=64`).
 Exit codes (mvar_jax/lifecycle.py): 0 finished, 143 preempted (SIGTERM: saved, rerun to
 continue), 3 stopped on NaN/Inf, 4 workdir locked by another live run, 1 any other error.
 `--mode=sample` writes `samples.npz` (ADM evaluator format: arr_0 uint8 (N, H, W, 3),
 arr_1 int labels) and `samples.png` (a grid of the first images) to
-config.sample.output_dir (default <workdir>/samples).
+config.sample.output_dir (default <workdir>/samples). `--mode=eval_tokenizer` measures the
+tokenizer of config.tokenizer.checkpoint (default <workdir>/tokenizer) on held-out images
+(PSNR, SSIM, LPIPS, rFID, codebook usage per scale; mvar_jax/tokenizer_eval.py), prints a
+table and writes <workdir>/tokenizer_eval.json.
 """
 
 import os
@@ -35,8 +39,9 @@ def _hide_gpus_from_tensorflow():
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard events and samples.')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample'], 'train: train_and_evaluate; sample: '
-                  'sample config.sample.num_images images to samples.npz.')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval_tokenizer'],
+                  'train: train_and_evaluate; sample: sample config.sample.num_images images to '
+                  'samples.npz; eval_tokenizer: reconstruction metrics of the tokenizer.')
 config_flags.DEFINE_config_file('config', None, 'Run configuration (configs/*.py[:arg]).',
                                 lock_config=True)
 flags.DEFINE_string('compilation_cache_dir', None, 'Persistent XLA compilation cache (a second '
@@ -71,6 +76,9 @@ def main(argv):
       demo.run(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == 'train':
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == 'eval_tokenizer':
+      from mvar_jax import tokenizer_eval  # held-out PSNR, SSIM, LPIPS, rFID, codebook usage
+      tokenizer_eval.run(FLAGS.config, FLAGS.workdir)
     else:
       from mvar_jax import sample_mode  # every device of every process, resumable shards
       sample_mode.run(FLAGS.config, FLAGS.workdir)

@@ -86,6 +86,7 @@ def get_config(arg: str | None = None):
 
   if args.quick:
     t.steps = 20
+    t.eval_images = 0  # no held-out reconstruction metrics in a smoke run
     tr.num_steps = 10
     tr.checkpoint_every = 5
     tr.log_every = 5

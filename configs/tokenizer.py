@@ -1,18 +1,49 @@
 """Trains VAR's multi-scale VQ-VAE (the released architecture by default) on your images.
 
+    python -m mvar_jax.lpips --vgg16 vgg16-397923af.pth --out weights/   # once: LPIPS weights
     python main.py --config=configs/tokenizer.py --workdir=workdirs/vqvae \
-        --config.data.name=folder --config.data.data_dir=/data/my_images
+        --config.data.name=folder --config.data.data_dir=/data/my_images \
+        --config.tokenizer.lpips_weights=weights/lpips_vgg.msgpack
+    python main.py --mode=eval_tokenizer --config=configs/tokenizer.py --workdir=workdirs/vqvae
 
 The result lands in <workdir>/tokenizer/vqvae.{msgpack,json}: point
 `--config.tokenizer.checkpoint` of an MVAR config there. `arg`: `small` trains the
-demo-size tokenizer (32 px, 8x8 latent) on the built-in shapes instead.
-The official repositories publish weights but no tokenizer recipe: the optimiser
-settings here are ours (L1 + L2 + VQ loss, AdamW, cosine decay), without the
-perceptual and GAN losses of the released VAE.
+demo-size tokenizer (32 px, 8x8 latent) on the built-in shapes instead, with the demo's
+small and fast recipe (tokenizer_recipes.loss_fields('demo')).
+
+What you supply (nothing is downloaded):
+  * torchvision's ImageNet VGG16 weights (`vgg16-397923af.pth`) for the perceptual loss;
+    the LPIPS linear heads are read from the installed `lpips` wheel at conversion time.
+    Convert them with `python -m mvar_jax.lpips` and pass `tokenizer.lpips_weights`.
+    Without them the perceptual term is OFF (logged at start), whatever perceptual_weight.
+  * for rFID in eval mode, pytorch-fid's Inception weights in `eval.inception`
+    (configs/common.py); without them rFID is reported as off.
+
+Loss weights: the official repositories publish VAR's tokenizer weights but no training
+recipe; VAR's tokenizer follows the VQGAN family, so the weights below are LlamaGen's
+(FoundationVision, VAR's authors' group; mirror FoundationVision/LlamaGen @ce98ec4):
+  l2_weight 1.0, l1_weight 0 tokenizer/tokenizer_image/vq_train.py:289-290
+                                (--reconstruction-weight 1.0, --reconstruction-loss 'l2')
+  perceptual_weight 1.0         vq_train.py:291 (--perceptual-weight)
+  disc_weight 0.5               vq_train.py:292 (--disc-weight)
+  disc_start 20000              vq_train.py:293 (--disc-start)
+  disc_adaptive False           tokenizer/tokenizer_image/vq_loss.py:51 (default
+                                disc_adaptive_weight=False; vq_train.py:92-103 does not set it)
+  disc_ndf 64, disc_layers 3    vq_loss.py:50-51 (disc_dim=64, disc_num_layers=3)
+  disc Adam b1 0.9, b2 0.95     vq_train.py:111 with :305-306 (--beta1, --beta2)
+  disc_lr 1e-4                  vq_train.py:111 with :303 (--lr, shared by both nets)
+  commitment beta 0.25          vq_train.py:288 (--commit-loss-beta; VAR's beta too)
+For comparison, taming-transformers (mirror CompVis/taming-transformers @3ba01b2):
+L1 1.0 and perceptual 1.0 (taming/modules/losses/vqperceptual.py:35-37 defaults), disc_weight
+0.8 and disc_start 250001 (configs/imagenet_vqgan.yaml:24-25), adaptive weight on
+(vqperceptual.py:63-73, clamp 1e4); `tokenizer_recipes.loss_fields('taming')`.
+Not taken from LlamaGen: its l2-normalised 8-dim codes (vq_train.py:284-285), because the
+released VAR VQ-VAE quantises full 32-dim codes without normalisation and loads as is.
+The generator's optimiser, schedule and batch here are ours (AdamW, cosine decay).
 """
 
 from configs import common
-from mvar_jax import train_tokenizer
+from mvar_jax import tokenizer_recipes, train_tokenizer
 from mvar_jax.layout import DEFAULT_PATCH_NUMS
 
 
@@ -38,7 +69,12 @@ def get_config(arg=None):
   t.lr = 2e-4  # peak learning rate
   t.warmup_steps = 2000  # warm-up steps
   t.log_every = 500  # steps between logged metrics
+  t.eval_every = 5000  # steps between held-out reconstruction metrics
+  t.eval_images = 1000  # held-out images for them (and for eval mode)
   t.precision = 'default'  # accelerator matmul precision for convs
+  t.update(tokenizer_recipes.loss_fields('llamagen'))  # sources: module docstring
+  t.codebook_l2_norm, t.codebook_dim = False, 0  # VAR's quantizer (see the docstring)
+  t.lpips_weights = ''  # lpips_vgg.msgpack from `python -m mvar_jax.lpips`; '': perceptual OFF
 
   if args.small:
     config.data.name = 'builtin'
@@ -48,5 +84,7 @@ def get_config(arg=None):
     t.vocab_size, t.patch_nums = 256, (1, 2, 3, 4, 6, 8)
     t.using_sa = t.using_mid_sa = False
     t.steps, t.batch_size, t.lr, t.warmup_steps, t.log_every = 300, 32, 2e-3, 100, 50
+    t.eval_every, t.eval_images = 0, 256
     t.precision = 'highest'
+    t.update(tokenizer_recipes.loss_fields('demo', steps=t.steps))
   return config

@@ -102,6 +102,34 @@ def init_params(rng, precision: str = 'highest') -> dict:
   return jax.jit(LPIPS(precision).init)(rng, x, x)['params']
 
 
+def random_params(seed: int = 0) -> tuple[dict, str]:
+  """(params, where the heads came from): a random He-initialised VGG16 trunk and the
+  `lpips` package's heads when it is installed (else random non-negative ones).
+
+  A fixed feature metric for tests and the demo comparison when the ImageNet VGG16 file
+  is absent (nothing is downloaded); not the calibrated LPIPS. Drawn with numpy from the
+  abstract tree: nothing is compiled.
+  """
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda: init_params(jax.random.key(0)))
+  params = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32), shapes)
+  for p in params['net'].values():
+    k = p['kernel']
+    p['kernel'] = (rng.standard_normal(k.shape) * np.sqrt(2.0 / np.prod(k.shape[:3]))).astype(
+        np.float32)
+  try:
+    heads = convert.extract_state_dict(convert.load_torch_file(package_heads_path()))
+    for k in range(len(TAPS)):
+      params[f'lin{k}']['kernel'] = heads[f'lin{k}.model.1.weight'].transpose(2, 3, 1, 0)
+    source = 'lpips package heads'
+  except (FileNotFoundError, ImportError):
+    for k in range(len(TAPS)):
+      shape = params[f'lin{k}']['kernel'].shape
+      params[f'lin{k}']['kernel'] = np.abs(0.1 * rng.standard_normal(shape)).astype(np.float32)
+    source = 'random non-negative heads (lpips package not installed)'
+  return jax.tree_util.tree_map(jnp.asarray, params), source
+
+
 # ----------------------------------------------------------------------------- weights
 
 def package_heads_path() -> str:

@@ -26,8 +26,9 @@ recipes below are the two public VQGAN-family recipes VAR's design follows:
 Fields the tokenizer trainer reads (see tokenizer_step.LossWeights.from_config):
 l1_weight, l2_weight, perceptual_weight, lpips_weights (path; '' = perceptual loss off),
 disc_weight (0 = no GAN), disc_start, disc_adaptive, disc_ndf, disc_layers, disc_lr,
-disc_b1, disc_b2. Fields recorded for the reader but not (yet) read by our trainer:
-codebook_l2_norm, codebook_dim (our quantizer is VAR's: no l2-norm, full-width codes).
+disc_b1, disc_b2. Fields recorded for the reader that the trainer refuses when set:
+codebook_l2_norm, codebook_dim (our quantizer is VAR's: no l2-norm, full-width codes, so the
+released VAR VQ-VAE loads unchanged; configs/tokenizer.py resets them).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def loss_fields(recipe: str, steps: int | None = None) -> ml_collections.ConfigD
   c.disc_layers = 3  # discriminator strided layers
   c.disc_lr = 0.0  # discriminator learning rate (0: the tokenizer's lr)
   c.disc_b1, c.disc_b2 = 0.9, 0.95  # discriminator Adam betas
-  c.codebook_l2_norm = False  # recorded only (see module docstring)
+  c.codebook_l2_norm = False  # recorded only; True is refused (see module docstring)
   c.codebook_dim = 0  # recorded only; 0: the code width z_channels
   if recipe == 'plain':  # ours so far: L1 + L2 + VQ
     return c

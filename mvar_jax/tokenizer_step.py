@@ -39,6 +39,7 @@ from mvar_jax import discriminator as disc_lib
 # The decoder's output conv (taming's `decoder.conv_out.weight`): where the adaptive weight
 # compares the two gradients.
 LAST_LAYER = ('decoder', 'conv_out', 'kernel')
+LAST_NORM = ('decoder', 'norm_out')  # its output, through SiLU, is that conv's input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,19 +120,30 @@ def init_state(params, tx: optax.GradientTransformation, disc: disc_lib.PatchDis
   return state
 
 
-def _generator_terms(params, images, disc_params, lpips_params, *, tok, disc, lpips_model,
-                     weights: LossWeights, with_gan: bool):
-  """((rec + vq, gan), aux): the two losses whose gradients the adaptive weight compares."""
-  rec, vq_loss, hits_SV = tok(params, images)
+def _forward_to_last_conv(params, *, images, tok):
+  """((reconstruction, vq loss), (code hits (K, V), the decoder's last conv input))."""
+  (rec, vq_loss, hits_SV), inter = tok.module.apply(
+      {'params': params}, images, mutable=['intermediates'],
+      capture_intermediates=lambda mdl, _: mdl.path == LAST_NORM)
+  h = jax.nn.silu(_leaf(inter['intermediates'], LAST_NORM)['__call__'][0])
+  return (rec, vq_loss), (hits_SV, jax.lax.stop_gradient(h))
+
+
+def _last_conv(h_BHWC, kernel_HWIO, tok):
+  """The decoder's last conv without its bias (what its kernel gradient sees)."""
+  from mvar_jax import vqvae
+  return jax.lax.conv_general_dilated(
+      h_BHWC, kernel_HWIO, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      precision=vqvae.PRECISIONS[tok.config.precision])
+
+
+def _reconstruction_terms(rec, *, images, lpips_params, lpips_model, weights: LossWeights):
+  """(weighted L1 + L2 + LPIPS, (l1, l2, lpips)) of a reconstruction."""
   err = rec - images
   l1, l2 = jnp.mean(jnp.abs(err)), jnp.mean(jnp.square(err))
   perceptual = (jnp.mean(lpips_model.apply({'params': lpips_params}, images, rec))
                 if weights.perceptual else jnp.float32(0))
-  rec_loss = weights.l1 * l1 + weights.l2 * l2 + weights.perceptual * perceptual
-  gan = (disc_lib.hinge_g_loss(disc.apply({'params': disc_params}, rec)) if with_gan
-         else jnp.float32(0))
-  aux = dict(rec=rec, l1=l1, l2=l2, perceptual=perceptual, vq=vq_loss, hits_SV=hits_SV)
-  return (rec_loss + vq_loss, gan), aux
+  return weights.l1 * l1 + weights.l2 * l2 + weights.perceptual * perceptual, (l1, l2, perceptual)
 
 
 @functools.partial(jax.jit, static_argnames=('tok', 'tx', 'disc', 'disc_tx', 'weights',
@@ -140,67 +152,70 @@ def gan_train_step(state: dict, images, step, lpips_params=None, *, tok, tx, dis
                    disc_tx=None, weights: LossWeights, lpips_model=None) -> tuple[dict, dict[str, Any]]:
   """One generator and one discriminator update; images (B, H, W, C) in [-1, 1].
 
+  `step` (int32 scalar) is the global step: the GAN terms are on when step >= disc_start.
   Returns (new state, metrics); metrics are scalars plus `hits_SV` (K, V) code hit counts.
   """
   if weights.perceptual and (lpips_model is None or lpips_params is None):
     raise ValueError('perceptual_weight > 0 needs LPIPS weights (tokenizer.lpips_weights); '
                      'set perceptual_weight=0 to train without the perceptual loss')
-  use_gan = bool(weights.disc) and disc is not None
   if bool(weights.disc) and (disc is None or disc_tx is None):
     raise ValueError('disc_weight > 0 needs a discriminator and its optimizer')
-  terms = functools.partial(_generator_terms, tok=tok, disc=disc, lpips_model=lpips_model,
-                            weights=weights)
 
-  def update_generator(state, grads, metrics):
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    metrics['grad_norm'] = optax.global_norm(grads)
-    return dict(state, params=optax.apply_updates(state['params'], updates),
-                opt_state=opt_state), metrics
+  # One forward and one backward pass through the tokenizer, in both phases (the phase
+  # switch below covers only the discriminator's share, so the tokenizer is compiled once).
+  # The adaptive weight needs the two losses' gradients at the decoder's last conv only:
+  # their gradients w.r.t. the reconstruction, pushed back through that conv alone. The
+  # tokenizer's gradient is then one backward pass of the weighted sum (the weight is a
+  # constant, as in taming's detach()).
+  (rec, vq_loss), vjp_tok, (hits_SV, h_last) = jax.vjp(
+      functools.partial(_forward_to_last_conv, images=images, tok=tok), state['params'],
+      has_aux=True)
+  rec_terms = functools.partial(_reconstruction_terms, images=images, lpips_params=lpips_params,
+                                lpips_model=lpips_model, weights=weights)
+  (rec_loss, (l1, l2, perceptual)), c_rec = jax.value_and_grad(rec_terms, has_aux=True)(rec)
+  zero = jnp.float32(0)
+  m = dict(l1=l1, l2=l2, perceptual=perceptual, vq=vq_loss, hits_SV=hits_SV, gan_g=zero,
+           d_weight=zero, disc_loss=zero, logits_real=zero, logits_fake=zero)
+  c_total = c_rec
 
-  def metrics_of(losses, aux):
-    m = {k: v for k, v in aux.items() if k != 'rec'}
-    m['loss'] = losses[0]
-    return m
+  if weights.disc:
+    def gan_on(disc_state):
+      disc_params, disc_opt_state = disc_state
+      gan, c_gan = jax.value_and_grad(
+          lambda r: disc_lib.hinge_g_loss(disc.apply({'params': disc_params}, r)))(rec)
+      if weights.adaptive:
+        _, conv_vjp = jax.vjp(lambda k: _last_conv(h_last, k, tok),
+                              _leaf(state['params'], LAST_LAYER))
+        lam = adaptive_weight(conv_vjp(c_rec)[0], conv_vjp(c_gan)[0], weights.disc)
+      else:
+        lam = jnp.float32(weights.disc)
+      fake = jax.lax.stop_gradient(rec)
 
-  def plain_phase(state):
-    (losses, vjp_fn, aux) = jax.vjp(
-        lambda p: terms(p, images, state['disc_params'], lpips_params, with_gan=False),
-        state['params'], has_aux=True)
-    (grads,) = vjp_fn((jnp.float32(1), jnp.float32(0)))
-    m = metrics_of(losses, aux)
-    m.update(gan_g=jnp.float32(0), d_weight=jnp.float32(0), disc_loss=jnp.float32(0),
-             logits_real=jnp.float32(0), logits_fake=jnp.float32(0))
-    return update_generator(state, grads, m)
+      def d_loss_fn(dp):
+        logits = disc.apply({'params': dp}, jnp.concatenate([images, fake]))
+        real, fake_logits = jnp.split(logits, 2)
+        return disc_lib.hinge_d_loss(real, fake_logits), (jnp.mean(real), jnp.mean(fake_logits))
 
-  def gan_phase(state):
-    # One forward, two backward passes: the adaptive weight needs both gradients at the last
-    # layer, and the full gradient is their weighted sum (the weight is a constant).
-    (losses, vjp_fn, aux) = jax.vjp(
-        lambda p: terms(p, images, state['disc_params'], lpips_params, with_gan=True),
-        state['params'], has_aux=True)
-    (g_rec,) = vjp_fn((jnp.float32(1), jnp.float32(0)))
-    (g_gan,) = vjp_fn((jnp.float32(0), jnp.float32(1)))
-    lam = (adaptive_weight(_leaf(g_rec, LAST_LAYER), _leaf(g_gan, LAST_LAYER), weights.disc)
-           if weights.adaptive else jnp.float32(weights.disc))
-    grads = jax.tree_util.tree_map(lambda a, b: a + lam * b, g_rec, g_gan)
-    m = metrics_of(losses, aux)
-    m['loss'] = losses[0] + lam * losses[1]
+      (d_loss, (real_, fake_)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(disc_params)
+      d_updates, disc_opt_state = disc_tx.update(d_grads, disc_opt_state, disc_params)
+      d_m = dict(gan_g=gan, d_weight=lam, disc_loss=d_loss, logits_real=real_, logits_fake=fake_)
+      return (optax.apply_updates(disc_params, d_updates), disc_opt_state), lam * c_gan, d_m
 
-    fake = jax.lax.stop_gradient(aux['rec'])
+    def gan_off(disc_state):  # before disc_start: the discriminator is neither run nor updated
+      return disc_state, jnp.zeros_like(rec), {k: zero for k in
+                                               ('gan_g', 'd_weight', 'disc_loss', 'logits_real',
+                                                'logits_fake')}
 
-    def d_loss_fn(dp):
-      logits = disc.apply({'params': dp}, jnp.concatenate([images, fake]))
-      real, fake_logits = jnp.split(logits, 2)
-      return disc_lib.hinge_d_loss(real, fake_logits), (jnp.mean(real), jnp.mean(fake_logits))
+    (disc_params, disc_opt_state), c_gan_weighted, d_m = jax.lax.cond(
+        step >= weights.disc_start, gan_on, gan_off,
+        (state['disc_params'], state['disc_opt_state']))
+    state = dict(state, disc_params=disc_params, disc_opt_state=disc_opt_state)
+    m.update(d_m)
+    c_total = c_rec + c_gan_weighted
 
-    (d_loss, (lr_, lf_)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(
-        state['disc_params'])
-    d_updates, d_opt = disc_tx.update(d_grads, state['disc_opt_state'], state['disc_params'])
-    m.update(gan_g=losses[1], d_weight=lam, disc_loss=d_loss, logits_real=lr_, logits_fake=lf_)
-    state = dict(state, disc_params=optax.apply_updates(state['disc_params'], d_updates),
-                 disc_opt_state=d_opt)
-    return update_generator(state, grads, m)
-
-  if not use_gan:
-    return plain_phase(state)
-  return jax.lax.cond(step >= weights.disc_start, gan_phase, plain_phase, state)
+  (grads,) = vjp_tok((c_total, jnp.float32(1)))
+  m['loss'] = rec_loss + vq_loss + m['d_weight'] * m['gan_g']
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  m['grad_norm'] = optax.global_norm(grads)
+  return dict(state, params=optax.apply_updates(state['params'], updates),
+              opt_state=opt_state), m

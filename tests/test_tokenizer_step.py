@@ -1,8 +1,8 @@
 """The GAN tokenizer step: hinge losses, adaptive weight, disc_start, one real jitted step."""
 
+import dataclasses
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,11 +10,15 @@ import optax
 import pytest
 
 from mvar_jax import discriminator as disc_lib, lpips, tokenizer_recipes, tokenizer_step as ts, vqvae
+from test_vqvae import random_params
 
+# The GAN step runs at 8 px (the smallest the patch discriminator takes with one strided
+# layer: 8 -> 4 -> 3 -> 2x2 logits); LPIPS's five VGG stages need 16 px.
 TOK_CFG = vqvae.VQVAEConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=32,
-                            patch_nums=(1, 2, 4, 8), using_sa=False, using_mid_sa=False,
+                            patch_nums=(1, 2, 4), using_sa=False, using_mid_sa=False,
                             norm_groups=8)
-DISC_CFG = disc_lib.DiscriminatorConfig(ndf=16, num_layers=2, norm_groups=8)
+TOK_CFG_16 = dataclasses.replace(TOK_CFG, patch_nums=(1, 2, 4, 8))
+DISC_CFG = disc_lib.DiscriminatorConfig(ndf=8, num_layers=1, norm_groups=8)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -39,30 +43,48 @@ def test_adaptive_weight_is_the_gradient_norm_ratio_clamped():
 
 
 def test_discriminator_emits_patch_logits_and_validates():
-  params = disc_lib.init_params(DISC_CFG, jax.random.key(0), (16, 16, 3))
-  logits = disc_lib.PatchDiscriminator(DISC_CFG).apply({'params': params}, jnp.zeros((2, 16, 16, 3)))
+  cfg = disc_lib.DiscriminatorConfig(ndf=8, num_layers=2, norm_groups=8)
+  params = jax.eval_shape(lambda: disc_lib.init_params(cfg, jax.random.key(0), (16, 16, 3)))
+  logits = jax.eval_shape(disc_lib.PatchDiscriminator(cfg).apply, {'params': params},
+                          jnp.zeros((2, 16, 16, 3)))
   # 16 -> 8 -> 4 (strided), then two stride-1 4x4 convs with padding 1: 3, 2.
   assert logits.shape == (2, 2, 2, 1)
+  assert [params[f'conv_{n}']['kernel'].shape[-1] for n in range(3)] == [8, 16, 32]
   with pytest.raises(ValueError, match='norm_groups'):
     disc_lib.DiscriminatorConfig(ndf=24, num_layers=2, norm_groups=16).validate()
 
 
 # ----------------------------------------------------------------------------- the step
 
+def _disc_params(cfg, image_shape_HWC, seed=0):
+  """Upstream's init distribution drawn on the host (no compiled init)."""
+  abstract = jax.eval_shape(lambda: disc_lib.init_params(cfg, jax.random.key(0), image_shape_HWC))
+  rng = np.random.default_rng(seed)
+  draw = {'kernel': lambda s: 0.02 * rng.standard_normal(s), 'scale': lambda s:
+          1 + 0.02 * rng.standard_normal(s), 'bias': np.zeros}
+  return jax.tree_util.tree_map_with_path(
+      lambda path, a: jnp.asarray(draw[path[-1].key](a.shape), jnp.float32), abstract)
+
+
 @functools.lru_cache(maxsize=None)
-def _setup():
-  tok = vqvae.Tokenizer(TOK_CFG)
-  params = nn.unbox(vqvae.init_params(TOK_CFG, jax.random.key(0))['params'])
+def _setup(cfg=TOK_CFG):
+  tok = vqvae.Tokenizer(cfg)
+  params = random_params(cfg)  # host-drawn: compiling Flax's init costs more than the step
   disc = disc_lib.PatchDiscriminator(DISC_CFG)
   tx, disc_tx = optax.adam(1e-3), optax.adam(1e-3)
-  images = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (4, 16, 16, 3)), jnp.float32)
+  s = cfg.resolution
+  images = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (4, s, s, 3)), jnp.float32)
   return tok, params, disc, tx, disc_tx, images
 
 
-def _fresh_state():
-  tok, params, disc, tx, disc_tx, _ = _setup()
+def _fresh_state(cfg=TOK_CFG, with_disc=True):
+  tok, params, disc, tx, disc_tx, _ = _setup(cfg)
   params = jax.tree_util.tree_map(jnp.array, params)  # the step donates its state
-  return ts.init_state(params, tx, disc, disc_tx, jax.random.key(1), (16, 16, 3))
+  state = ts.init_state(params, tx, None, None, None, None)
+  if with_disc:
+    d = _disc_params(DISC_CFG, (cfg.resolution, cfg.resolution, 3))
+    state.update(disc_params=d, disc_opt_state=disc_tx.init(d))
+  return state
 
 
 def _numpy(tree):
@@ -119,16 +141,17 @@ def test_before_disc_start_the_discriminator_is_frozen_and_the_loss_has_no_gan_t
 
 
 def test_perceptual_term_enters_the_loss_and_needs_weights():
-  tok, _, _, tx, _, images = _setup()
+  tok, _, _, tx, _, images = _setup(TOK_CFG_16)
   weights = ts.LossWeights(perceptual=1.0)
   with pytest.raises(ValueError, match='LPIPS weights'):
-    ts.gan_train_step(_fresh_state(), images, jnp.int32(0), tok=tok, tx=tx, weights=weights)
+    ts.gan_train_step(_fresh_state(TOK_CFG_16, False), images, jnp.int32(0), tok=tok, tx=tx,
+                      weights=weights)
   rng = np.random.default_rng(2)  # random trunk, non-negative heads (as learned ones); no init compile
   lp_params = jax.tree_util.tree_map(
       lambda s: np.abs(0.05 * rng.standard_normal(s.shape)).astype(np.float32),
       jax.eval_shape(lambda: lpips.init_params(jax.random.key(0))))
-  _, m = ts.gan_train_step(_fresh_state(), images, jnp.int32(0), lp_params, tok=tok, tx=tx,
-                           weights=weights, lpips_model=lpips.LPIPS())
+  _, m = ts.gan_train_step(_fresh_state(TOK_CFG_16, False), images, jnp.int32(0), lp_params,
+                           tok=tok, tx=tx, weights=weights, lpips_model=lpips.LPIPS())
   assert float(m['perceptual']) > 0
   np.testing.assert_allclose(m['loss'], m['l1'] + m['l2'] + m['vq'] + m['perceptual'], rtol=1e-5)
 

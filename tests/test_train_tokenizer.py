@@ -1,5 +1,6 @@
 """Tokenizer training: losses go down, usage is tracked, dead codes restart, results reload."""
 
+import json
 import os
 
 import jax
@@ -7,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mvar_jax import api, train_tokenizer, vqvae
+from mvar_jax import api, tokenizer_recipes, train_tokenizer, vqvae
 from mvar_jax.data import pipeline
 
 
@@ -23,7 +24,14 @@ def tiny_config(steps=30, lr=3e-3):
   t.using_sa = t.using_mid_sa = False
   t.steps, t.batch_size, t.lr, t.warmup_steps, t.log_every = steps, 16, lr, 5, 10
   t.restart_dead_every = 10
+  t.eval_images, t.eval_batch_size = 16, 16  # held-out reconstruction metrics at the end
   return c
+
+
+def gan_recipe(t, disc_start):
+  """The demo recipe's GAN (small discriminator, adaptive weight) from `disc_start` on."""
+  t.update(tokenizer_recipes.loss_fields('demo', steps=3 * disc_start))
+  t.disc_ndf, t.disc_layers = 8, 1  # 16 px: 8x8 -> 6x6 patch logits
 
 
 def read_scalars(logdir):
@@ -35,29 +43,71 @@ def read_scalars(logdir):
           for tag in acc.Tags()['tensors']}
 
 
-def test_training_lowers_the_reconstruction_error_and_logs_usage(tmp_path):
-  cfg, params = train_tokenizer.train_tokenizer(tiny_config(), str(tmp_path))
-  scalars = read_scalars(str(tmp_path / 'tokenizer_logs'))
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A tiny plain-recipe run (config, workdir, (cfg, params)), shared by the tests below."""
+  workdir = str(tmp_path_factory.mktemp('tok'))
+  config = tiny_config()
+  return config, workdir, train_tokenizer.train_tokenizer(config, workdir)
+
+
+def test_training_lowers_the_reconstruction_error_and_logs_usage(trained):
+  config, workdir, (cfg, params) = trained
+  scalars = read_scalars(os.path.join(workdir, 'tokenizer_logs'))
   l2 = scalars['tokenizer/l2']
   assert len(l2) == 3 and l2[-1] < 0.5 * l2[0]
-  usage = scalars['tokenizer/usage']
-  assert all(0.0 < u <= 1.0 for u in usage)
+  for pn in cfg.patch_nums:  # codebook health per scale, every logging window
+    usage, ppl = scalars[f'tokenizer/usage_{pn}x{pn}'], scalars[f'tokenizer/perplexity_{pn}x{pn}']
+    assert all(0.0 < u <= 1.0 for u in usage)
+    assert all(1.0 <= p <= cfg.vocab_size for p in ppl)
   assert all(np.isfinite(v) for v in scalars['tokenizer/vq'])
+  # Held-out reconstruction metrics at the end of the run; LPIPS is off (no weights).
+  assert 8.0 < scalars['tokenizer_eval/psnr'][-1] < 60.0
+  assert -1.0 < scalars['tokenizer_eval/ssim'][-1] <= 1.0
+  assert 'tokenizer_eval/lpips' not in scalars
   # The result is a converted-format checkpoint that reloads to the same params.
-  cfg2, params2 = api.load_converted(str(tmp_path / 'tokenizer'), 'vqvae')
+  cfg2, params2 = api.load_converted(os.path.join(workdir, 'tokenizer'), 'vqvae')
   assert cfg2 == cfg
   for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params2)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # A second call reuses the result instead of training again.
-  mtime = os.path.getmtime(tmp_path / 'tokenizer' / 'vqvae.msgpack')
-  train_tokenizer.train_tokenizer(tiny_config(), str(tmp_path))
-  assert os.path.getmtime(tmp_path / 'tokenizer' / 'vqvae.msgpack') == mtime
+  msgpack = os.path.join(workdir, 'tokenizer', 'vqvae.msgpack')
+  mtime = os.path.getmtime(msgpack)
+  train_tokenizer.train_tokenizer(config, workdir)
+  assert os.path.getmtime(msgpack) == mtime
+
+
+def test_eval_tokenizer_mode_measures_the_exported_tokenizer(trained, tmp_path, capsys):
+  from mvar_jax import lpips, tokenizer_eval
+  config, workdir, (cfg, _) = trained
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.tokenizer.lpips_weights = str(tmp_path / 'lpips_vgg.msgpack')
+  lpips.save_params(config.tokenizer.lpips_weights, lpips.random_params(0)[0])
+  results = tokenizer_eval.run(config, workdir)
+  with open(os.path.join(workdir, 'tokenizer_eval.json')) as f:
+    saved = json.load(f)
+  assert saved == json.loads(json.dumps(results))
+  # The same held-out images and params as the trainer's final evaluation: the same PSNR.
+  logged = read_scalars(os.path.join(workdir, 'tokenizer_logs'))
+  np.testing.assert_allclose(saved['psnr'], logged['tokenizer_eval/psnr'][-1], rtol=1e-5)
+  assert saved['num_images'] == config.tokenizer.eval_images
+  assert saved['lpips'] > 0 and np.isfinite(saved['lpips'])
+  assert saved['rfid'] is None  # no eval.inception configured
+  assert len(saved['usage_per_scale']) == len(cfg.patch_nums)
+  assert all(0 < u <= 1 for u in saved['usage_per_scale'])
+  table = capsys.readouterr().out
+  assert 'rFID             off' in table and f'PSNR (dB)        {saved["psnr"]:.4f}' in table
+  config.tokenizer.checkpoint = str(tmp_path / 'missing')
+  with pytest.raises(FileNotFoundError, match='no tokenizer at'):
+    tokenizer_eval.run(config, workdir)
 
 
 def test_dead_codes_move_onto_encoder_features():
   cfg = train_tokenizer.vqvae_config_from(tiny_config())
-  params = vqvae.init_params(cfg, jax.random.key(0))['params']
-  params = jax.tree_util.tree_map(np.asarray, __import__('flax').linen.unbox(params))
+  abstract = jax.eval_shape(lambda: vqvae.init_params(cfg, jax.random.key(0))['params'])
+  rng = np.random.default_rng(0)  # random values, no compiled init
+  params = jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape).astype(np.float32),
+                                  __import__('flax').linen.unbox(abstract))
   dead = np.zeros(cfg.vocab_size, bool)
   dead[[3, 7]] = True
   feats = np.full((5, cfg.z_channels), 9.0, np.float32)
@@ -89,6 +139,13 @@ def test_tokenizer_config_describes_the_released_architecture():
   assert cfg.resolution == 256
   small = train_tokenizer.vqvae_config_from(tokenizer_config.get_config('small'))
   assert small.resolution == 32 and small.patch_nums[-1] == 8
+  # Loss weights: LlamaGen's recipe on VAR's quantizer; the small one is the demo recipe.
+  from mvar_jax import tokenizer_step
+  w = tokenizer_step.LossWeights.from_config(tokenizer_config.get_config().tokenizer)
+  assert (w.l1, w.l2, w.disc, w.disc_start, w.adaptive) == (0.0, 1.0, 0.5, 20_000, False)
+  assert w.perceptual == 0.0  # no lpips_weights configured: the perceptual term is off
+  t = tokenizer_config.get_config('small').tokenizer
+  assert t.disc_weight > 0 and 0 < t.disc_start < t.steps and t.perceptual_weight == 1.0
 
 
 # ============================================================================= crash safety
@@ -101,7 +158,8 @@ def _load_export(workdir):
 
 @pytest.mark.slow
 def test_sigterm_and_kill9_then_resume_end_bit_identical(tmp_path):
-  """main.py on the tokenizer config: SIGTERM, resume, kill -9, resume == never stopped."""
+  """main.py on the tokenizer config with the GAN from step 2 on: SIGTERM, resume, kill -9,
+  resume == never stopped (the discriminator and its optimizer resume with the rest)."""
   import main_process as mp
   from mvar_jax import lifecycle
   steps = 24
@@ -109,6 +167,8 @@ def test_sigterm_and_kill9_then_resume_end_bit_identical(tmp_path):
   config.tokenizer_only = True  # main.py trains the tokenizer alone
   t = config.tokenizer
   t.checkpoint_every, t.log_every, t.restart_dead_every = 4, 6, 4  # restarts at 4, 8, ..., 16
+  gan_recipe(t, disc_start=2)  # every checkpoint (4, 8, ...) and kill lands in the GAN phase
+  t.eval_images = 0
   cfg_path = mp.write_config(str(tmp_path), config)
   full_dir, cut_dir = str(tmp_path / 'full'), str(tmp_path / 'cut')
   ckpts = os.path.join(cut_dir, 'tokenizer_train', 'checkpoints')
@@ -138,6 +198,8 @@ def test_sigterm_and_kill9_then_resume_end_bit_identical(tmp_path):
 
   jax.tree_util.tree_map(np.testing.assert_array_equal, _load_export(cut_dir),
                          _load_export(full_dir))
+  disc_loss = read_scalars(os.path.join(full_dir, 'tokenizer_logs'))['tokenizer/disc_loss']
+  assert all(d > 0 for d in disc_loss)  # the discriminator trained in every logged window
   assert not [n for n in os.listdir(cut_dir) if '.tmp-' in n]  # the export was renamed whole
 
 

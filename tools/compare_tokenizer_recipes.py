@@ -35,31 +35,13 @@ from mvar_jax import tokenizer_step as ts, train_tokenizer, vqvae  # noqa: E402
 from mvar_jax.data import pipeline  # noqa: E402
 
 
-def random_lpips(seed: int):
-  """LPIPS params: random He-initialised VGG16 trunk, the package's heads if installed."""
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(lambda: lpips.init_params(jax.random.key(0)))
-  params = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32), shapes)
-  for name, p in params['net'].items():
-    k = p['kernel']
-    fan_in = k.shape[0] * k.shape[1] * k.shape[2]
-    p['kernel'] = (rng.standard_normal(k.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
-  try:
-    heads = convert.extract_state_dict(convert.load_torch_file(lpips.package_heads_path()))
-    for k in range(5):
-      w = heads[f'lin{k}.model.1.weight']  # (1, C, 1, 1)
-      params[f'lin{k}']['kernel'] = w.transpose(2, 3, 1, 0)
-    source = 'lpips package heads'
-  except (FileNotFoundError, ImportError):
-    for k in range(5):
-      params[f'lin{k}']['kernel'] = np.abs(params[f'lin{k}']['kernel']) + 1.0
-    source = 'uniform heads (lpips package not installed)'
-  return jax.tree_util.tree_map(jnp.asarray, params), source
-
-
-def train_one(recipe: str, config, steps: int, lpips_params, val_images):
+def train_one(recipe: str, config, steps: int, lpips_params, val_images, overrides=()):
   t = config.tokenizer
   t.update(tokenizer_recipes.loss_fields(recipe, steps=steps))
+  if recipe != 'plain':  # tuning the full recipe: --set disc_start=200 --set disc_weight=0.1
+    for item in overrides:
+      key, value = item.split('=', 1)
+      t[key] = type(t[key])(value)
   t.steps = steps
   t.lpips_weights = 'random-vgg'  # in-memory params below (not a file)
   cfg = train_tokenizer.vqvae_config_from(config)
@@ -83,7 +65,7 @@ def train_one(recipe: str, config, steps: int, lpips_params, val_images):
   for step in range(1, steps + 1):
     images = jnp.asarray(next(data)['image'])
     t0 = time.perf_counter()
-    state, m = ts.gan_train_step(state, images, jnp.int32(step), lpips_params, tok=tok, tx=tx,
+    state, m = ts.gan_train_step(state, images, jnp.int32(step - 1), lpips_params, tok=tok, tx=tx,
                                  disc=disc, disc_tx=disc_tx, weights=weights,
                                  lpips_model=lp_model)
     hits = np.asarray(m.pop('hits_SV'))  # blocks until the step is done
@@ -99,9 +81,9 @@ def train_one(recipe: str, config, steps: int, lpips_params, val_images):
       last = {k: float(v) for k, v in m.items()}
       print(f'{recipe} step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in sorted(last.items())),
             flush=True)
-  # Steps before and after disc_start compile separately only once (lax.cond); drop the
+  # The step (global index step - 1, as the trainer's) compiles once for both phases; drop the
   # first step and the first GAN step from the timing.
-  gan_from = weights.disc_start if weights.disc else steps + 1
+  gan_from = weights.disc_start + 1 if weights.disc else steps + 1  # first GAN step (1-based)
   pre = [d for s, d in times if 1 < s < gan_from]
   post = [d for s, d in times if s > gan_from]
   return tok, cfg, state['params'], dict(
@@ -139,9 +121,11 @@ def main(argv=None):
   p.add_argument('--val', type=int, default=256, help='held-out images')
   p.add_argument('--recipes', default='plain,demo')
   p.add_argument('--out', default='')
+  p.add_argument('--set', action='append', default=[],
+                 help='tokenizer field=value applied to the non-plain recipes (repeatable)')
   args = p.parse_args(argv)
-  lp_train, heads = random_lpips(0)
-  lp_other, _ = random_lpips(1)
+  lp_train, heads = lpips.random_params(0)
+  lp_other, _ = lpips.random_params(1)
   config = demo_config.get_config()
   val = next(pipeline.create_dataset(config.data, split='val', batch_size=args.val,
                                      shuffle=False, repeat=False))['image']
@@ -149,7 +133,7 @@ def main(argv=None):
   for recipe in args.recipes.split(','):
     c = demo_config.get_config()
     c.tokenizer.batch_size = args.batch
-    tok, cfg, params, timing = train_one(recipe, c, args.steps, lp_train, val)
+    tok, cfg, params, timing = train_one(recipe, c, args.steps, lp_train, val, args.set)
     results[recipe] = dict(timing, **evaluate(tok, cfg, params, np.asarray(val),
                                               {'lpips': lp_train, 'lpips_other_trunk': lp_other}))
     print(recipe, json.dumps(results[recipe]), flush=True)
