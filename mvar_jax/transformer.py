@@ -30,6 +30,7 @@ parameter carries logical axis names for sharding rules.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -304,21 +305,56 @@ class MVARTransformer(nn.Module):
     return x_BLC + self.lvl_embed(lvl)[None] + self.pos_1LC[:, begin:end]
 
   def __call__(self, label_B, x_BlCv=None, *, first: int = 0, last: int | None = None,
-               train: bool = False):
-    """Logits (B, L_seg, V) fp32 for the tokens of scales first..last."""
+               train: bool = False, loop_blocks: bool = False):
+    """Logits (B, L_seg, V) fp32 for the tokens of scales first..last.
+
+    loop_blocks (inference only): run the blocks as one loop whose body switches between
+    groups of blocks (`run_blocks_in_loop`) instead of unrolled; same values, a program with
+    far fewer top-level kernels.
+    """
     cfg = self.config
     last = cfg.layout.num_scales - 1 if last is None else last
     if not 0 <= first <= last < cfg.layout.num_scales:
       raise ValueError(f'need 0 <= first <= last < {cfg.layout.num_scales}, got {first}..{last}')
+    if loop_blocks and train:
+      raise ValueError('loop_blocks is for inference; train=True needs the unrolled blocks')
     deterministic = not train
     cond_BD = self.condition(label_B, deterministic=deterministic)
     x_BLC = self.embed_tokens(cond_BD, x_BlCv, first, last)
     dtype = DTYPES[cfg.dtype]
     x_BLC, cond_c = x_BLC.astype(dtype), cond_BD.astype(dtype)
-    for block in self.blocks:
-      x_BLC = block(x_BLC, cond_c, first, last, deterministic)
+    if loop_blocks:
+      x_BLC = run_blocks_in_loop(cfg, self.variables['params'], x_BLC, cond_c, first, last)
+    else:
+      for block in self.blocks:
+        x_BLC = block(x_BLC, cond_c, first, last, deterministic)
     h = self.head_nm(x_BLC.astype(jnp.float32), cond_BD)
     return self.head(h).astype(jnp.float32)
+
+
+def run_blocks_in_loop(cfg: TransformerConfig, params, x_BLC, cond_BD, first: int, last: int,
+                       blocks_per_step: int = 4):
+  """The blocks in inference mode as a `fori_loop` over a `switch` between groups of blocks.
+
+  The same operations as the unrolled stack, `blocks_per_step` blocks per branch (the largest
+  divisor of depth up to it). The top-level program then holds one loop instead of `depth`
+  copies of a block. XLA:CPU builds a kernel dependency graph per sequence, in time
+  superlinear in its length, whenever an executable is compiled or a stored one is loaded:
+  the stored d16 sampler loads in 2.8 s instead of 7.5 s. One block per branch loads as fast
+  but samples ~4% slower; four blocks per branch sample as fast as the unrolled stack
+  (launch/results/cpu_2026-11-26.md).
+  """
+  group = max(g for g in range(1, blocks_per_step + 1) if cfg.depth % g == 0)
+  block = AdaLNSelfAttn(cfg, parent=None)  # unbound: applied to each block's params
+
+  def blocks(params_of_group, x):
+    for p in params_of_group:
+      x = block.apply({'params': p}, x, cond_BD, first, last)
+    return x
+
+  branches = [functools.partial(blocks, [params[f'blocks_{j}'] for j in range(i, i + group)])
+              for i in range(0, cfg.depth, group)]
+  return jax.lax.fori_loop(0, len(branches), lambda i, x: jax.lax.switch(i, branches, x), x_BLC)
 
 
 def init_params(config: TransformerConfig, rng, batch_size: int = 1):

@@ -348,6 +348,20 @@ def test_train_without_dropout_is_the_inference_forward():
   np.testing.assert_array_equal(train, logits(config, params, label_B, x))
 
 
+@pytest.mark.parametrize('mode,first,last', [('mvar', 0, 4), ('mvar', 3, 3), ('var', 0, 4)])
+def test_blocks_run_as_a_loop_give_the_unrolled_logits(mode, first, last):
+  config = tiny_config(mode, depth=6)  # two branches of three blocks
+  params = random_params(config, seed=23)
+  label_B, x = labels(config, 24, BATCH), teacher_input(config, 25, BATCH, first, last)
+  looped = jax.jit(lambda p, l, x: tfm.MVARTransformer(config).apply(
+      {'params': p}, l, x, first=first, last=last, loop_blocks=True))(params, label_B, x)
+  np.testing.assert_allclose(looped, logits(config, params, label_B, x, first, last),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='loop_blocks'):
+    tfm.MVARTransformer(config).apply({'params': params}, label_B, x, first=first, last=last,
+                                      train=True, loop_blocks=True)
+
+
 def test_drop_path_is_random_in_training_and_off_in_inference():
   config = tiny_config(cond_drop_rate=0.0, drop_path_rate=0.5)
   params = random_params(config, seed=22)
