@@ -575,5 +575,28 @@ def init_params(config: VQVAEConfig, rng, batch_size: int = 1):
   return jax.jit(VQVAE(config).init)({'params': rng}, img)
 
 
+def random_params(config: VQVAEConfig, seed: int = 0):
+  """Random params drawn on the host (nothing compiled), for tests and benchmarks.
+
+  On the abstract tree of `init_params`: kernels U(+-1/sqrt(fan_in)), codes N(0, 1), norm
+  scales 1 + 0.1 N, biases 0.1 N, so every tensor matters.
+  """
+  abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))['params']
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name, shape = path[-1].key, leaf.shape
+    if name == 'kernel':
+      bound = 1 / np.sqrt(np.prod(shape[:-1]))
+      x = rng.uniform(-bound, bound, shape)
+    elif name == 'embedding':
+      x = rng.standard_normal(shape)
+    else:
+      x = (name == 'scale') + 0.1 * rng.standard_normal(shape)
+    return jnp.asarray(x, jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, nn.unbox(abstract))
+
+
 def count_params(params) -> int:
   return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(nn.unbox(params)))

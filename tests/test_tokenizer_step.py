@@ -10,7 +10,6 @@ import optax
 import pytest
 
 from mvar_jax import discriminator as disc_lib, lpips, tokenizer_recipes, tokenizer_step as ts, vqvae
-from test_vqvae import random_params
 
 # The GAN step runs at 8 px (the smallest the patch discriminator takes with one strided
 # layer: 8 -> 4 -> 3 -> 2x2 logits); LPIPS's five VGG stages need 16 px.
@@ -69,7 +68,7 @@ def _disc_params(cfg, image_shape_HWC, seed=0):
 @functools.lru_cache(maxsize=None)
 def _setup(cfg=TOK_CFG):
   tok = vqvae.Tokenizer(cfg)
-  params = random_params(cfg)  # host-drawn: compiling Flax's init costs more than the step
+  params = vqvae.random_params(cfg)  # host-drawn: compiling Flax's init costs more than the step
   disc = disc_lib.PatchDiscriminator(DISC_CFG)
   tx, disc_tx = optax.adam(1e-3), optax.adam(1e-3)
   s = cfg.resolution

@@ -222,26 +222,6 @@ TINY = vqvae.VQVAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, 
 
 
 @functools.lru_cache(maxsize=None)
-def random_params(cfg: vqvae.VQVAEConfig, seed: int = 0):
-  """Random params on the abstract tree (no compiled init): kernels U(+-1/sqrt(fan_in)),
-  codes N(0, 1), norm scales 1 + 0.1 N, biases 0.1 N, so every tensor matters."""
-  abstract = jax.eval_shape(lambda: vqvae.init_params(cfg, jax.random.key(0)))['params']
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name, shape = path[-1].key, leaf.shape
-    if name == 'kernel':
-      bound = 1 / np.sqrt(np.prod(shape[:-1]))
-      x = rng.uniform(-bound, bound, shape)
-    elif name == 'embedding':
-      x = rng.standard_normal(shape)
-    else:
-      x = (name == 'scale') + 0.1 * rng.standard_normal(shape)
-    return jnp.asarray(x, jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, nn.unbox(abstract))
-
-
 def images(cfg, b=2, seed=2):
   s = cfg.resolution
   return jax.random.uniform(jax.random.key(seed), (b, s, s, cfg.in_channels), jnp.float32, -1, 1)
@@ -280,7 +260,7 @@ def test_official_keys_map_one_to_one_onto_the_flax_tree(cfg):
 
 
 def test_lead_converter_round_trips_the_official_names():
-  params = random_params(SMALL)
+  params = vqvae.random_params(SMALL)
   sd = {k: v.numpy() for k, v in params_to_official(SMALL, params).items()}
   sd['quantize.ema_vocab_hit_SV'] = np.zeros((len(SMALL.patch_nums), SMALL.vocab_size), np.float32)
   _, back = convert.convert_vqvae(sd, config=SMALL)
@@ -305,7 +285,7 @@ def _encode_tokenize_decode(cfg, params, img):
 
 
 def test_matches_a_torch_functional_reference():
-  params = random_params(SMALL)
+  params = vqvae.random_params(SMALL)
   sd = params_to_official(SMALL, params)
   img = images(SMALL)
   with torch.no_grad():
@@ -336,7 +316,7 @@ TOK = vqvae.Tokenizer(TINY)
 # Compiles dominate on CPU, so the invariant tests share one set of tokenizer results.
 @functools.lru_cache(maxsize=None)
 def tiny_run():
-  params, img = random_params(TINY), images(TINY)
+  params, img = vqvae.random_params(TINY), images(TINY)
   ids, f_hat = TOK.img_to_ids(params, img, return_fhat=True)
   return dict(params=params, img=img, ids=ids, f_hat=f_hat, f=TOK.encode(params, img),
               fhat_from_ids=TOK.ids_to_fhat(params, ids),
