@@ -35,7 +35,8 @@ from mvar_jax import tokenizer_step as ts, train_tokenizer, vqvae  # noqa: E402
 from mvar_jax.data import pipeline  # noqa: E402
 
 
-def train_one(recipe: str, config, steps: int, lpips_params, val_images, overrides=()):
+def train_one(recipe: str, config, steps: int, lpips_params, val_images, overrides=(),
+              eval_every=0, lpips_sets=None):
   t = config.tokenizer
   t.update(tokenizer_recipes.loss_fields(recipe, steps=steps))
   if recipe != 'plain':  # tuning the full recipe: --set disc_start=200 --set disc_weight=0.1
@@ -81,6 +82,10 @@ def train_one(recipe: str, config, steps: int, lpips_params, val_images, overrid
       last = {k: float(v) for k, v in m.items()}
       print(f'{recipe} step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in sorted(last.items())),
             flush=True)
+    if eval_every and step % eval_every == 0 and step < steps:  # progress on held-out images
+      held_out = evaluate(tok, cfg, state['params'], val_images, lpips_sets)
+      print(f'{recipe} step {step} held-out: ' + ', '.join(
+          f'{k} {held_out[k]:.4f}' for k in ('psnr', 'ssim', 'hf_ratio', *lpips_sets)), flush=True)
   # The step (global index step - 1, as the trainer's) compiles once for both phases; drop the
   # first step and the first GAN step from the timing.
   gan_from = weights.disc_start + 1 if weights.disc else steps + 1  # first GAN step (1-based)
@@ -121,6 +126,8 @@ def main(argv=None):
   p.add_argument('--val', type=int, default=256, help='held-out images')
   p.add_argument('--recipes', default='plain,demo')
   p.add_argument('--out', default='')
+  p.add_argument('--eval_every', type=int, default=0,
+                 help='steps between held-out evaluations during training (0: only at the end)')
   p.add_argument('--set', action='append', default=[],
                  help='tokenizer field=value applied to the non-plain recipes (repeatable)')
   args = p.parse_args(argv)
@@ -130,12 +137,13 @@ def main(argv=None):
   val = next(pipeline.create_dataset(config.data, split='val', batch_size=args.val,
                                      shuffle=False, repeat=False))['image']
   results = {}
+  lpips_sets = {'lpips': lp_train, 'lpips_other_trunk': lp_other}
   for recipe in args.recipes.split(','):
     c = demo_config.get_config()
     c.tokenizer.batch_size = args.batch
-    tok, cfg, params, timing = train_one(recipe, c, args.steps, lp_train, val, args.set)
-    results[recipe] = dict(timing, **evaluate(tok, cfg, params, np.asarray(val),
-                                              {'lpips': lp_train, 'lpips_other_trunk': lp_other}))
+    tok, cfg, params, timing = train_one(recipe, c, args.steps, lp_train, np.asarray(val),
+                                         args.set, args.eval_every, lpips_sets)
+    results[recipe] = dict(timing, **evaluate(tok, cfg, params, np.asarray(val), lpips_sets))
     print(recipe, json.dumps(results[recipe]), flush=True)
   print(f'\n{args.steps} steps, batch {args.batch}, {args.val} held-out images, '
         f'LPIPS: random VGG16 + {heads}; device {jax.devices()[0].device_kind}')
