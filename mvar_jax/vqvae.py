@@ -175,6 +175,45 @@ class Downsample(nn.Module):
     return _conv(self.config, x.shape[-1], 3, 'conv', stride=2, padding='VALID')(x)
 
 
+# Nearest x2 then a 3x3 'SAME' conv, per output phase: output row 2i+a sees input rows
+# (i-1, i) with taps (k0, k1+k2) for a = 0 and rows (i, i+1) with taps (k0+k1, k2) for a = 1
+# (the padding row is zero either way); columns alike. PHASE_TAPS[a] (2, 3) sums the taps.
+PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.float32)
+
+
+class UpsampleConv(nn.Module):
+  """Nearest x2 then 3x3 conv (params as nn.Conv's), without building the x2 input.
+
+  The four output phases are one 2x2 VALID conv with 4x the outputs on the input padded by
+  one: 16 instead of 36 multiply-adds per input pixel and channel pair (2.25x fewer), and no
+  4x-sized upsampled copy. Equal to the direct form up to fp32 rounding of the summed taps.
+  """
+
+  features: int
+  precision: Any
+
+  @nn.compact
+  def __call__(self, x_BHWC):
+    b, h, w, cin = x_BHWC.shape
+    kernel = self.param('kernel', nn.with_logical_partitioning(
+        nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'),
+        (None, None, 'vae_in', 'vae_out')), (3, 3, cin, self.features))
+    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('vae_out',)),
+                      (self.features,))
+    taps = jnp.asarray(PHASE_TAPS)
+    # (2, 2, Cin, [a, b, Cout]): phase (a, b)'s 2x2 kernel in the output channels.
+    k_phases = jnp.einsum('aup,bvq,pqio->uviabo', taps, taps, kernel,
+                          precision=jax.lax.Precision.HIGHEST).reshape(2, 2, cin, 4 * self.features)
+    y = jax.lax.conv_general_dilated(
+        jnp.pad(x_BHWC, ((0, 0), (1, 1), (1, 1), (0, 0))), k_phases, (1, 1), 'VALID',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=self.precision)
+    y = y.reshape(b, h + 1, w + 1, 2, 2, self.features)  # (B, H+1, W+1, a, b, C)
+    # Phase (a, b) of output (i, j) is y[i + a, j + b, a, b].
+    rows = jnp.stack([y[:, a:a + h, :, a] for a in range(2)], axis=2)  # (B, H, 2, W+1, 2, C)
+    out = jnp.stack([rows[:, :, :, bb:bb + w, bb] for bb in range(2)], axis=4)  # (B, H, 2, W, 2, C)
+    return out.reshape(b, 2 * h, 2 * w, self.features) + bias
+
+
 class Upsample(nn.Module):
   """Nearest x2 then 3x3 conv."""
 
@@ -182,8 +221,7 @@ class Upsample(nn.Module):
 
   @nn.compact
   def __call__(self, x_BHWC):
-    x = jnp.repeat(jnp.repeat(x_BHWC, 2, axis=1), 2, axis=2)
-    return _conv(self.config, x.shape[-1], 3, 'conv')(x)
+    return UpsampleConv(x_BHWC.shape[-1], PRECISIONS[self.config.precision], name='conv')(x_BHWC)
 
 
 class Level(nn.Module):
