@@ -9,7 +9,12 @@
 The result lands in <workdir>/tokenizer/vqvae.{msgpack,json}: point
 `--config.tokenizer.checkpoint` of an MVAR config there. `arg`: `small` trains the
 demo-size tokenizer (32 px, 8x8 latent) on the built-in shapes instead, with the demo's
-small and fast recipe (tokenizer_recipes.loss_fields('demo')).
+small and fast recipe (tokenizer_recipes.loss_fields('demo')), tuned for a random-trunk
+LPIPS that needs no download:
+    python -m mvar_jax.lpips --random_trunk_seed=0 --out weights/
+    python main.py --config=configs/tokenizer.py:small --workdir=workdirs/vqvae_small \
+        --config.tokenizer.lpips_weights=weights/lpips_vgg.msgpack
+(with the calibrated ImageNet-VGG LPIPS, set --config.tokenizer.perceptual_weight=1).
 
 What you supply (nothing is downloaded):
   * torchvision's ImageNet VGG16 weights (`vgg16-397923af.pth`) for the perceptual loss;

@@ -195,16 +195,26 @@ def load_params(path: str) -> dict:
 def main(argv: Sequence[str] | None = None) -> None:
   import argparse
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--vgg16', required=True,
+  parser.add_argument('--vgg16', default=None,
                       help="torchvision vgg16 ImageNet weights (e.g. vgg16-397923af.pth)")
   parser.add_argument('--heads', default=None,
                       help='lpips v0.1 vgg heads (default: the installed lpips package\'s)')
+  parser.add_argument('--random_trunk_seed', type=int, default=None,
+                      help='instead of --vgg16: a random VGG16 trunk (a fixed feature metric, '
+                           'not the calibrated LPIPS; what the demo recipe was tuned with)')
   parser.add_argument('--out', required=True, help='output directory')
   args = parser.parse_args(argv)
+  if (args.vgg16 is None) == (args.random_trunk_seed is None):
+    parser.error('give exactly one of --vgg16 and --random_trunk_seed')
+  out = os.path.join(args.out, 'lpips_vgg.msgpack')
+  if args.vgg16 is None:
+    params, heads_source = random_params(args.random_trunk_seed)
+    save_params(out, params)
+    print(f'lpips (random vgg16 trunk, seed {args.random_trunk_seed}, {heads_source}) -> {out}')
+    return
   vgg = convert.extract_state_dict(convert.load_torch_file(args.vgg16))
   heads = convert.extract_state_dict(convert.load_torch_file(args.heads or package_heads_path()))
   params = convert_lpips(vgg, heads)
-  out = os.path.join(args.out, 'lpips_vgg.msgpack')
   save_params(out, params)
   print(f'lpips (vgg16, v0.1) -> {out}')
 

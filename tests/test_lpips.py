@@ -169,3 +169,13 @@ def test_load_rejects_missing_file_and_wrong_architecture(tmp_path):
   jlpips.save_params(str(tmp_path / 'bad.msgpack'), params)
   with pytest.raises(convert.CheckpointMismatchError):
     jlpips.load_params(str(tmp_path / 'bad.msgpack'))
+
+
+def test_random_trunk_weights_file_for_the_demo_recipe(tmp_path):
+  jlpips.main(['--random_trunk_seed', '3', '--out', str(tmp_path)])
+  saved = jlpips.load_params(str(tmp_path / 'lpips_vgg.msgpack'))
+  drawn, _ = jlpips.random_params(3)
+  for a, b in zip(jax.tree_util.tree_leaves(saved), jax.tree_util.tree_leaves(drawn)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(SystemExit):  # neither source given
+    jlpips.main(['--out', str(tmp_path)])
