@@ -98,6 +98,19 @@ def test_eval_tokenizer_mode_measures_the_exported_tokenizer(trained, tmp_path, 
   assert all(0 < u <= 1 for u in saved['usage_per_scale'])
   table = capsys.readouterr().out
   assert 'rFID             off' in table and f'PSNR (dB)        {saved["psnr"]:.4f}' in table
+  # rFID from the evaluation's Inception features (random weights: a fixed feature map).
+  from mvar_jax import convert
+  from mvar_jax.evaluation import inception
+  inception_dir = str(tmp_path / 'inception')
+  convert.save_converted(inception_dir, 'inception', inception.InceptionConfig(),
+                         inception.random_params(0))
+  from configs import common
+  config.eval = common.get_config().eval
+  config.eval.inception, config.eval.inception_batch_size = inception_dir, 16
+  with_rfid = tokenizer_eval.run(config, workdir)
+  assert np.isfinite(with_rfid['rfid']) and with_rfid['rfid'] > 0
+  assert with_rfid['psnr'] == saved['psnr']
+  assert f'rFID             {with_rfid["rfid"]:.4f}' in capsys.readouterr().out
   config.tokenizer.checkpoint = str(tmp_path / 'missing')
   with pytest.raises(FileNotFoundError, match='no tokenizer at'):
     tokenizer_eval.run(config, workdir)
