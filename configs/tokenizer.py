@@ -14,7 +14,8 @@ LPIPS that needs no download:
     python -m mvar_jax.lpips --random_trunk_seed=0 --out weights/
     python main.py --config=configs/tokenizer.py:small --workdir=workdirs/vqvae_small \
         --config.tokenizer.lpips_weights=weights/lpips_vgg.msgpack
-(with the calibrated ImageNet-VGG LPIPS, set --config.tokenizer.perceptual_weight=1).
+(with the calibrated ImageNet-VGG LPIPS, set --config.tokenizer.perceptual_weight=1). The GAN
+starts at disc_start = 200, two thirds of the 300 steps: set it too when you change steps.
 
 What you supply (nothing is downloaded):
   * torchvision's ImageNet VGG16 weights (`vgg16-397923af.pth`) for the perceptual loss;
