@@ -227,8 +227,9 @@ def loops_blocks(backend: str | None = None) -> bool:
 
   On CPU: a program with one block loop per scale instead of depth unrolled blocks loads
   from the compilation cache 2.6x faster (XLA:CPU rebuilds a kernel dependency graph whose
-  cost grows faster than the kernel count) and samples as fast (four blocks per branch). Elsewhere the blocks stay
-  unrolled: a GPU conditional reads its branch index on the host every block.
+  cost grows faster than the kernel count) and samples as fast (four blocks per branch).
+  Elsewhere the blocks stay unrolled: a GPU conditional reads its branch index on the host
+  every step.
   """
   return (backend or jax.default_backend()) == 'cpu'
 

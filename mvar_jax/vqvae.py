@@ -109,17 +109,19 @@ class VQVAEConfig:
 
 # ----------------------------------------------------------------------------- layers
 
+# torch's default conv init (uniform +-1/sqrt(fan_in)) and a zero bias, with logical axes.
+CONV_KERNEL_INIT = nn.with_logical_partitioning(
+    nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'), (None, None, 'vae_in', 'vae_out'))
+CONV_BIAS_INIT = nn.with_logical_partitioning(nn.initializers.zeros, ('vae_out',))
+
+
 def _conv(cfg: VQVAEConfig, features: int, kernel: int, name: str, *, stride: int = 1,
           padding: Any = None) -> nn.Conv:
   """Conv with torch's default weight init (uniform +-1/sqrt(fan_in)), zero bias."""
   pad = kernel // 2 if padding is None else padding
   return nn.Conv(
       features, (kernel, kernel), strides=stride, padding=pad, name=name,
-      precision=PRECISIONS[cfg.precision],
-      kernel_init=nn.with_logical_partitioning(
-          nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'),
-          (None, None, 'vae_in', 'vae_out')),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('vae_out',)))
+      precision=PRECISIONS[cfg.precision], kernel_init=CONV_KERNEL_INIT, bias_init=CONV_BIAS_INIT)
 
 
 def _norm(cfg: VQVAEConfig, name: str) -> nn.GroupNorm:
@@ -195,11 +197,8 @@ class UpsampleConv(nn.Module):
   @nn.compact
   def __call__(self, x_BHWC):
     b, h, w, cin = x_BHWC.shape
-    kernel = self.param('kernel', nn.with_logical_partitioning(
-        nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'),
-        (None, None, 'vae_in', 'vae_out')), (3, 3, cin, self.features))
-    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('vae_out',)),
-                      (self.features,))
+    kernel = self.param('kernel', CONV_KERNEL_INIT, (3, 3, cin, self.features))
+    bias = self.param('bias', CONV_BIAS_INIT, (self.features,))
     taps = jnp.asarray(PHASE_TAPS)
     # (2, 2, Cin, [a, b, Cout]): phase (a, b)'s 2x2 kernel in the output channels.
     k_phases = jnp.einsum('aup,bvq,pqio->uviabo', taps, taps, kernel,

@@ -221,7 +221,6 @@ TINY = vqvae.VQVAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, 
                          patch_nums=(1, 2, 3, 4), using_sa=False, using_mid_sa=False, eini=0.0)
 
 
-@functools.lru_cache(maxsize=None)
 def images(cfg, b=2, seed=2):
   s = cfg.resolution
   return jax.random.uniform(jax.random.key(seed), (b, s, s, cfg.in_channels), jnp.float32, -1, 1)
