@@ -8,8 +8,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mvar_jax import api, tokenizer_recipes, train_tokenizer, vqvae
+from configs import common as common_config
+from mvar_jax import api, convert, tokenizer_recipes, train_tokenizer, vqvae
 from mvar_jax.data import pipeline
+from mvar_jax.evaluation import inception
 
 
 def tiny_config(steps=30, lr=3e-3):
@@ -99,13 +101,10 @@ def test_eval_tokenizer_mode_measures_the_exported_tokenizer(trained, tmp_path, 
   table = capsys.readouterr().out
   assert 'rFID             off' in table and f'PSNR (dB)        {saved["psnr"]:.4f}' in table
   # rFID from the evaluation's Inception features (random weights: a fixed feature map).
-  from mvar_jax import convert
-  from mvar_jax.evaluation import inception
   inception_dir = str(tmp_path / 'inception')
   convert.save_converted(inception_dir, 'inception', inception.InceptionConfig(),
                          inception.random_params(0))
-  from configs import common
-  config.eval = common.get_config().eval
+  config.eval = common_config.get_config().eval
   config.eval.inception, config.eval.inception_batch_size = inception_dir, 16
   with_rfid = tokenizer_eval.run(config, workdir)
   assert np.isfinite(with_rfid['rfid']) and with_rfid['rfid'] > 0
@@ -118,10 +117,7 @@ def test_eval_tokenizer_mode_measures_the_exported_tokenizer(trained, tmp_path, 
 
 def test_dead_codes_move_onto_encoder_features():
   cfg = train_tokenizer.vqvae_config_from(tiny_config())
-  abstract = jax.eval_shape(lambda: vqvae.init_params(cfg, jax.random.key(0))['params'])
-  rng = np.random.default_rng(0)  # random values, no compiled init
-  params = jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape).astype(np.float32),
-                                  __import__('flax').linen.unbox(abstract))
+  params = jax.tree_util.tree_map(np.asarray, vqvae.random_params(cfg))  # no compiled init
   dead = np.zeros(cfg.vocab_size, bool)
   dead[[3, 7]] = True
   feats = np.full((5, cfg.z_channels), 9.0, np.float32)
