@@ -76,6 +76,12 @@ def parse_args(argv=None):
   p.add_argument('--na2d_fallback', choices=('auto', 'sdpa', 'flex'), default='auto',
                  help="official MVAR's na2d when natten cannot be imported (launch/natten_fallback.py)")
   p.add_argument('--implementation', default='auto', help='our neighbourhood op')
+  p.add_argument('--param_dtype', choices=('float32', 'bfloat16'), default='float32',
+                 help="dtype of our sampler's transformer params (bfloat16: "
+                      'sampling.inference_params, half the argument memory; GPU only matters)')
+  p.add_argument('--trace_dir', default='',
+                 help="memory probes of ours also trace one call (jax.profiler) and write "
+                      '<contender>.trace.json.gz here: per-kernel device times')
   p.add_argument('--threads', type=int, default=0,
                  help='CPU threads for both torch and XLA (0: each its default); 1 gives '
                       'steadier numbers on a shared machine, where spinning thread pools suffer')
@@ -249,6 +255,8 @@ def our_sampler(setup: Setup, official, mode: str):
   from mvar_jax import sampling
   args = setup.args
   tok, v_params, model, t_params = convert_to_ours(setup, *official, mode)
+  if args.param_dtype != 'float32':
+    t_params = sampling.inference_params(t_params, args.param_dtype)
   labels = jnp.arange(args.batch, dtype=jnp.int32) % setup.num_classes
   key = jax.random.key(0)
 
@@ -257,6 +265,10 @@ def our_sampler(setup: Setup, official, mode: str):
                           top_k=args.top_k, top_p=args.top_p)
     return jax.block_until_ready(out.images_BHW3)
 
+  # The executable `run` calls (loaded, not compiled again): its memory and cost analyses.
+  run.executable = lambda: sampling.compile_sampler(
+      model, t_params, tok, v_params, batch_size=args.batch, cfg=args.cfg,
+      top_k=args.top_k, key=key).executable
   return run
 
 
@@ -467,6 +479,11 @@ def probe_memory(setup: Setup, name: str) -> dict:
   first = time.perf_counter() - t
   contenders[0].run()
   res = {'rss_before': rss_before, 'rss_peak': _rss_bytes(), 'first_call_s': first}
+  executable = getattr(contenders[0].run, 'executable', None)
+  if executable is not None:
+    res.update(_program_figures(executable()))
+    if setup.args.trace_dir:
+      res['trace'] = _trace_one_call(contenders[0].run, setup.args.trace_dir, name)
   if setup.device == 'cuda':
     if contenders[0].framework == 'torch':
       res['device_peak'] = torch.cuda.max_memory_allocated()
@@ -474,6 +491,40 @@ def probe_memory(setup: Setup, name: str) -> dict:
       import jax
       res['device_peak'] = (jax.devices()[0].memory_stats() or {}).get('peak_bytes_in_use')
   return res
+
+
+def _program_figures(compiled) -> dict:
+  """XLA's memory analysis (argument + output + temp - alias bytes) and counted FLOPs."""
+  out = {}
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    out['program_bytes'] = (mem.argument_size_in_bytes + mem.output_size_in_bytes +
+                            mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+    out['argument_bytes'] = mem.argument_size_in_bytes
+    out['temp_bytes'] = mem.temp_size_in_bytes
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+  if cost and 'flops' in cost:
+    out['xla_flops'] = float(cost['flops'])
+  return out
+
+
+def _trace_one_call(run, trace_dir: str, name: str) -> str:
+  """One call under jax.profiler.trace; its Chrome-trace file copied to trace_dir."""
+  import glob
+  import shutil
+  import tempfile
+  import jax
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp):
+      run()
+    found = sorted(glob.glob(os.path.join(tmp, '**', '*.trace.json.gz'), recursive=True))
+    if not found:
+      return 'no trace file written'
+    os.makedirs(trace_dir, exist_ok=True)
+    dest = os.path.join(trace_dir, name.replace(' ', '_') + '.trace.json.gz')
+    shutil.copyfile(found[-1], dest)
+    return dest
 
 
 def memory_in_subprocesses(args, names) -> dict:
@@ -525,7 +576,7 @@ def print_table(setup: Setup, results: dict, memory: dict):
   if notes:
     print('# official code ran with: ' + '; '.join(notes))
   header = (f'{"contender":<44}{"median s":>10}{"min s":>9}{"first s":>9}{"vs official":>13}'
-            f'{"peak RSS GiB":>14}{"device GiB":>12}{"1st s, new proc":>17}')
+            f'{"peak RSS GiB":>14}{"device GiB":>12}{"program GiB":>13}{"1st s, new proc":>17}')
   print(header)
   print('-' * len(header))
   for name, (first, times) in results.items():
@@ -541,13 +592,17 @@ def print_table(setup: Setup, results: dict, memory: dict):
     mem = memory.get(name, {})
     print(f'{label:<44}{med:>10.3f}{min(times):>9.3f}{first:>9.2f}{ratio:>13}'
           f'{gib(mem.get("rss_peak")):>14}{gib(mem.get("device_peak")):>12}'
+          f'{gib(mem.get("program_bytes")):>13}'
           f'{mem.get("first_call_s", float("nan")):>17.2f}')
   if any('unavailable' in n for n in notes):
     print(f'# * {next(n for n in notes if "unavailable" in n)}')
   print('# "vs official": our median / the official median (< 1: ours is faster). '
         'first s: first call (ours: compile, or load from the compilation cache); '
         '1st s, new proc: the first call in the memory probe, a fresh process started after '
-        'the main run (ours: a persistent-cache load).')
+        'the main run (ours: a persistent-cache load). program GiB: XLA memory_analysis of '
+        'our sampler (arguments + outputs + temporaries).')
+  if args.param_dtype != 'float32':
+    print(f'# ours sampled with {args.param_dtype} transformer params')
 
 
 def main(argv=None):

@@ -1,0 +1,55 @@
+#!/bin/bash
+# One round of GPU measurements for a short lease (an H100 / H200), most important first.
+#
+#   OFFICIAL=/src bash launch/gpu_round.sh [OUT_DIR]     # /src/MVAR and /src/VAR checkouts
+#
+# 1. bench_vs_official.py, d16, batch 32: official VAR (KV cache) and official MVAR against
+#    ours (MVAR, bf16 transformer params), same weights, interleaved; then per-contender memory
+#    probes in fresh processes (ours: loaded from the compilation cache this run fills, XLA
+#    memory/cost analysis, and a jax.profiler trace of one call -> OUT_DIR/*.trace.json.gz,
+#    summarised with `python launch/trace_summary.py FILE`).
+# 2. The Pallas neighbourhood kernel's tiles: forward at the sampler's shapes (13x13 and 16x16,
+#    batch 64 = 32 with CFG, 16 heads) and forward+backward at 32x32 (training at 512 px).
+# Each step has its own time limit so that a stall costs one step, not the lease.
+# Logs and tables go to OUT_DIR (default $OUT, the device tool's return folder, else /tmp/gpu_round).
+
+set -uo pipefail
+OUT_DIR=${1:-${OUT:-/tmp/gpu_round}}
+OFFICIAL=${OFFICIAL:-.offsrc}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
+export MVAR_COMPILATION_CACHE_DIR=${MVAR_COMPILATION_CACHE_DIR:-/tmp/mvar_xla_cache}
+# The lent machines measured 4.3 TB/s copy and ~790 TFLOP/s bf16 matmul (H200); H100: 3.0 / 798.
+HBM_GBPS=${HBM_GBPS:-4300}
+PEAK_TFLOPS=${PEAK_TFLOPS:-790}
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  $PY -c 'import jax, jaxlib, flax, torch, triton; print("jax", jax.__version__, "jaxlib",
+jaxlib.__version__, "flax", flax.__version__, "torch", torch.__version__, "triton",
+triton.__version__, jax.devices())'
+  git log -1 --format='code: %h %s' 2>/dev/null
+} 2>&1 | tee "$OUT_DIR/versions.txt"
+
+echo "=== 1. side by side, d16 batch 32 ===" | tee -a "$OUT_DIR/log.txt"
+timeout ${VS_TIMEOUT:-340} $PY launch/bench_vs_official.py \
+    --official_mvar_src="$OFFICIAL/MVAR" --official_var_src="$OFFICIAL/VAR" \
+    --depth=16 --batch=32 "--samplers=official VAR,official MVAR,ours MVAR" --skip_train \
+    --reps=5 --warmup=1 --na2d_fallback=sdpa --param_dtype=bfloat16 \
+    --trace_dir="$OUT_DIR" --json_out="$OUT_DIR/vs_official.json" 2>&1 \
+  | grep -v -E '^\s*$|Warning|warn\(' | tee -a "$OUT_DIR/log.txt"
+
+echo "=== 2. Pallas tiles ===" | tee -a "$OUT_DIR/log.txt"
+CONFIGS='q=64,k=64;q=32,k=32;q=64,k=32;q=128,k=64;q=128,k=64,warps=8;q=64,k=64,stages=3;q=32,k=64'
+timeout ${TILES_TIMEOUT:-130} $PY launch/bench_neighborhood_attention.py --impls=pallas \
+    --maps=13x13,16x16 --batches=64 --heads=16 --passes=fwd --noisolate --reps=10 \
+    --hbm_gbps=$HBM_GBPS --peak_tflops=$PEAK_TFLOPS --pallas_configs="$CONFIGS" \
+    --json_out="$OUT_DIR/tiles.jsonl" 2>&1 | grep -v -E '^\s*$|Warning' | tee -a "$OUT_DIR/log.txt"
+BWD='q=64,k=64;q_dq=32,k_dq=32,q_dkv=32,k_dkv=32;q_dq=64,k_dq=32,q_dkv=32,k_dkv=64;q=128,k=64,warps_bwd=8;stages=3,stages_bwd=3'
+timeout ${TILES_BWD_TIMEOUT:-110} $PY launch/bench_neighborhood_attention.py --impls=pallas \
+    --maps=32x32 --batches=32 --heads=16 --passes=fwd+bwd --noisolate --reps=10 \
+    --hbm_gbps=$HBM_GBPS --peak_tflops=$PEAK_TFLOPS --pallas_configs="$BWD" \
+    --json_out="$OUT_DIR/tiles.jsonl" 2>&1 | grep -v -E '^\s*$|Warning' | tee -a "$OUT_DIR/log.txt"
+date -u | tee -a "$OUT_DIR/log.txt"
