@@ -121,6 +121,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sample.more_smooth = False  # Gumbel-softmax code mixing (visualisation only, not for FID)
   config.sample.num_images = 50000  # images to sample (labels cycle 0..num_classes-1: 50 per class)
   config.sample.batch_size = 64  # images per sampling call
+  # VQ-VAE decode dtype: '' = model.dtype (bf16 halves the GPU decoder's time; the official
+  # sampler decodes under fp16 autocast); 'float32' for fp32 pixels.
+  config.sample.decoder_dtype = ''
   config.sample.output_dir = ''  # where samples.npz and the PNG grid go; '' = <workdir>/samples
 
   # Evaluation with the FID Inception network (mvar_jax/evaluation/evaluators.py): FID, sFID,

@@ -79,6 +79,9 @@ def parse_args(argv=None):
   p.add_argument('--param_dtype', choices=('float32', 'bfloat16'), default='float32',
                  help="dtype of our sampler's transformer params (bfloat16: "
                       'sampling.inference_params, half the argument memory; GPU only matters)')
+  p.add_argument('--decoder_dtype', choices=('auto', 'float32', 'bfloat16'), default='auto',
+                 help="our VQ-VAE decode dtype (auto: bfloat16 on GPU, as the official code's "
+                      'fp16 autocast there; float32 on CPU)')
   p.add_argument('--trace_dir', default='',
                  help="memory probes of ours also trace one call (jax.profiler) and write "
                       '<contender>.trace.json.gz here: per-kernel device times')
@@ -201,6 +204,10 @@ def convert_to_ours(setup: Setup, vae, model, mode: str):
   sd = lambda m: {k: v.detach().float().cpu().numpy() for k, v in m.state_dict().items()}
   v_cfg, v_params = convert.convert_vqvae(
       sd(vae), patch_nums=setup.patch_nums, precision='default' if on_gpu else 'highest')
+  decoder_dtype = setup.args.decoder_dtype
+  if decoder_dtype == 'auto':
+    decoder_dtype = 'bfloat16' if on_gpu else 'float32'
+  v_cfg = dataclasses.replace(v_cfg, decoder_dtype=decoder_dtype)
   attention = AttentionConfig(mode=mode, refine_step=setup.refine_step,
                               kernel_size=setup.kernel_size,
                               implementation=setup.args.implementation)
@@ -601,8 +608,8 @@ def print_table(setup: Setup, results: dict, memory: dict):
         '1st s, new proc: the first call in the memory probe, a fresh process started after '
         'the main run (ours: a persistent-cache load). program GiB: XLA memory_analysis of '
         'our sampler (arguments + outputs + temporaries).')
-  if args.param_dtype != 'float32':
-    print(f'# ours sampled with {args.param_dtype} transformer params')
+  print(f'# ours: {args.param_dtype} transformer params, VQ-VAE decode in {args.decoder_dtype} '
+        '(auto: bfloat16 on GPU, float32 on CPU)')
 
 
 def main(argv=None):

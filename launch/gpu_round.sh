@@ -3,13 +3,16 @@
 #
 #   OFFICIAL=/src bash launch/gpu_round.sh [OUT_DIR]     # /src/MVAR and /src/VAR checkouts
 #
+# 0. bench_topk.py: the sampler's top-k threshold at the largest scale, three ways.
 # 1. bench_vs_official.py, d16, batch 32: official VAR (KV cache) and official MVAR against
-#    ours (MVAR, bf16 transformer params), same weights, interleaved; then per-contender memory
+#    ours (MVAR, bf16 transformer params, bf16 VQ-VAE decode), same weights, interleaved
+#    ($SAMPLERS picks a subset); then per-contender memory
 #    probes in fresh processes (ours: loaded from the compilation cache this run fills, XLA
 #    memory/cost analysis, and a jax.profiler trace of one call -> OUT_DIR/*.trace.json.gz,
 #    summarised with `python launch/trace_summary.py FILE`).
 # 2. The Pallas neighbourhood kernel's tiles: forward at the sampler's shapes (13x13 and 16x16,
 #    batch 64 = 32 with CFG, 16 heads) and forward+backward at 32x32 (training at 512 px).
+#    TILES=0 skips this step.
 # Each step has its own time limit so that a stall costs one step, not the lease.
 # Logs and tables go to OUT_DIR (default $OUT, the device tool's return folder, else /tmp/gpu_round).
 
@@ -33,14 +36,18 @@ triton.__version__, jax.devices())'
   git log -1 --format='code: %h %s' 2>/dev/null
 } 2>&1 | tee "$OUT_DIR/versions.txt"
 
+echo "=== 0. top-k threshold variants (largest scale) ===" | tee -a "$OUT_DIR/log.txt"
+timeout 60 $PY launch/bench_topk.py 2>&1 | tee -a "$OUT_DIR/log.txt"
+
 echo "=== 1. side by side, d16 batch 32 ===" | tee -a "$OUT_DIR/log.txt"
 timeout ${VS_TIMEOUT:-340} $PY launch/bench_vs_official.py \
     --official_mvar_src="$OFFICIAL/MVAR" --official_var_src="$OFFICIAL/VAR" \
-    --depth=16 --batch=32 "--samplers=official VAR,official MVAR,ours MVAR" --skip_train \
+    --depth=16 --batch=32 "--samplers=${SAMPLERS:-official VAR,official MVAR,ours MVAR}" --skip_train \
     --reps=5 --warmup=1 --na2d_fallback=sdpa --param_dtype=bfloat16 \
     --trace_dir="$OUT_DIR" --json_out="$OUT_DIR/vs_official.json" 2>&1 \
   | grep -v -E '^\s*$|Warning|warn\(' | tee -a "$OUT_DIR/log.txt"
 
+[[ "${TILES:-1}" == 1 ]] || { date -u | tee -a "$OUT_DIR/log.txt"; exit 0; }
 echo "=== 2. Pallas tiles ===" | tee -a "$OUT_DIR/log.txt"
 CONFIGS='q=64,k=64;q=32,k=32;q=64,k=32;q=128,k=64;q=128,k=64,warps=8;q=64,k=64,stages=3;q=32,k=64'
 timeout ${TILES_TIMEOUT:-130} $PY launch/bench_neighborhood_attention.py --impls=pallas \

@@ -251,13 +251,17 @@ def _jit_logits(tok, model, first: int, last: int):
 # ----------------------------------------------------------------------------- loading
 
 def load_pretrained(directory: str, *, attention: AttentionConfig | None = None,
-                    dtype: str | None = None) -> MVARPipeline:
+                    dtype: str | None = None, decoder_dtype: str | None = None) -> MVARPipeline:
   """Reads `vqvae.{msgpack,json}` and `transformer.{msgpack,json}` from `directory`.
 
   `attention` overrides the stored attention settings (e.g. AttentionConfig(mode='var')
-  to run a VAR checkpoint as VAR, or another neighbourhood implementation).
+  to run a VAR checkpoint as VAR, or another neighbourhood implementation). `dtype`: the
+  transformer's compute dtype; `decoder_dtype`: the VQ-VAE decoder's (e.g. both 'bfloat16'
+  on a GPU). None keeps what the directory stores.
   """
   v_cfg, v_params = load_converted(directory, 'vqvae')
+  if decoder_dtype is not None:
+    v_cfg = dataclasses.replace(v_cfg, decoder_dtype=decoder_dtype)
   t_cfg, t_params = load_converted(directory, 'transformer')
   overrides = {}
   if attention is not None:

@@ -196,6 +196,9 @@ def validate_config(config, *, check_mesh: bool = True, mode: str = 'train') -> 
   if not 0.0 < s.top_p <= 1.0:
     raise ValueError(f'sample.top_p must be in (0, 1] (1 disables it), got {s.top_p}')
   _positive('sample.top_k', s.top_k, allow_zero=True)
+  if s.get('decoder_dtype', ''):
+    from mvar_jax.vqvae import DECODER_DTYPES
+    _one_of('sample.decoder_dtype', s.decoder_dtype, ('',) + DECODER_DTYPES)
   # --- mesh and batch
   if check_mesh:
     from mvar_jax import sharding

@@ -281,7 +281,8 @@ def _run_locked(config, workdir: str, out_dir: str, devices) -> str:
   s = config.sample
 
   model, params, weights = load_params(config, workdir)
-  tokenizer, tok_host = train.load_tokenizer_for(model.config, config.tokenizer.checkpoint)
+  tokenizer, tok_host = train.load_tokenizer_for(model.config, config.tokenizer.checkpoint,
+                                                 decoder_dtype=train.decoder_dtype(config))
   n, b = int(s.num_images), int(s.batch_size)
   total = num_chunks(n, b)
   labels_N = labels_for(n, model.config.num_classes)

@@ -312,13 +312,24 @@ def compile_eval_step(setup: Setup, tokenizer: vq.Tokenizer, tok_shardings):
 def load_tokenizer(config) -> tuple[vq.Tokenizer, dict]:
   """(Tokenizer, host params) from config.tokenizer.checkpoint, checked against config.model."""
   return load_tokenizer_for(config_utils.transformer_config_from(config),
-                            config.tokenizer.checkpoint)
+                            config.tokenizer.checkpoint, decoder_dtype=decoder_dtype(config))
 
 
-def load_tokenizer_for(model_cfg: tfm.TransformerConfig, path: str) -> tuple[vq.Tokenizer, dict]:
-  """Tokenizer + host params of a converted dir (vqvae.msgpack/json) that fits `model_cfg`."""
+def decoder_dtype(config) -> str:
+  """The VQ-VAE decode dtype of sampling: config.sample.decoder_dtype, '' = config.model.dtype."""
+  return config.sample.get('decoder_dtype', '') or config.model.dtype
+
+
+def load_tokenizer_for(model_cfg: tfm.TransformerConfig, path: str, *,
+                       decoder_dtype: str | None = None) -> tuple[vq.Tokenizer, dict]:
+  """Tokenizer + host params of a converted dir (vqvae.msgpack/json) that fits `model_cfg`.
+
+  decoder_dtype: overrides the stored VQVAEConfig.decoder_dtype (None: as stored).
+  """
   cfg_dict, params = checkpointing.load_converted(path, 'vqvae')
   cfg = vq.VQVAEConfig(**{k: v for k, v in cfg_dict.items() if k != '_type'})
+  if decoder_dtype is not None:
+    cfg = dataclasses.replace(cfg, decoder_dtype=decoder_dtype)
   for name, want, got in (('model.vocab_size', model_cfg.vocab_size, cfg.vocab_size),
                           ('model.cvae', model_cfg.cvae, cfg.z_channels),
                           ('model.patch_nums', model_cfg.patch_nums, cfg.patch_nums)):
