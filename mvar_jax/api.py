@@ -251,13 +251,16 @@ def _jit_logits(tok, model, first: int, last: int):
 # ----------------------------------------------------------------------------- loading
 
 def load_pretrained(directory: str, *, attention: AttentionConfig | None = None,
-                    dtype: str | None = None, decoder_dtype: str | None = None) -> MVARPipeline:
+                    dtype: str | None = None, decoder_dtype: str | None = None,
+                    param_dtype: str | None = None) -> MVARPipeline:
   """Reads `vqvae.{msgpack,json}` and `transformer.{msgpack,json}` from `directory`.
 
   `attention` overrides the stored attention settings (e.g. AttentionConfig(mode='var')
   to run a VAR checkpoint as VAR, or another neighbourhood implementation). `dtype`: the
-  transformer's compute dtype; `decoder_dtype`: the VQ-VAE decoder's (e.g. both 'bfloat16'
-  on a GPU). None keeps what the directory stores.
+  transformer's compute dtype; `decoder_dtype`: the VQ-VAE decoder's; `param_dtype`: a cast
+  copy of the transformer params for inference (`sampling.inference_params`: half their
+  memory). On a GPU, 'bfloat16' for all three is the fast setting. None keeps what the
+  directory stores (fp32).
   """
   v_cfg, v_params = load_converted(directory, 'vqvae')
   if decoder_dtype is not None:
@@ -270,6 +273,9 @@ def load_pretrained(directory: str, *, attention: AttentionConfig | None = None,
     overrides['dtype'] = dtype
   if overrides:
     t_cfg = dataclasses.replace(t_cfg, **overrides).validate()
+  if param_dtype is not None:
+    from mvar_jax import sampling
+    t_params = sampling.inference_params(t_params, param_dtype)
   return MVARPipeline(v_cfg, v_params, t_cfg, t_params)
 
 

@@ -316,8 +316,13 @@ def load_tokenizer(config) -> tuple[vq.Tokenizer, dict]:
 
 
 def decoder_dtype(config) -> str:
-  """The VQ-VAE decode dtype of sampling: config.sample.decoder_dtype, '' = config.model.dtype."""
-  return config.sample.get('decoder_dtype', '') or config.model.dtype
+  """The VQ-VAE decode dtype of sampling: config.sample.decoder_dtype, else (auto) float32 on
+  CPU, where bf16 convolutions are emulated (slower) and fp32 keeps samples bit-identical
+  across device counts, and config.model.dtype on accelerators."""
+  chosen = config.sample.get('decoder_dtype', '')
+  if chosen:
+    return chosen
+  return 'float32' if jax.default_backend() == 'cpu' else config.model.dtype
 
 
 def load_tokenizer_for(model_cfg: tfm.TransformerConfig, path: str, *,

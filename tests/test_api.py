@@ -4,6 +4,7 @@ import dataclasses
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -55,6 +56,17 @@ def test_attention_override_switches_to_var_mode(weights_dir):
   path, _ = weights_dir
   pipe = api.load_pretrained(path, attention=AttentionConfig(mode='var'))
   assert pipe.transformer_config.attention.mode == 'var'
+
+
+def test_dtype_overrides_reach_both_models(weights_dir):
+  path, reference = weights_dir
+  pipe = api.load_pretrained(path, dtype='bfloat16', decoder_dtype='bfloat16',
+                             param_dtype='bfloat16')
+  assert pipe.transformer_config.dtype == 'bfloat16'
+  assert pipe.tokenizer_config.decoder_dtype == 'bfloat16'
+  dtypes = {a.dtype for a in jax.tree_util.tree_leaves(pipe.transformer_params)}
+  assert dtypes == {jnp.dtype('bfloat16')}
+  assert reference.tokenizer_config.decoder_dtype == 'float32'  # stored: unchanged by default
 
 
 def test_missing_files_and_mismatches_are_named(weights_dir, tmp_path):

@@ -93,6 +93,7 @@ def test_train_loss_weights_every_token_by_one_over_L(tiny_tokenizer):
     ('train.ema_decay', 1.0, r'train.ema_decay must be in \[0.0, 1.0\)'),
     ('model.refine_step', 11, r'model.refine_step must be in \[0, 10\]'),
     ('sample.top_p', 0.0, r'sample.top_p must be in \(0, 1\]'),
+    ('sample.decoder_dtype', 'fp8', r"sample.decoder_dtype must be one of \('', 'float32'"),
     ('mesh.data', 3, r'mesh.data \* mesh.fsdp must equal the device count'),
     ('train.batch_size', 12, r'train.batch_size \(12\) must be a multiple of the batch shards'),
     ('data.name', 'cifar', "data.name='cifar' is invalid"),
@@ -107,6 +108,15 @@ def test_invalid_config_names_the_field(field, value, message):
   c[section][name] = value
   with pytest.raises(ValueError, match=message):
     config_utils.validate_config(c)
+
+
+def test_sampling_decodes_in_fp32_on_cpu_unless_the_config_names_a_dtype():
+  c = common.get_config()
+  assert c.model.dtype == 'bfloat16' and c.sample.decoder_dtype == ''
+  assert jax.default_backend() == 'cpu'
+  assert train.decoder_dtype(c) == 'float32'  # auto: bf16 convs are emulated on CPU
+  c.sample.decoder_dtype = 'bfloat16'
+  assert train.decoder_dtype(c) == 'bfloat16'
 
 
 def test_model_configs_load_and_validate():

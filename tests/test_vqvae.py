@@ -5,6 +5,7 @@ ops only) and reads a state dict with the official key names, so it checks both 
 numerics and the naming rule that `mvar_jax.convert` relies on.
 """
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -422,10 +423,24 @@ def test_phi_index_table_for_ten_scales():
     (dict(image_size=128), 'image_size'),
     (dict(phi_ratio=0.0), 'phi_ratio'),
     (dict(precision='fp8'), 'precision'),
+    (dict(decoder_dtype='int8'), 'decoder_dtype'),
 ])
 def test_bad_config_names_the_field(overrides, field):
   with pytest.raises(ValueError, match=field):
     vqvae.VQVAEConfig(**overrides)
+
+
+def test_a_bf16_decoder_rounds_but_keeps_the_params_and_returns_fp32():
+  r = tiny_run()
+  bf16 = dataclasses.replace(TINY, decoder_dtype='bfloat16')
+  abstract = lambda cfg: jax.eval_shape(lambda: vqvae.init_params(cfg, jax.random.key(0)))
+  assert jax.tree_util.tree_structure(abstract(bf16)) == jax.tree_util.tree_structure(
+      abstract(TINY))  # same (fp32) params: any checkpoint decodes either way
+  ref = np.asarray(TOK.fhat_to_img(r['params'], r['f_hat']))
+  out = vqvae.Tokenizer(bf16).fhat_to_img(r['params'], r['f_hat'])
+  assert out.dtype == jnp.float32 and out.shape == ref.shape
+  err = np.abs(np.asarray(out) - ref)
+  assert 0 < err.max() < 0.05 and err.mean() < 0.01  # bf16 rounding, not another function
 
 
 def test_bad_inputs_raise():

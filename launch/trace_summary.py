@@ -1,0 +1,103 @@
+r"""Where a sampler call's device time goes, from a jax.profiler trace (Chrome JSON, .json.gz).
+
+  python launch/trace_summary.py ours_MVAR.trace.json.gz [--top=20]
+
+bench_vs_official.py --trace_dir writes such a file for one call of our sampler (GPU). Device
+kernels are split into phases: each scale of the transformer loop ends with the top-k sort
+of its logits, so the kernels up to a scale's sort are that scale, and everything after the
+last sort is the VQ-VAE decode. Within a phase kernels are grouped by what they are:
+matmuls (cuBLAS / XLA gemm fusions), convolutions (cuDNN), neighbourhood attention (our
+Pallas kernel), sorts, copies/memsets, and the rest (XLA fusions: elementwise, norms,
+reductions). Prints markdown tables: busy ms per phase and group, then the top kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+
+GROUPS = ('matmul', 'conv', 'na2d', 'sort', 'copy', 'fusion')
+
+
+def kernel_group(name: str) -> str:
+  n = name.lower()
+  if 'fprop' in n or 'dgrad' in n or 'wgrad' in n or 'conv' in n.split('_')[0]:
+    return 'conv'
+  if 'nvjet' in n or 'gemm' in n or 'cublas' in n:
+    return 'matmul'
+  if 'na2d' in n:
+    return 'na2d'
+  if n.startswith('sort'):
+    return 'sort'
+  if 'memcpy' in n or 'memset' in n:
+    return 'copy'
+  return 'fusion'
+
+
+def device_kernels(path: str) -> list[dict]:
+  """Complete ('X') events on the device's streams, in time order."""
+  with gzip.open(path) if path.endswith('.gz') else open(path) as f:
+    trace = json.load(f)
+  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  device_pids = {e['pid'] for e in events
+                 if e.get('ph') == 'M' and e.get('name') == 'process_name'
+                 and str(e.get('args', {}).get('name', '')).startswith('/device:')}
+  out = [e for e in events if e.get('ph') == 'X' and e.get('pid') in device_pids]
+  if not out:
+    raise SystemExit(f'{path}: no device kernels (a CPU trace, or the trace is empty)')
+  return sorted(out, key=lambda e: e['ts'])
+
+
+def phases(kernels: list[dict]) -> list[tuple[str, list[dict]]]:
+  """[(name, kernels)]: 'scale i' up to and including each sort, then 'decode'."""
+  ends = [i for i, e in enumerate(kernels) if kernel_group(e['name']) == 'sort']
+  out, start = [], 0
+  for si, end in enumerate(ends):
+    out.append((f'scale {si}', kernels[start:end + 1]))
+    start = end + 1
+  out.append(('decode' if ends else 'all', kernels[start:]))
+  return out
+
+
+def span_ms(kernels: list[dict]) -> float:
+  return (kernels[-1]['ts'] + kernels[-1]['dur'] - kernels[0]['ts']) / 1e3 if kernels else 0.0
+
+
+def busy_ms(kernels: list[dict]) -> float:
+  return sum(e['dur'] for e in kernels) / 1e3
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('trace')
+  p.add_argument('--top', type=int, default=15, help='kernels listed by total time')
+  args = p.parse_args(argv)
+  kernels = device_kernels(args.trace)
+  print(f'{len(kernels)} kernels; wall span {span_ms(kernels):.2f} ms, device busy '
+        f'{busy_ms(kernels):.2f} ms\n')
+  print('| phase | span ms | busy ms | ' + ' | '.join(GROUPS) + ' |')
+  print('|---|---|---|' + '---|' * len(GROUPS))
+  loop = [e for name, ks in phases(kernels) if name.startswith('scale') for e in ks]
+  rows = phases(kernels)
+  if len(rows) > 1:
+    rows = rows + [('transformer loop (all scales)', loop)]
+  for name, ks in rows:
+    by = collections.Counter()
+    for e in ks:
+      by[kernel_group(e['name'])] += e['dur'] / 1e3
+    print(f'| {name} | {span_ms(ks):.2f} | {busy_ms(ks):.2f} | ' +
+          ' | '.join(f'{by[g]:.2f}' for g in GROUPS) + ' |')
+  totals = collections.defaultdict(lambda: [0.0, 0])
+  for e in kernels:
+    totals[e['name']][0] += e['dur'] / 1e3
+    totals[e['name']][1] += 1
+  print('\n| kernel | group | calls | ms |')
+  print('|---|---|---|---|')
+  for name, (ms, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:args.top]:
+    print(f'| {name[:80]} | {kernel_group(name)} | {calls} | {ms:.2f} |')
+
+
+if __name__ == '__main__':
+  main()
