@@ -59,9 +59,9 @@ class VQVAEConfig:
   image_size: int | None = None  # None: patch_nums[-1] * downsample
   precision: str = 'highest'  # convs and attention; 'default' allows TF32/bf16 passes (faster)
   # Activation dtype of `decode` (post_quant_conv and the decoder); params stay fp32 and
-  # GroupNorm statistics are fp32. 'bfloat16' roughly halves the decoder's time on a GPU (its
-  # convs are half the d16 sampler's time in fp32) at ~1e-2 pixel error; official sampling
-  # decodes under fp16 autocast. On CPU keep fp32 (bf16 convs there are emulated, slower).
+  # GroupNorm statistics are fp32. 'bfloat16' takes the decode of 32 images at 256 px from 57
+  # to 38 ms on an H200, at ~1e-2 pixel error; official sampling decodes under fp16 autocast.
+  # On CPU keep fp32 (bf16 convs there are emulated, slower).
   decoder_dtype: str = 'float32'
   eini: float = -1.0  # codebook init: <0 uniform(+-|eini|/V) (VAR), >0 trunc-normal std, 0 N(0, 1)
 
