@@ -68,6 +68,10 @@ def main(argv=None):
   p.add_argument('--skip_sample', action='store_true')
   p.add_argument('--bf16_params', action='store_true',
                  help='sample with a bf16 copy of the transformer params (sampling.inference_params)')
+  p.add_argument('--decoder_dtype', default='float32', choices=('float32', 'bfloat16'),
+                 help='VQ-VAE decode dtype (VQVAEConfig.decoder_dtype)')
+  p.add_argument('--loop_blocks', default='auto', choices=('auto', 'on', 'off'),
+                 help="the sampler's blocks as a loop per scale (auto: sampling.loops_blocks)")
   p.add_argument('--smoke', action='store_true', help='tiny models on any backend')
   args = p.parse_args(argv)
 
@@ -75,7 +79,7 @@ def main(argv=None):
     v_cfg, base = smoke_configs.tiny(depth=2)
     args.warmup, args.reps = 1, 2
   else:
-    v_cfg = vqvae.VQVAEConfig(precision='default')
+    v_cfg = vqvae.VQVAEConfig(precision='default', decoder_dtype=args.decoder_dtype)
     base = transformer.preset(args.depth, dtype='bfloat16')
   rng = jax.random.key(0, impl='unsafe_rbg')
   import flax.linen as nn
@@ -100,8 +104,9 @@ def main(argv=None):
           # One executable gives both the time and the memory analysis (what the program
           # needs, free of the autotuning scratch that peak_bytes_in_use also counts).
           t = time.perf_counter()
+          loop = {'auto': None, 'on': True, 'off': False}[args.loop_blocks]
           sampler = sampling.compile_sampler(model, sample_params, tok, v_params, batch_size=b,
-                                             cfg=1.5, top_k=900)
+                                             cfg=1.5, top_k=900, loop_blocks=loop)
           print(f'  {name} b{b} sampling: compile {time.perf_counter() - t:.1f} s', flush=True)
           xla_gib = _program_gib(sampler)
           key = jax.random.key(1)

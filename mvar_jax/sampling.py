@@ -236,11 +236,12 @@ def loops_blocks(backend: str | None = None) -> bool:
 
 @functools.lru_cache(maxsize=64)
 def _compiled(transformer, vqvae, batch_size: int, top_k: int, more_smooth: bool, use_cfg: bool,
-              decode_batch: int = DEFAULT_DECODE_BATCH):
+              decode_batch: int = DEFAULT_DECODE_BATCH, loop_blocks: bool | None = None):
   del batch_size  # part of the cache key: one executable per batch size
+  loop_blocks = loops_blocks() if loop_blocks is None else loop_blocks
   return jax.jit(functools.partial(_scale_loop, transformer=transformer, vqvae=vqvae, top_k=top_k,
                                    more_smooth=more_smooth, use_cfg=use_cfg,
-                                   decode_batch=decode_batch, loop_blocks=loops_blocks()),
+                                   decode_batch=decode_batch, loop_blocks=loop_blocks),
                  compiler_options=dict(compiler_options()) or None)
 
 
@@ -294,10 +295,13 @@ def _signature(tree) -> tuple:
 
 @functools.lru_cache(maxsize=64)
 def _sampler(transformer, vqvae, batch_size: int, top_k: int, more_smooth: bool, use_cfg: bool,
-             decode_batch: int, t_sig, v_sig, key_aval) -> CompiledSampler:
+             decode_batch: int, t_sig, v_sig, key_aval,
+             loop_blocks: bool | None = None) -> CompiledSampler:
   """One CompiledSampler per process and signature, kept on disk across processes
   (compilation_cache.load_or_compile: a new process skips tracing and lowering)."""
-  fn = _compiled(transformer, vqvae, batch_size, top_k, more_smooth, use_cfg, decode_batch)
+  loop_blocks = loops_blocks() if loop_blocks is None else bool(loop_blocks)
+  fn = _compiled(transformer, vqvae, batch_size, top_k, more_smooth, use_cfg, decode_batch,
+                 loop_blocks)
   sds = jax.ShapeDtypeStruct
   lower = lambda: fn.lower(t_sig[0].unflatten(t_sig[1]), v_sig[0].unflatten(v_sig[1]),
                            sds((batch_size,), jnp.int32), key_aval, sds((), jnp.float32),
@@ -313,20 +317,22 @@ def _sampler(transformer, vqvae, batch_size: int, top_k: int, more_smooth: bool,
     key = compilation_cache.executable_key(
         'sampling._scale_loop', repr(transformer.config), repr(vqvae.config), batch_size, top_k,
         more_smooth, use_cfg, decode_batch, str(t_sig), str(v_sig), str(key_aval),
-        compiler_options())
+        compiler_options(), loop_blocks)
     executable = compilation_cache.load_or_compile(key, lower)
   return CompiledSampler(executable, transformer.config.num_classes, batch_size, top_k, use_cfg)
 
 
 def compile_sampler(transformer, t_params, vqvae, v_params, *, batch_size: int,
                     cfg: float = 1.5, top_k: int = 0, more_smooth: bool = False,
-                    decode_batch: int = DEFAULT_DECODE_BATCH, key=None) -> CompiledSampler:
+                    decode_batch: int = DEFAULT_DECODE_BATCH, key=None,
+                    loop_blocks: bool | None = None) -> CompiledSampler:
   """Lowers and compiles the sampling loop now (or loads it from the compilation cache).
 
   t_params / v_params: arrays or jax.ShapeDtypeStruct trees of the same structure (nothing
   is allocated: `compile_sampler(...).memory_analysis()` works for any size on any machine).
   Only whether cfg == 1 matters here; its value and top_p are given at call time. key: a key
-  of the kind you will sample with (default: jax.random.key's).
+  of the kind you will sample with (default: jax.random.key's). loop_blocks: run each scale's
+  blocks as a loop (None: `loops_blocks()`, the backend's default); same samples either way.
   """
   validate_sampling_args(num_classes=transformer.config.num_classes, labels=None, cfg=cfg,
                          top_k=top_k, top_p=1.0)
@@ -336,7 +342,8 @@ def compile_sampler(transformer, t_params, vqvae, v_params, *, batch_size: int,
   key = jax.eval_shape(lambda: jax.random.key(0)) if key is None else key
   return _sampler(transformer, vqvae, int(batch_size), int(top_k), bool(more_smooth),
                   bool(cfg != 1.0), int(decode_batch), _signature(_variables(t_params)),
-                  _signature(v_params), jax.ShapeDtypeStruct(key.shape, key.dtype))
+                  _signature(v_params), jax.ShapeDtypeStruct(key.shape, key.dtype),
+                  loop_blocks)
 
 
 def _check_decode_batch(decode_batch) -> None:

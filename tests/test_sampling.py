@@ -131,6 +131,16 @@ class TestSample:
     for x, y in zip(want.ids, got.ids):
       np.testing.assert_array_equal(x, y)
     np.testing.assert_array_equal(want.images_BHW3, got.images_BHW3)
+    # The blocks unrolled (the GPU's form; CPU loops them by default): the same samples.
+    assert sampling.loops_blocks()
+    unrolled = sampling.compile_sampler(
+        pipe.transformer, shapes(pipe.transformer_params), pipe.tokenizer,
+        shapes(pipe.tokenizer_params), batch_size=3, cfg=2.0, top_k=8, loop_blocks=False)
+    assert unrolled.executable is not sampler.executable
+    again = unrolled(pipe.transformer_params, pipe.tokenizer_params, key=jax.random.key(7), **kw)
+    for x, y in zip(want.ids, again.ids):
+      np.testing.assert_array_equal(x, y)
+    np.testing.assert_allclose(again.images_BHW3, want.images_BHW3, atol=1e-6)
     param_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(pipe.transformer_params))
     assert sampler.memory_analysis().argument_size_in_bytes >= param_bytes
     with pytest.raises(ValueError, match=r'labels must have shape \(3,\)'):
