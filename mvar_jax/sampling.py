@@ -229,7 +229,8 @@ def loops_blocks(backend: str | None = None) -> bool:
   from the compilation cache 2.6x faster (XLA:CPU rebuilds a kernel dependency graph whose
   cost grows faster than the kernel count) and samples as fast (four blocks per branch).
   Elsewhere the blocks stay unrolled: a GPU conditional reads its branch index on the host
-  every step.
+  every step, and on an H200 the looped d16 sampler had not compiled after 170 s, against
+  ~90 s unrolled (launch/results/h200_2026-11-26.md).
   """
   return (backend or jax.default_backend()) == 'cpu'
 
