@@ -37,6 +37,9 @@ def parse_args(argv=None):
   p.add_argument('--batch', type=int, default=2)
   p.add_argument('--runs', type=int, default=3, help='pairs of processes; medians over them')
   p.add_argument('--steady', type=int, default=2, help='steady calls after the first')
+  p.add_argument('--loop_blocks', default='auto', choices=('auto', 'on', 'off'),
+                 help="the sampler's blocks as a loop per scale (auto: sampling.loops_blocks, "
+                      'on for CPU); off/on give the A/B of the two program forms')
   p.add_argument('--smoke', action='store_true')
   p.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
   return p.parse_args(argv)
@@ -73,7 +76,8 @@ def child(args) -> dict:
 
   def call():
     out = sampling.sample(model, t_params, tok, v_params, key=jax.random.key(1), labels=labels,
-                          cfg=1.5, top_k=top_k, top_p=0.96)
+                          cfg=1.5, top_k=top_k, top_p=0.96,
+                          loop_blocks={'auto': None, 'on': True, 'off': False}[args.loop_blocks])
     return jax.block_until_ready(out.images_BHW3)
 
   durations.clear()
@@ -101,7 +105,8 @@ def main(argv=None):
     args.runs, args.steady = 1, 1
   script = os.path.abspath(__file__)
   child_argv = [sys.executable, script, '--child', f'--depth={args.depth}',
-                f'--batch={args.batch}', f'--steady={args.steady}'] + (
+                f'--batch={args.batch}', f'--steady={args.steady}',
+                f'--loop_blocks={args.loop_blocks}'] + (
                     ['--smoke'] if args.smoke else [])
   results = {'first process': [], 'second process': []}
   loads = [os.getloadavg()[0]]
@@ -119,7 +124,8 @@ def main(argv=None):
   cols = ('startup', 'weights', 'trace', 'lower', 'cache load', 'compile', 'first', 'steady',
           'first cpu', 'steady cpu')
   print(f'\n# d{args.depth if not args.smoke else "smoke"}, batch {args.batch}, MVAR, cfg 1.5, '
-        f'top-k 900, top-p 0.96; median s of {args.runs} runs; 1-min load average '
+        f'top-k 900, top-p 0.96, blocks looped: {args.loop_blocks}; median s of {args.runs} runs; '
+        f'1-min load average '
         f'{min(loads):.1f}..{max(loads):.1f} ({os.cpu_count()} CPUs)')
   print(f'{"process":<16}' + ''.join(f'{c:>11}' for c in cols) + f'{"first/steady":>14}'
         f'{"(cpu)":>7}')

@@ -363,11 +363,12 @@ def inference_params(params, dtype='bfloat16'):
 
 def sample(transformer, t_params, vqvae, v_params, *, key, labels=None, batch_size=None,
            cfg: float = 1.5, top_k: int = 0, top_p: float = 1.0,
-           more_smooth: bool = False, decode_batch: int = DEFAULT_DECODE_BATCH) -> SampleOutput:
+           more_smooth: bool = False, decode_batch: int = DEFAULT_DECODE_BATCH,
+           loop_blocks: bool | None = None) -> SampleOutput:
   """Samples images; `labels` (B,) or None for uniformly random labels (then batch_size).
 
   decode_batch: images per VQ-VAE decoder call (0: the whole batch at once; see
-  `decode_in_chunks`).
+  `decode_in_chunks`). loop_blocks: as in `compile_sampler` (None: the backend's default).
   """
   num_classes = transformer.config.num_classes
   validate_sampling_args(num_classes=num_classes, labels=labels, cfg=cfg, top_k=top_k, top_p=top_p)
@@ -378,5 +379,5 @@ def sample(transformer, t_params, vqvae, v_params, *, key, labels=None, batch_si
   labels = np.asarray(labels, np.int32)
   sampler = compile_sampler(transformer, t_params, vqvae, v_params, batch_size=labels.shape[0],
                             cfg=cfg, top_k=top_k, more_smooth=more_smooth,
-                            decode_batch=decode_batch, key=key)
+                            decode_batch=decode_batch, key=key, loop_blocks=loop_blocks)
   return sampler(t_params, v_params, key=key, labels=labels, cfg=cfg, top_p=top_p)
