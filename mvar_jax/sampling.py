@@ -237,9 +237,8 @@ def loops_blocks(backend: str | None = None) -> bool:
 
 @functools.lru_cache(maxsize=64)
 def _compiled(transformer, vqvae, batch_size: int, top_k: int, more_smooth: bool, use_cfg: bool,
-              decode_batch: int = DEFAULT_DECODE_BATCH, loop_blocks: bool | None = None):
+              decode_batch: int, loop_blocks: bool):
   del batch_size  # part of the cache key: one executable per batch size
-  loop_blocks = loops_blocks() if loop_blocks is None else loop_blocks
   return jax.jit(functools.partial(_scale_loop, transformer=transformer, vqvae=vqvae, top_k=top_k,
                                    more_smooth=more_smooth, use_cfg=use_cfg,
                                    decode_batch=decode_batch, loop_blocks=loop_blocks),
@@ -296,11 +295,9 @@ def _signature(tree) -> tuple:
 
 @functools.lru_cache(maxsize=64)
 def _sampler(transformer, vqvae, batch_size: int, top_k: int, more_smooth: bool, use_cfg: bool,
-             decode_batch: int, t_sig, v_sig, key_aval,
-             loop_blocks: bool | None = None) -> CompiledSampler:
+             decode_batch: int, t_sig, v_sig, key_aval, loop_blocks: bool) -> CompiledSampler:
   """One CompiledSampler per process and signature, kept on disk across processes
   (compilation_cache.load_or_compile: a new process skips tracing and lowering)."""
-  loop_blocks = loops_blocks() if loop_blocks is None else bool(loop_blocks)
   fn = _compiled(transformer, vqvae, batch_size, top_k, more_smooth, use_cfg, decode_batch,
                  loop_blocks)
   sds = jax.ShapeDtypeStruct
@@ -344,7 +341,7 @@ def compile_sampler(transformer, t_params, vqvae, v_params, *, batch_size: int,
   return _sampler(transformer, vqvae, int(batch_size), int(top_k), bool(more_smooth),
                   bool(cfg != 1.0), int(decode_batch), _signature(_variables(t_params)),
                   _signature(v_params), jax.ShapeDtypeStruct(key.shape, key.dtype),
-                  loop_blocks)
+                  loops_blocks() if loop_blocks is None else bool(loop_blocks))
 
 
 def _check_decode_batch(decode_batch) -> None:
