@@ -75,10 +75,11 @@ class Mem:
 
 
 def analyse(fn, *abstract_args) -> Mem:
-  return _mem(fn.lower(*abstract_args).compile().memory_analysis())
+  return program_memory(fn.lower(*abstract_args).compile().memory_analysis())
 
 
-def _mem(m) -> Mem:
+def program_memory(m) -> Mem:
+  """Mem of a `compiled.memory_analysis()` (its .peak: what the program needs)."""
   return Mem(m.argument_size_in_bytes, m.output_size_in_bytes, m.temp_size_in_bytes,
              m.alias_size_in_bytes)
 
@@ -113,7 +114,7 @@ def sampler_mem(args, tok, v_abs, model, t_abs) -> Mem:
     kw['decode_batch'] = args.decode_batch
   sampler = sampling.compile_sampler(model, t_abs, tok, v_abs, batch_size=args.batch,
                                      cfg=args.cfg, top_k=args.top_k, **kw)
-  return _mem(sampler.memory_analysis())
+  return program_memory(sampler.memory_analysis())
 
 
 def _sampler_jit(fn):

@@ -134,11 +134,11 @@ def main(argv=None):
 
 
 def _program_gib(compiled) -> float:
+  from bench_memory import program_memory
   mem = compiled.memory_analysis()
   if mem is None:
     return float('nan')
-  return (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-          - mem.alias_size_in_bytes) / 2**30
+  return program_memory(mem).peak / 2**30
 
 
 def _time_train_step(model, params, batch, args) -> float:

@@ -502,13 +502,12 @@ def probe_memory(setup: Setup, name: str) -> dict:
 
 def _program_figures(compiled) -> dict:
   """XLA's memory analysis (argument + output + temp - alias bytes) and counted FLOPs."""
+  from bench_memory import program_memory
   out = {}
   mem = compiled.memory_analysis()
   if mem is not None:
-    out['program_bytes'] = (mem.argument_size_in_bytes + mem.output_size_in_bytes +
-                            mem.temp_size_in_bytes - mem.alias_size_in_bytes)
-    out['argument_bytes'] = mem.argument_size_in_bytes
-    out['temp_bytes'] = mem.temp_size_in_bytes
+    m = program_memory(mem)
+    out.update(program_bytes=m.peak, argument_bytes=m.args, temp_bytes=m.temp)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
   if cost and 'flops' in cost:
