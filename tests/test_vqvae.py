@@ -433,9 +433,10 @@ def test_bad_config_names_the_field(overrides, field):
 def test_a_bf16_decoder_rounds_but_keeps_the_params_and_returns_fp32():
   r = tiny_run()
   bf16 = dataclasses.replace(TINY, decoder_dtype='bfloat16')
-  abstract = lambda cfg: jax.eval_shape(lambda: vqvae.init_params(cfg, jax.random.key(0)))
-  assert jax.tree_util.tree_structure(abstract(bf16)) == jax.tree_util.tree_structure(
-      abstract(TINY))  # same (fp32) params: any checkpoint decodes either way
+  abstract = lambda cfg: nn.unbox(jax.eval_shape(lambda: vqvae.init_params(cfg, jax.random.key(0))))
+  # Same (fp32) params, names and shapes: any checkpoint decodes either way.
+  assert abstract(bf16) == abstract(TINY)
+  assert {x.dtype for x in jax.tree_util.tree_leaves(abstract(bf16))} == {jnp.dtype('float32')}
   ref = np.asarray(TOK.fhat_to_img(r['params'], r['f_hat']))
   out = vqvae.Tokenizer(bf16).fhat_to_img(r['params'], r['f_hat'])
   assert out.dtype == jnp.float32 and out.shape == ref.shape
