@@ -79,8 +79,8 @@ def main(argv=None):
         f'{busy_ms(kernels):.2f} ms\n')
   print('| phase | span ms | busy ms | ' + ' | '.join(GROUPS) + ' |')
   print('|---|---|---|' + '---|' * len(GROUPS))
-  loop = [e for name, ks in phases(kernels) if name.startswith('scale') for e in ks]
   rows = phases(kernels)
+  loop = [e for name, ks in rows if name.startswith('scale') for e in ks]
   if len(rows) > 1:
     rows = rows + [('transformer loop (all scales)', loop)]
   for name, ks in rows:
