@@ -3,11 +3,12 @@ r"""Where a sampler call's device time goes, from a jax.profiler trace (Chrome J
   python launch/trace_summary.py ours_MVAR.trace.json.gz [--top=20]
 
 bench_vs_official.py --trace_dir writes such a file for one call of our sampler (GPU). Device
-kernels are split into phases: each scale of the transformer loop ends with the top-k sort
-of its logits, so the kernels up to a scale's sort are that scale, and everything after the
-last sort is the VQ-VAE decode. Within a phase kernels are grouped by what they are:
+kernels are split into phases: each scale of the transformer loop ends with the selection of
+its kept logits (top-k/top-p: XLA's sort, or our Pallas kernel `kept_threshold`), so the
+kernels up to a scale's selection are that scale, and everything after the last one is the
+VQ-VAE decode. Within a phase kernels are grouped by what they are:
 matmuls (cuBLAS / XLA gemm fusions), convolutions (cuDNN), neighbourhood attention (our
-Pallas kernel), sorts, copies/memsets, and the rest (XLA fusions: elementwise, norms,
+Pallas kernel), the selection, copies/memsets, and the rest (XLA fusions: elementwise, norms,
 reductions). Prints markdown tables: busy ms per phase and group, then the top kernels.
 """
 
@@ -18,7 +19,7 @@ import collections
 import gzip
 import json
 
-GROUPS = ('matmul', 'conv', 'na2d', 'sort', 'copy', 'fusion')
+GROUPS = ('matmul', 'conv', 'na2d', 'select', 'copy', 'fusion')
 
 
 def kernel_group(name: str) -> str:
@@ -29,8 +30,8 @@ def kernel_group(name: str) -> str:
     return 'matmul'
   if 'na2d' in n:
     return 'na2d'
-  if n.startswith('sort'):
-    return 'sort'
+  if n.startswith('sort') or n.startswith('kept_threshold'):
+    return 'select'
   if 'memcpy' in n or 'memset' in n:
     return 'copy'
   return 'fusion'
@@ -52,7 +53,7 @@ def device_kernels(path: str) -> list[dict]:
 
 def phases(kernels: list[dict]) -> list[tuple[str, list[dict]]]:
   """[(name, kernels)]: 'scale i' up to and including each sort, then 'decode'."""
-  ends = [i for i, e in enumerate(kernels) if kernel_group(e['name']) == 'sort']
+  ends = [i for i, e in enumerate(kernels) if kernel_group(e['name']) == 'select']
   out, start = [], 0
   for si, end in enumerate(ends):
     out.append((f'scale {si}', kernels[start:end + 1]))

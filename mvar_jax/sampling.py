@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mvar_jax import compilation_cache
+from mvar_jax.kernels import select_threshold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,19 +44,26 @@ class SampleOutput:
   labels_B: jax.Array  # int32 conditioning labels
 
 
-def top_k_top_p_filter(logits_BlV, *, top_k: int, top_p):
+def top_k_top_p_filter(logits_BlV, *, top_k: int, top_p, implementation: str = 'auto'):
   """Sets filtered logits to -inf with the official semantics (top-k first, then top-p).
 
   top_k: keep logits >= the k-th largest (ties kept); 0 disables.
   top_p: sort ascending, drop tokens whose cumulative softmax is <= 1 - top_p; the
     largest logit is always kept; 1.0 keeps every token of non-zero probability.
+  implementation: of the threshold, as in `kept_threshold`.
   """
-  return jnp.where(logits_BlV < kept_threshold(logits_BlV, top_k=top_k, top_p=top_p), -jnp.inf,
-                   logits_BlV)
+  thr = kept_threshold(logits_BlV, top_k=top_k, top_p=top_p, implementation=implementation)
+  return jnp.where(logits_BlV < thr, -jnp.inf, logits_BlV)
 
 
-def kept_threshold(logits_BlV, *, top_k: int, top_p):
+THRESHOLD_IMPLEMENTATIONS = ('auto', 'sort', 'pallas')
+
+
+def kept_threshold(logits_BlV, *, top_k: int, top_p, implementation: str = 'auto'):
   """(..., 1) smallest kept logit: a token is kept iff its logit is >= it.
+
+  implementation: 'sort' (below), 'pallas' (`kernels.select_threshold`: radix selection in
+  one kernel, no sort; GPU) or 'auto' (pallas on GPU, else sort).
 
   Both rules keep a set closed upwards, so one threshold describes it and the filter is a
   single compare over the vocabulary. Upstream sorts the whole vocabulary twice (argsort,
@@ -64,7 +72,18 @@ def kept_threshold(logits_BlV, *, top_k: int, top_p):
   Logits tied exactly at the top-p boundary are all kept (upstream keeps whichever of them
   its unstable sort puts last); everywhere else the kept set is upstream's.
   """
+  if implementation not in THRESHOLD_IMPLEMENTATIONS:
+    raise ValueError(f'implementation must be one of {THRESHOLD_IMPLEMENTATIONS}, '
+                     f'got {implementation!r}')
+  if implementation == 'auto':
+    implementation = 'pallas' if jax.default_backend() == 'gpu' else 'sort'
   v = logits_BlV.shape[-1]
+  if implementation == 'pallas':
+    if jnp.ndim(top_p):  # per row: (..., 1) against logits (..., V)
+      top_p = jnp.broadcast_to(top_p, logits_BlV.shape[:-1] + (1,)).reshape(-1)
+    thr = select_threshold.kept_threshold_pallas(logits_BlV.reshape(-1, v), top_k=top_k,
+                                                 top_p=top_p)
+    return thr.reshape(*logits_BlV.shape[:-1], 1)
   if 0 < top_k < v:
     # On a 2-D operand XLA:CPU keeps top-k as its TopK kernel; on 3-D it falls back to a
     # full sort of the vocabulary (4x slower at V=4096, k=900).

@@ -16,9 +16,9 @@ def kept(logits):
   return set(np.flatnonzero(np.isfinite(np.asarray(logits).reshape(-1))).tolist())
 
 
-def filter1d(values, top_k=0, top_p=1.0):
+def filter1d(values, top_k=0, top_p=1.0, impl='sort'):
   logits = jnp.asarray(values, jnp.float32)[None, None]
-  return sampling.top_k_top_p_filter(logits, top_k=top_k, top_p=top_p)
+  return sampling.top_k_top_p_filter(logits, top_k=top_k, top_p=top_p, implementation=impl)
 
 
 def torch_official_filter(logits_BlV, top_k, top_p):
@@ -35,62 +35,70 @@ def torch_official_filter(logits_BlV, top_k, top_p):
   return logits
 
 
+# Both thresholds: the sort (CPU/TPU) and the Pallas radix select (GPU; interpreted here).
+@pytest.mark.parametrize('impl', ['sort', 'pallas'])
 class TestFiltering:
 
-  def test_top_k_keeps_the_k_largest(self):
-    assert kept(filter1d([0.1, 3.0, -1.0, 2.0, 2.5], top_k=2)) == {1, 4}
+  @pytest.fixture(autouse=True)
+  def _interpret_pallas_on_cpu(self, monkeypatch):
+    monkeypatch.setenv('MVAR_PALLAS_INTERPRET', '1')
 
-  def test_top_k_keeps_ties_at_the_threshold(self):
-    assert kept(filter1d([1.0, 2.0, 2.0, 0.0], top_k=2)) == {1, 2}
-    assert kept(filter1d([1.0, 2.0, 2.0, 0.0], top_k=1)) == {1, 2}
+  def test_top_k_keeps_the_k_largest(self, impl):
+    assert kept(filter1d([0.1, 3.0, -1.0, 2.0, 2.5], top_k=2, impl=impl)) == {1, 4}
 
-  def test_top_k_zero_or_vocab_keeps_everything(self):
-    assert kept(filter1d([1.0, 2.0, 3.0], top_k=0)) == {0, 1, 2}
-    assert kept(filter1d([1.0, 2.0, 3.0], top_k=3)) == {0, 1, 2}
+  def test_top_k_keeps_ties_at_the_threshold(self, impl):
+    assert kept(filter1d([1.0, 2.0, 2.0, 0.0], top_k=2, impl=impl)) == {1, 2}
+    assert kept(filter1d([1.0, 2.0, 2.0, 0.0], top_k=1, impl=impl)) == {1, 2}
 
-  def test_top_p_drops_the_low_tail(self):
+  def test_top_k_zero_or_vocab_keeps_everything(self, impl):
+    assert kept(filter1d([1.0, 2.0, 3.0], top_k=0, impl=impl)) == {0, 1, 2}
+    assert kept(filter1d([1.0, 2.0, 3.0], top_k=3, impl=impl)) == {0, 1, 2}
+
+  def test_top_p_drops_the_low_tail(self, impl):
     # probabilities 0.5, 0.3, 0.15, 0.05: ascending cumsum 0.05, 0.2, 0.5, 1.0.
     logits = np.log([0.5, 0.3, 0.15, 0.05])
     # top_p=0.8: drop where cumsum <= 0.2 -> tokens with p=0.05 and p=0.15.
-    assert kept(filter1d(logits, top_p=0.8)) == {0, 1}
+    assert kept(filter1d(logits, top_p=0.8, impl=impl)) == {0, 1}
     # top_p=0.9: drop where cumsum <= 0.1 -> only p=0.05.
-    assert kept(filter1d(logits, top_p=0.9)) == {0, 1, 2}
+    assert kept(filter1d(logits, top_p=0.9, impl=impl)) == {0, 1, 2}
 
-  def test_top_p_always_keeps_the_max(self):
-    assert kept(filter1d(np.log([0.97, 0.01, 0.01, 0.01]), top_p=1e-6)) == {0}
+  def test_top_p_always_keeps_the_max(self, impl):
+    assert kept(filter1d(np.log([0.97, 0.01, 0.01, 0.01]), top_p=1e-6, impl=impl)) == {0}
 
-  def test_top_p_one_keeps_everything(self):
-    assert kept(filter1d(np.log([0.4, 0.3, 0.2, 0.1]), top_p=1.0)) == {0, 1, 2, 3}
+  def test_top_p_one_keeps_everything(self, impl):
+    assert kept(filter1d(np.log([0.4, 0.3, 0.2, 0.1]), top_p=1.0, impl=impl)) == {0, 1, 2, 3}
 
-  def test_top_k_then_top_p_renormalises_over_the_top_k(self):
+  def test_top_k_then_top_p_renormalises_over_the_top_k(self, impl):
     # After top-2 the survivors are 0.5 and 0.3 -> renormalised 0.625, 0.375; top_p=0.6
     # drops where cumsum <= 0.4, i.e. the 0.375 one.
     logits = np.log([0.5, 0.3, 0.15, 0.05])
-    assert kept(filter1d(logits, top_k=2, top_p=0.6)) == {0}
+    assert kept(filter1d(logits, top_k=2, top_p=0.6, impl=impl)) == {0}
 
   @pytest.mark.parametrize('top_p,want', [(0.6, {0}), (0.95, {0, 1, 2, 3})])
-  def test_ties_kept_by_top_k_count_in_the_top_p_mass(self, top_p, want):
+  def test_ties_kept_by_top_k_count_in_the_top_p_mass(self, impl, top_p, want):
     # top-2 keeps 0.6 and all three tied 0.1s (renormalised 2/3 and 1/9 each): the ties'
     # ascending cumsums are 1/9, 2/9, 1/3; top_p=0.6 drops all three (<= 0.4), 0.95 none.
     logits = np.log([0.6, 0.1, 0.1, 0.1, 0.05, 0.05])
-    assert kept(filter1d(logits, top_k=2, top_p=top_p)) == want
+    assert kept(filter1d(logits, top_k=2, top_p=top_p, impl=impl)) == want
     theirs = torch_official_filter(torch.tensor(logits, dtype=torch.float32)[None, None], 2, top_p)
     assert kept(theirs.numpy()) == want
 
-  @pytest.mark.parametrize('top_k,top_p', [(0, 0.9), (5, 1.0), (7, 0.7), (30, 0.96), (1, 0.5), (39, 0.3), (40, 0.8)])
-  def test_matches_the_upstream_rule_on_random_logits(self, top_k, top_p):
+  @pytest.mark.parametrize('top_k,top_p', [(0, 0.9), (5, 1.0), (7, 0.7), (30, 0.96), (1, 0.5),
+                                           (39, 0.3), (40, 0.8)])
+  def test_matches_the_upstream_rule_on_random_logits(self, impl, top_k, top_p):
     rng = np.random.default_rng(top_k)
     logits = rng.normal(size=(3, 4, 40)).astype(np.float32) * 2
     ours = np.isfinite(np.asarray(sampling.top_k_top_p_filter(
-        jnp.asarray(logits), top_k=top_k, top_p=top_p)))
+        jnp.asarray(logits), top_k=top_k, top_p=top_p, implementation=impl)))
     theirs = torch.isfinite(torch_official_filter(torch.from_numpy(logits), top_k, top_p)).numpy()
     np.testing.assert_array_equal(ours, theirs)
 
-  def test_guidance_formula(self):
-    cond = jnp.array([[[1.0, 2.0]]])
-    uncond = jnp.array([[[3.0, -1.0]]])
-    out = sampling.guidance(jnp.concatenate([cond, uncond]), 0.5)
-    np.testing.assert_allclose(out, 1.5 * cond - 0.5 * uncond)
+
+def test_guidance_formula():
+  cond = jnp.array([[[1.0, 2.0]]])
+  uncond = jnp.array([[[3.0, -1.0]]])
+  out = sampling.guidance(jnp.concatenate([cond, uncond]), 0.5)
+  np.testing.assert_allclose(out, 1.5 * cond - 0.5 * uncond)
 
 
 @pytest.fixture(scope='module')
