@@ -444,6 +444,36 @@ def test_a_bf16_decoder_rounds_but_keeps_the_params_and_returns_fp32():
   assert 0 < err.max() < 0.05 and err.mean() < 0.01  # bf16 rounding, not another function
 
 
+class TestGroupNorm:
+  """Ours (per-channel sums) against flax's nn.GroupNorm, whose params it shares."""
+
+  def _both(self, x, **kw):
+    ours, theirs = vqvae.GroupNorm(8, 1e-6, **kw), nn.GroupNorm(num_groups=8, epsilon=1e-6,
+                                                                 use_fast_variance=False)
+    params = theirs.init(jax.random.key(0), x)
+    assert jax.tree_util.tree_map(jnp.shape, nn.unbox(ours.init(jax.random.key(0), x))) == \
+        jax.tree_util.tree_map(jnp.shape, params)
+    rng = np.random.default_rng(1)
+    params = jax.tree_util.tree_map(lambda p: p + 0.1 * rng.normal(size=p.shape), params)
+    return ours.apply(params, x), theirs.apply(params, x)
+
+  def test_two_pass_matches_flax(self):
+    x = jax.random.normal(jax.random.key(1), (2, 6, 5, 32)) * 3 + 2
+    ours, theirs = self._both(x)
+    np.testing.assert_allclose(ours, theirs, atol=2e-6, rtol=1e-5)
+
+  def test_single_pass_is_close_for_moderate_means_and_casts_the_output(self):
+    x = jax.random.normal(jax.random.key(2), (2, 6, 5, 32)) + 0.5
+    ours, theirs = self._both(x, single_pass=True)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    out, _ = self._both(x.astype(jnp.bfloat16), dtype=jnp.bfloat16)
+    assert out.dtype == jnp.bfloat16
+
+  def test_channels_must_divide_into_groups(self):
+    with pytest.raises(ValueError, match='12 channels are not divisible by 8 groups'):
+      vqvae.GroupNorm(8).init(jax.random.key(0), jnp.zeros((1, 2, 2, 12)))
+
+
 def test_bad_inputs_raise():
   params = tiny_run()['params']
   with pytest.raises(ValueError, match='images must be'):
