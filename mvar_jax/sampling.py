@@ -143,6 +143,7 @@ def decode_in_chunks(vqvae, v_params, f_hat_BhwC, decode_batch: int):
   the chunk, at the cost of a loop the backend cannot parallelise across chunks.
   """
   b = f_hat_BhwC.shape[0]
+  v_params = vqvae.cast_for_decode(v_params)  # once, not per chunk
   if not decode_batch or decode_batch >= b:
     return vqvae.fhat_to_img(v_params, f_hat_BhwC)
   pad = -b % decode_batch

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -621,6 +621,28 @@ class Tokenizer:
   def _apply(self, params, method, *args, **kwargs):
     variables = params if 'params' in params else {'params': params}
     return self.module.apply(variables, *args, method=method, **kwargs)
+
+  def cast_for_decode(self, params):
+    """params with the decode path's conv kernels and biases in `decoder_dtype`.
+
+    For a loop of decodes (the sampler's chunks): the bf16 convs would otherwise cast their
+    fp32 kernels on every call (on an H200, ~400 small kernels and ~1 ms per d16 sampler
+    call). GroupNorm params stay fp32; fp32 decoders get params back unchanged.
+    """
+    dt = jnp.dtype(self.config.decoder_dtype)
+    if dt == jnp.float32:
+      return params
+
+    def cast(node):  # a conv is a dict holding a 'kernel'; GroupNorms hold scale and bias
+      if 'kernel' in node:
+        return {k: v.astype(dt) if k in ('kernel', 'bias') else v for k, v in node.items()}
+      return {k: cast(v) if isinstance(v, Mapping) else v for k, v in node.items()}
+
+    wrapped = 'params' in params
+    tree = dict(params['params'] if wrapped else params)
+    for name in ('decoder', 'post_quant_conv'):
+      tree[name] = cast(tree[name])
+    return {**params, 'params': tree} if wrapped else tree
 
   @_jit_self
   def encode(self, params, img_BHWC):

@@ -444,6 +444,28 @@ def test_a_bf16_decoder_rounds_but_keeps_the_params_and_returns_fp32():
   assert 0 < err.max() < 0.05 and err.mean() < 0.01  # bf16 rounding, not another function
 
 
+def test_a_bf16_decode_with_params_cast_once_is_the_same_decode():
+  """cast_for_decode (the sampler casts once, not per chunk): kernels and biases in bf16, the
+  GroupNorm params fp32, the rest untouched; the images are the per-call cast's, up to the
+  upsampling taps (now summed from bf16 kernels)."""
+  r = tiny_run()
+  bf16 = vqvae.Tokenizer(dataclasses.replace(TINY, decoder_dtype='bfloat16'))
+  cast = bf16.cast_for_decode(r['params'])
+  dtypes = lambda tree: {jax.tree_util.keystr(k): x.dtype
+                         for k, x in jax.tree_util.tree_leaves_with_path(tree)}
+  for path, dt in dtypes({'decoder': cast['decoder'], 'pqc': cast['post_quant_conv']}).items():
+    want = jnp.float32 if path.endswith("['scale']") or "norm" in path else jnp.bfloat16
+    assert dt == want, path
+  for name in ('encoder', 'quant_conv', 'quantize'):
+    assert cast[name] is r['params'][name]
+  assert TOK.cast_for_decode(r['params']) is r['params']  # fp32 decoders: unchanged
+  wrapped = bf16.cast_for_decode({'params': r['params']})
+  assert wrapped['params']['decoder']['conv_in']['kernel'].dtype == jnp.bfloat16
+  ref = np.asarray(bf16.fhat_to_img(r['params'], r['f_hat']))
+  out = np.asarray(bf16.fhat_to_img(cast, r['f_hat']))
+  assert np.abs(out - ref).max() < 0.05
+
+
 class TestGroupNorm:
   """Ours (per-channel sums) against flax's nn.GroupNorm, whose params it shares."""
 
