@@ -66,3 +66,39 @@ def test_bench_memory_smoke_prints_the_table(capsys):
   bench.main(['--smoke', '--skip_parts'])
   out = capsys.readouterr().out
   assert 'MVAR-d1' in out and 'VAR-d1' in out and 'VAR / MVAR sampling peak' in out
+
+
+def test_bench_fusions_smoke_checks_each_candidate_against_the_current_code(capsys):
+  bench = _load('bench_fusions')
+  bench.main(['--smoke', '--parts=select,addln', '--reps=1', '--inner=1'])
+  rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith(('select', 'addln'))]
+  assert len(rows) == 1 + 5 + 1 + 4, rows  # the current code, then each candidate
+  assert all('failed' not in r for r in rows)
+  assert all(' 0 rows differ' in r for r in rows[1:6])
+  assert all(float(r.split('max diff ')[1]) < 0.1 for r in rows[7:])  # bf16 rounding
+
+
+def test_trace_summary_splits_scales_at_each_selection_kernel(tmp_path, capsys):
+  """A scale ends with its top-k/top-p selection: XLA's sort or our Pallas kernel."""
+  import gzip
+  import json
+  events = [{'ph': 'M', 'name': 'process_name', 'pid': 1, 'args': {'name': '/device:GPU:0'}},
+            {'ph': 'M', 'name': 'process_name', 'pid': 2, 'args': {'name': '/host:CPU'}}]
+  kernels = [('nvjet_sm90_gemm', 10), ('loop_add_fusion', 2), ('sort_29_1', 5),  # scale 0
+             ('nvjet_sm90_gemm', 20), ('na2d_fwd', 4), ('kept_threshold__1', 1),  # scale 1
+             ('sm90_xmma_fprop_implicit_gemm', 30), ('input_reduce_fusion', 6)]  # decode
+  t = 0
+  for name, dur in kernels:
+    events.append({'ph': 'X', 'pid': 1, 'tid': 1, 'ts': t, 'dur': dur, 'name': name, 'args': {}})
+    t += dur
+  events.append({'ph': 'X', 'pid': 2, 'tid': 1, 'ts': 0, 'dur': 999, 'name': 'host', 'args': {}})
+  path = tmp_path / 't.trace.json.gz'
+  with gzip.open(path, 'wt') as f:
+    json.dump({'traceEvents': events}, f)
+  summary = _load('trace_summary')
+  phases = summary.phases(summary.device_kernels(str(path)))
+  assert [name for name, _ in phases] == ['scale 0', 'scale 1', 'decode']
+  assert [summary.busy_ms(k) * 1e3 for _, k in phases] == [17, 25, 36]
+  assert [summary.kernel_group(e['name']) for e in phases[1][1]] == ['matmul', 'na2d', 'select']
+  summary.main([str(path)])
+  assert '| decode | 0.04 | 0.04 | 0.00 | 0.03 |' in capsys.readouterr().out

@@ -1,0 +1,241 @@
+r"""The sampler's memory-bound pieces, each against its candidate replacements (GPU).
+
+  python launch/bench_fusions.py                      # all parts, at the d16 batch-32 shapes
+  python launch/bench_fusions.py --parts=select,gn --reps=5
+  python launch/bench_fusions.py --smoke              # tiny shapes, CPU (Pallas interpreted)
+
+Parts (each prints rows "part | variant | ms | vs first | check"):
+- select: the top-k/top-p threshold of the largest scale's logits (8192 x 4096, k 900,
+  p 0.96): the sort-based `sampling.kept_threshold` against the radix-select Pallas kernel
+  (rows per program x warps). check: rows whose threshold differs from the sort's.
+- addln: x + y * gamma then LN * (1 + scale) + shift over (64, 256, 1024) bf16: XLA's
+  fusions against a Pallas kernel that does both (defined below). check: max |difference|.
+- gn: one decoder chunk (8 images, 16x16 latents -> 256 px, bf16 activations), with flax's
+  nn.GroupNorm against ours (per-channel sums; two-pass and single-pass). check: max
+  |difference| of the images against flax's.
+- cublaslt: the transformer's forward at the last scale (64 sequences x 256 tokens, d16,
+  bf16) compiled with XLA's defaults and with xla_gpu_enable_cublaslt (GELU and bias in the
+  matmul's epilogue). check: max |logit difference|.
+
+Times: a call is dispatched --inner times back to back, then waited for; ms per call is the
+median over --reps such groups, after a warm-up group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mvar_jax import sampling, transformer, vqvae  # noqa: E402
+from mvar_jax.kernels import select_threshold  # noqa: E402
+from mvar_jax.kernels.neighborhood_attention import pallas_common as pc  # noqa: E402
+
+PARTS = ('select', 'addln', 'gn', 'cublaslt')
+
+
+def per_call_ms(fn, *args, reps: int, inner: int) -> float:
+  jax.block_until_ready(fn(*args))
+  jax.block_until_ready([fn(*args) for _ in range(inner)])
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready([fn(*args) for _ in range(inner)])
+    times.append((time.perf_counter() - t) * 1e3 / inner)
+  return statistics.median(times)
+
+
+def _row(part, name, ms, base, check):
+  print(f'{part:<9}| {name:<40}| {ms:9.3f} | {ms / base:6.2f}x | {check}', flush=True)
+
+
+def bench_select(args, interpret):
+  rows, v = (64, 512) if args.smoke else (8192, 4096)
+  k = 90 if args.smoke else 900
+  x = jax.random.normal(jax.random.key(0), (rows, v), jnp.float32) * 3
+  x = x.at[:8, :16].set(1.25)  # ties
+  ref_fn = jax.jit(lambda x: sampling.kept_threshold(x, top_k=k, top_p=0.96,
+                                                     implementation='sort')[:, 0])
+  ref = np.asarray(ref_fn(x))
+  base = per_call_ms(ref_fn, x, reps=args.reps, inner=args.inner)
+  _row('select', 'kept_threshold, lax.top_k sort', base, base, '')
+  for block_rows, warps in ((1, 4), (1, 8), (2, 4), (2, 8), (4, 8)):
+    fn = jax.jit(functools.partial(select_threshold.kept_threshold_pallas, top_k=k, top_p=0.96,
+                                   block_rows=block_rows, num_warps=warps, interpret=interpret))
+    try:
+      got = np.asarray(fn(x))
+      ms = per_call_ms(fn, x, reps=args.reps, inner=args.inner)
+    except Exception as e:  # noqa: BLE001  (a variant that does not compile is a row too)
+      print(f'select   | pallas rows={block_rows} warps={warps}: failed: {str(e)[:300]}')
+      continue
+    _row('select', f'pallas rows={block_rows} warps={warps}', ms, base,
+         f'{int(np.sum(got != ref))} rows differ')
+
+
+# The candidate: the residual update and the AdaLN that reads it in one kernel (reads x and y
+# once, writes x_new and h once; fp32 statistics of the rounded x_new). On an H200 it was
+# 0.86x XLA's two fusions at the last scale (0.054 vs 0.063 ms): under 1 ms per sampler call,
+# not worth a second code path in the transformer, so it lives here.
+def _add_ln_kernel(x_ref, y_ref, g_ref, s_ref, t_ref, xo_ref, h_ref, *, eps: float):
+  f32 = jnp.float32
+  x_new = (x_ref[...].astype(f32) + y_ref[...].astype(f32) * g_ref[...].astype(f32)[None, :])
+  x_new = x_new.astype(xo_ref.dtype)
+  xo_ref[...] = x_new
+  x32 = x_new.astype(f32)
+  mean = jnp.mean(x32, axis=1, keepdims=True)
+  centred = x32 - mean
+  inv = jax.lax.rsqrt(jnp.mean(centred * centred, axis=1, keepdims=True) + eps)
+  h = (centred * inv) * (1.0 + s_ref[...].astype(f32))[None, :]
+  h_ref[...] = (h + t_ref[...].astype(f32)[None, :]).astype(h_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=('eps', 'block_rows', 'num_warps', 'interpret'))
+def add_modulated_layernorm(x_BLC, y_BLC, gamma_BC, scale_BC, shift_BC, *, eps: float,
+                            block_rows: int = 16, num_warps: int = 4, interpret: bool = False):
+  """(x + y * gamma, LN(x + y * gamma) * (1 + scale) + shift), both (B, L, C) in x's dtype."""
+  b, l, c = x_BLC.shape
+  if c & (c - 1):
+    raise ValueError(f'add_modulated_layernorm: width {c} is not a power of two')
+  row = pl.BlockSpec((None, block_rows, c), lambda i, j: (i, j, 0))
+  vec = pl.BlockSpec((None, c), lambda i, j: (i, 0))
+  out = jax.ShapeDtypeStruct(x_BLC.shape, x_BLC.dtype)
+  return pl.pallas_call(
+      functools.partial(_add_ln_kernel, eps=eps),
+      grid=(b, pl.cdiv(l, block_rows)),
+      in_specs=[row, row, vec, vec, vec],
+      out_specs=[row, row],
+      out_shape=[out, out],
+      compiler_params=pc.compiler_params(num_warps, 1),
+      interpret=interpret,
+      name='add_modulated_ln',
+  )(x_BLC, y_BLC, gamma_BC, scale_BC, shift_BC)
+
+
+def bench_addln(args, interpret):
+  b, l, c = (2, 40, 256) if args.smoke else (64, 256, 1024)
+  ks = jax.random.split(jax.random.key(1), 5)
+  x, y = (jax.random.normal(kk, (b, l, c), jnp.bfloat16) for kk in ks[:2])
+  g, s, t = (jax.random.normal(kk, (b, c), jnp.bfloat16) * 0.3 for kk in ks[2:])
+
+  @jax.jit
+  def xla(x, y, g, s, t):
+    x_new = x + y * g[:, None]
+    return x_new, transformer._layer_norm(x_new, 1e-6) * (1 + s[:, None]) + t[:, None]
+
+  ref = xla(x, y, g, s, t)
+  base = per_call_ms(xla, x, y, g, s, t, reps=args.reps, inner=args.inner)
+  _row('addln', 'XLA fusions', base, base, '')
+  for block_rows, warps in ((8, 4), (16, 4), (16, 8), (32, 8)):
+    fn = functools.partial(add_modulated_layernorm, eps=1e-6,
+                           block_rows=block_rows, num_warps=warps, interpret=interpret)
+    try:
+      got = fn(x, y, g, s, t)
+      ms = per_call_ms(fn, x, y, g, s, t, reps=args.reps, inner=args.inner)
+    except Exception as e:  # noqa: BLE001
+      print(f'addln    | pallas rows={block_rows} warps={warps}: failed: {str(e)[:300]}')
+      continue
+    err = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - r.astype(jnp.float32))))
+              for a, r in zip(got, ref))
+    _row('addln', f'pallas rows={block_rows} warps={warps}', ms, base, f'max diff {err:.3g}')
+
+
+def _flax_norm(cfg, name, dtype=jnp.float32):
+  import flax.linen as nn
+  return nn.GroupNorm(num_groups=cfg.norm_groups, epsilon=1e-6, use_fast_variance=False,
+                      name=name, dtype=dtype)
+
+
+def bench_gn(args, interpret):
+  del interpret
+  if args.smoke:
+    cfg = vqvae.VQVAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=64,
+                            patch_nums=(1, 2, 4), decoder_dtype='bfloat16')
+    chunk = 2
+  else:
+    cfg = vqvae.VQVAEConfig(decoder_dtype='bfloat16', precision='default')
+    chunk = 8
+  params = vqvae.random_params(cfg)
+  pn = cfg.patch_nums[-1]
+  f = jax.random.normal(jax.random.key(2), (chunk, pn, pn, cfg.z_channels), jnp.float32)
+  model = vqvae.VQVAE(cfg)
+  decode = lambda p, f: model.apply({'params': p}, f, method=vqvae.VQVAE.fhat_to_img)
+  original = vqvae._norm
+  variants = [('flax nn.GroupNorm (before)', _flax_norm),
+              ('ours, two-pass', functools.partial(_our_norm, single=False)),
+              ('ours, single-pass (default for bf16)', functools.partial(_our_norm, single=True))]
+  ref, base = None, None
+  try:
+    for name, norm in variants:
+      vqvae._norm = norm
+      fn = jax.jit(lambda p, f: decode(p, f))  # a new function: traced now, with this norm
+      out = fn(params, f)
+      ms = per_call_ms(fn, params, f, reps=args.reps, inner=max(1, args.inner // 4))
+      if ref is None:
+        ref, base = out, ms
+      _row('gn', name, ms, base, f'max |image diff| {float(jnp.max(jnp.abs(out - ref))):.3g}')
+  finally:
+    vqvae._norm = original
+
+
+def _our_norm(cfg, name, dtype=jnp.float32, *, single):
+  return vqvae.GroupNorm(cfg.norm_groups, 1e-6, dtype, single_pass=single, name=name)
+
+
+def bench_cublaslt(args, interpret):
+  del interpret
+  depth, b = (2, 4) if args.smoke else (16, 64)
+  cfg = transformer.preset(depth, dtype='bfloat16')
+  model = transformer.MVARTransformer(cfg)
+  import flax.linen as nn
+  abstract = nn.unbox(jax.eval_shape(lambda: transformer.init_params(cfg, jax.random.key(0))))
+  params = jax.tree_util.tree_map(  # random bf16 matrices (as --param_dtype=bfloat16)
+      lambda s: (jax.random.normal(jax.random.key(3), s.shape) * 0.02).astype(
+          jnp.bfloat16 if len(s.shape) >= 2 else jnp.float32), abstract)
+  last = cfg.layout.num_scales - 1
+  pn = cfg.layout.patch_nums[last]
+  x = jax.random.normal(jax.random.key(4), (b, pn * pn, cfg.cvae), jnp.float32)
+  labels = jnp.arange(b, dtype=jnp.int32) % cfg.num_classes
+  fwd = jax.jit(lambda p, l, x: model.apply(p, l, x, first=last, last=last))
+  ref, base = None, None
+  for name, opts in (('XLA defaults', None),
+                     ('xla_gpu_enable_cublaslt', {'xla_gpu_enable_cublaslt': True})):
+    try:
+      lowered = fwd.lower(params, labels, x)
+      fn = lowered.compile(opts) if opts else lowered.compile()
+      out = fn(params, labels, x)
+      ms = per_call_ms(fn, params, labels, x, reps=args.reps, inner=args.inner)
+    except Exception as e:  # noqa: BLE001
+      print(f'cublaslt | {name}: failed: {str(e)[:300]}')
+      continue
+    if ref is None:
+      ref, base = out, ms
+    _row('cublaslt', name, ms, base, f'max |logit diff| {float(jnp.max(jnp.abs(out - ref))):.3g}')
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--parts', default=','.join(PARTS))
+  p.add_argument('--reps', type=int, default=7)
+  p.add_argument('--inner', type=int, default=20)
+  p.add_argument('--smoke', action='store_true', help='tiny shapes; Pallas interpreted off GPU')
+  args = p.parse_args(argv)
+  interpret = jax.default_backend() != 'gpu'
+  print(f'# {jax.devices()[0].device_kind}, jax {jax.__version__}; ms per call, median of '
+        f'{args.reps} groups of {args.inner}' + (' (smoke)' if args.smoke else ''))
+  print(f'{"part":<9}| {"variant":<40}| {"ms":>9} | {"ratio":>7} | check')
+  for part in args.parts.split(','):
+    globals()[f'bench_{part}'](args, interpret)
+
+
+if __name__ == '__main__':
+  main()
