@@ -305,12 +305,19 @@ def _signature(tree) -> tuple:
   """Hashable structure, shapes, dtypes and placements of a tree of arrays or ShapeDtypeStructs.
 
   The placement is part of it: params put on device 1 (sample_mode's one thread per device)
-  need an executable compiled for device 1, as jit would retrace for them.
+  need an executable compiled for device 1, as jit would retrace for them. Plain tuples, not
+  ShapeDtypeStructs: `sample` computes this on every call (~500 leaves at d16), and building
+  and hashing the structs was ~1.5 ms of host time per call before the device started.
   """
   leaves, treedef = jax.tree_util.tree_flatten(tree)
-  return treedef, tuple(jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                             sharding=getattr(x, 'sharding', None))
-                        for x in leaves)
+  return treedef, tuple((x.shape, x.dtype, getattr(x, 'sharding', None)) for x in leaves)
+
+
+def _abstract(sig):
+  """The ShapeDtypeStruct tree of a `_signature`."""
+  treedef, leaves = sig
+  return treedef.unflatten([jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+                            for shape, dtype, sharding in leaves])
 
 
 @functools.lru_cache(maxsize=64)
@@ -321,11 +328,10 @@ def _sampler(transformer, vqvae, batch_size: int, top_k: int, more_smooth: bool,
   fn = _compiled(transformer, vqvae, batch_size, top_k, more_smooth, use_cfg, decode_batch,
                  loop_blocks)
   sds = jax.ShapeDtypeStruct
-  lower = lambda: fn.lower(t_sig[0].unflatten(t_sig[1]), v_sig[0].unflatten(v_sig[1]),
-                           sds((batch_size,), jnp.int32), key_aval, sds((), jnp.float32),
-                           sds((), jnp.float32))
-  devices = {d for x in (*t_sig[1], *v_sig[1]) if x.sharding is not None
-             for d in x.sharding.device_set}
+  lower = lambda: fn.lower(_abstract(t_sig), _abstract(v_sig), sds((batch_size,), jnp.int32),
+                           key_aval, sds((), jnp.float32), sds((), jnp.float32))
+  devices = {d for _, _, sharding in (*t_sig[1], *v_sig[1]) if sharding is not None
+             for d in sharding.device_set}
   if len(devices) > 1:
     # Params sharded over a mesh (the trainer's preview grid, possibly across processes): an
     # executable of several devices is compiled here and kept in memory only; reloading one
