@@ -78,7 +78,8 @@ def parse_args(argv=None):
   p.add_argument('--implementation', default='auto', help='our neighbourhood op')
   p.add_argument('--param_dtype', choices=('float32', 'bfloat16'), default='float32',
                  help="dtype of our sampler's transformer params (bfloat16: "
-                      'sampling.inference_params, half the argument memory; GPU only matters)')
+                      'sampling.inference_params, half the argument memory, and the VQ-VAE '
+                      "decode's conv params in its dtype: Tokenizer.cast_for_decode)")
   p.add_argument('--decoder_dtype', choices=('auto', 'float32', 'bfloat16'), default='auto',
                  help="our VQ-VAE decode dtype (auto: bfloat16 on GPU, as the official code's "
                       'fp16 autocast there; float32 on CPU)')
@@ -264,6 +265,7 @@ def our_sampler(setup: Setup, official, mode: str):
   tok, v_params, model, t_params = convert_to_ours(setup, *official, mode)
   if args.param_dtype != 'float32':
     t_params = sampling.inference_params(t_params, args.param_dtype)
+    v_params = tok.cast_for_decode(v_params)  # the decode's convs too (a no-op for fp32 decodes)
   labels = jnp.arange(args.batch, dtype=jnp.int32) % setup.num_classes
   key = jax.random.key(0)
 
