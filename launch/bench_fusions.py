@@ -13,6 +13,8 @@ Parts (each prints rows "part | variant | ms | vs first | check"):
 - gn: one decoder chunk (8 images, 16x16 latents -> 256 px, bf16 activations), with flax's
   nn.GroupNorm against ours (per-channel sums; two-pass and single-pass). check: max
   |difference| of the images against flax's.
+- gelu: fc1 (16384 x 1024 @ 1024 x 4096, bf16) and its tanh-GELU, the GELU written as jax's,
+  as x * sigmoid(2z) and as 0.5 x (1 + tanh z) (z = sqrt(2/pi) (x + 0.044715 x^3)).
 - cublaslt: the transformer's forward at the last scale (64 sequences x 256 tokens, d16,
   bf16) compiled with XLA's defaults and with xla_gpu_enable_cublaslt (GELU and bias in the
   matmul's epilogue). check: max |logit difference|.
@@ -41,7 +43,7 @@ from mvar_jax import sampling, transformer, vqvae  # noqa: E402
 from mvar_jax.kernels import select_threshold  # noqa: E402
 from mvar_jax.kernels.neighborhood_attention import pallas_common as pc  # noqa: E402
 
-PARTS = ('select', 'addln', 'gn', 'cublaslt')
+PARTS = ('select', 'addln', 'gn', 'gelu', 'cublaslt')
 
 
 def per_call_ms(fn, *args, reps: int, inner: int) -> float:
@@ -189,6 +191,33 @@ def bench_gn(args, interpret):
 
 def _our_norm(cfg, name, dtype=jnp.float32, *, single):
   return vqvae.GroupNorm(cfg.norm_groups, 1e-6, dtype, single_pass=single, name=name)
+
+
+def bench_gelu(args, interpret):
+  """fc1 + tanh-GELU at the last scale, GELU written three ways (the same function)."""
+  del interpret
+  m, c, hidden = (256, 64, 256) if args.smoke else (64 * 256, 1024, 4096)
+  ks = jax.random.split(jax.random.key(5), 3)
+  x = jax.random.normal(ks[0], (m, c), jnp.bfloat16)
+  w = (jax.random.normal(ks[1], (c, hidden)) * c ** -0.5).astype(jnp.bfloat16)
+  b = (jax.random.normal(ks[2], (hidden,)) * 0.1).astype(jnp.bfloat16)
+  k0, k1 = float(np.sqrt(2 / np.pi)), 0.044715
+  forms = {
+      'jax.nn.gelu(approximate=True) (current)': lambda h: jax.nn.gelu(h, approximate=True),
+      'x * sigmoid(2z), fp32 inside': lambda h: (lambda f: f * jax.nn.sigmoid(
+          2 * k0 * (f + k1 * f ** 3)))(h.astype(jnp.float32)).astype(h.dtype),
+      '0.5 x (1 + tanh z), fp32 inside': lambda h: (lambda f: 0.5 * f * (1 + jnp.tanh(
+          k0 * (f + k1 * f ** 3))))(h.astype(jnp.float32)).astype(h.dtype),
+  }
+  ref, base = None, None
+  for name, gelu in forms.items():
+    fn = jax.jit(lambda x, w, b, gelu=gelu: gelu(x @ w + b))
+    out = fn(x, w, b)
+    ms = per_call_ms(fn, x, w, b, reps=args.reps, inner=args.inner)
+    if ref is None:
+      ref, base = out, ms
+    err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
+    _row('gelu', name, ms, base, f'max diff {err:.3g}')
 
 
 def bench_cublaslt(args, interpret):
