@@ -2,8 +2,10 @@
 # One round of GPU measurements for a short lease (an H100 / H200), most important first.
 #
 #   OFFICIAL=/src bash launch/gpu_round.sh [OUT_DIR]     # /src/MVAR and /src/VAR checkouts
+#   bash launch/gpu_round.sh --sources                   # the hash its versions.txt records
 #
-# 0. bench_topk.py: the sampler's top-k threshold at the largest scale, three ways.
+# 0. bench_fusions.py --parts=select: the sampler's top-k/top-p threshold at the largest scale,
+#    XLA's sort against the Pallas radix-select kernel the GPU sampler uses.
 # 1. bench_vs_official.py, d16, batch 32: official VAR (KV cache) and official MVAR against
 #    ours (MVAR, bf16 transformer params, bf16 VQ-VAE decode), same weights, interleaved
 #    ($SAMPLERS picks a subset); then per-contender memory
@@ -17,6 +19,11 @@
 # Logs and tables go to OUT_DIR (default $OUT, the device tool's return folder, else /tmp/gpu_round).
 
 set -uo pipefail
+sources_hash() {  # sha1 of the Python sources in mvar_jax/ and launch/, committed or not
+  git ls-files -co --exclude-standard mvar_jax launch | grep '\.py$' | sort | xargs sha1sum \
+    | sha1sum | cut -c1-12
+}
+[[ "${1:-}" == --sources ]] && { sources_hash; exit 0; }
 OUT_DIR=${1:-${OUT:-/tmp/gpu_round}}
 OFFICIAL=${OFFICIAL:-.offsrc}
 PY=${PYTHON:-python3}
@@ -33,11 +40,14 @@ PEAK_TFLOPS=${PEAK_TFLOPS:-790}
   $PY -c 'import jax, jaxlib, flax, torch, triton; print("jax", jax.__version__, "jaxlib",
 jaxlib.__version__, "flax", flax.__version__, "torch", torch.__version__, "triton",
 triton.__version__, jax.devices())'
-  git log -1 --format='code: %h %s' 2>/dev/null
+  # The device gets the working tree, but its .git can be older (the session's first commit):
+  # the hash of the sources says what ran (`bash launch/gpu_round.sh --sources` on a checkout).
+  echo "sources: $(sources_hash)"
 } 2>&1 | tee "$OUT_DIR/versions.txt"
 
-echo "=== 0. top-k threshold variants (largest scale) ===" | tee -a "$OUT_DIR/log.txt"
-timeout 60 $PY launch/bench_topk.py 2>&1 | tee -a "$OUT_DIR/log.txt"
+echo "=== 0. top-k/top-p threshold: sort against the Pallas radix select (largest scale) ===" \
+  | tee -a "$OUT_DIR/log.txt"
+timeout 90 $PY launch/bench_fusions.py --parts=select 2>&1 | tee -a "$OUT_DIR/log.txt"
 
 echo "=== 1. side by side, d16 batch 32 ===" | tee -a "$OUT_DIR/log.txt"
 timeout ${VS_TIMEOUT:-340} $PY launch/bench_vs_official.py \
