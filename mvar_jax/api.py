@@ -259,8 +259,9 @@ def load_pretrained(directory: str, *, attention: AttentionConfig | None = None,
   to run a VAR checkpoint as VAR, or another neighbourhood implementation). `dtype`: the
   transformer's compute dtype; `decoder_dtype`: the VQ-VAE decoder's; `param_dtype`: a cast
   copy of the transformer params for inference (`sampling.inference_params`: half their
-  memory). On a GPU, 'bfloat16' for all three is the fast setting. None keeps what the
-  directory stores (fp32).
+  memory), and of the decode's conv params in the decoder's dtype when that is 16-bit
+  (`Tokenizer.cast_for_decode`; the encoder keeps fp32). On a GPU, 'bfloat16' for all three
+  is the fast setting. None keeps what the directory stores (fp32).
   """
   v_cfg, v_params = load_converted(directory, 'vqvae')
   if decoder_dtype is not None:
@@ -274,8 +275,8 @@ def load_pretrained(directory: str, *, attention: AttentionConfig | None = None,
   if overrides:
     t_cfg = dataclasses.replace(t_cfg, **overrides).validate()
   if param_dtype is not None:
-    from mvar_jax import sampling
     t_params = sampling.inference_params(t_params, param_dtype)
+    v_params = vqvae.Tokenizer(v_cfg).cast_for_decode(v_params)
   return MVARPipeline(v_cfg, v_params, t_cfg, t_params)
 
 

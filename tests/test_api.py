@@ -66,6 +66,13 @@ def test_dtype_overrides_reach_both_models(weights_dir):
   assert pipe.tokenizer_config.decoder_dtype == 'bfloat16'
   dtypes = {a.dtype for a in jax.tree_util.tree_leaves(pipe.transformer_params)}
   assert dtypes == {jnp.dtype('bfloat16')}
+  # The decode's convs come pre-cast (the sampler would cast them on every call); the
+  # encoder and the GroupNorms stay fp32.
+  v = pipe.tokenizer_params
+  assert v['decoder']['conv_in']['kernel'].dtype == jnp.bfloat16
+  assert v['post_quant_conv']['kernel'].dtype == jnp.bfloat16
+  assert v['decoder']['norm_out']['scale'].dtype == jnp.float32
+  assert v['encoder']['conv_in']['kernel'].dtype == jnp.float32
   assert reference.tokenizer_config.decoder_dtype == 'float32'  # stored: unchanged by default
 
 
