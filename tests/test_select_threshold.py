@@ -49,8 +49,7 @@ def _logits(rows, vocab, seed, ties=True, neg_inf=True):
     (6, 128, 13, 1.0),      # top-p off
     (4, 32, 1, 0.3),        # only the max survives top-k
 ])
-@pytest.mark.parametrize('block_rows,num_warps', [(1, 4), (2, 8), (4, 8)])
-def test_same_threshold_as_the_sort(rows, vocab, top_k, top_p, block_rows, num_warps):
+def test_same_threshold_as_the_sort(rows, vocab, top_k, top_p, block_rows=1, num_warps=4):
   logits = _logits(rows, vocab, seed=rows * vocab + top_k)
   want = np.asarray(sampling.kept_threshold(logits, top_k=top_k, top_p=top_p,
                                             implementation='sort'))[:, 0]
@@ -59,6 +58,12 @@ def test_same_threshold_as_the_sort(rows, vocab, top_k, top_p, block_rows, num_w
       interpret=True))
   np.testing.assert_array_equal(got, want)
   assert np.all(np.any(np.asarray(logits) == got[:, None], axis=1)), 'a threshold is a logit'
+
+
+@pytest.mark.parametrize('block_rows,num_warps', [(2, 8), (4, 8)])
+def test_several_rows_per_program(block_rows, num_warps):
+  test_same_threshold_as_the_sort(7, 1000, 100, 0.96, block_rows, num_warps)
+  test_same_threshold_as_the_sort(16, 4096, 900, 0.96, block_rows, num_warps)
 
 
 def test_per_row_top_p_and_many_random_rows():
