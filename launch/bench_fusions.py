@@ -15,9 +15,10 @@ Parts (each prints rows "part | variant | ms | vs first | check"):
   |difference| of the images against flax's.
 - gelu: fc1 (16384 x 1024 @ 1024 x 4096, bf16) and its tanh-GELU, the GELU written as jax's,
   as x * sigmoid(2z) and as 0.5 x (1 + tanh z) (z = sqrt(2/pi) (x + 0.044715 x^3)).
-- cublaslt: the transformer's forward at the last scale (64 sequences x 256 tokens, d16,
-  bf16) compiled with XLA's defaults and with xla_gpu_enable_cublaslt (GELU and bias in the
-  matmul's epilogue). check: max |logit difference|.
+- options: the transformer's forward at the last scale (64 sequences x 256 tokens, d16,
+  bf16) and one decode chunk, compiled with XLA's defaults and with each set of
+  --compiler_options (e.g. xla_gpu_enable_cublaslt: GELU and bias in the matmul's epilogue).
+  check: max |output difference| against the defaults.
 
 Times: a call is dispatched --inner times back to back, then waited for; ms per call is the
 median over --reps such groups, after a warm-up group.
@@ -43,7 +44,10 @@ from mvar_jax import sampling, transformer, vqvae  # noqa: E402
 from mvar_jax.kernels import select_threshold  # noqa: E402
 from mvar_jax.kernels.neighborhood_attention import pallas_common as pc  # noqa: E402
 
-PARTS = ('select', 'addln', 'gn', 'gelu', 'cublaslt')
+PARTS = ('select', 'addln', 'gn', 'gelu', 'options')
+# XLA options that could move work into cuBLAS/cuDNN epilogues (each ';' is one compile).
+DEFAULT_OPTIONS = ('xla_gpu_enable_cublaslt=true;xla_gpu_cudnn_gemm_fusion_level=2;'
+                   'xla_gpu_cudnn_gemm_fusion_level=3;xla_gpu_enable_triton_gemm=false')
 
 
 def per_call_ms(fn, *args, reps: int, inner: int) -> float:
@@ -58,7 +62,7 @@ def per_call_ms(fn, *args, reps: int, inner: int) -> float:
 
 
 def _row(part, name, ms, base, check):
-  print(f'{part:<9}| {name:<40}| {ms:9.3f} | {ms / base:6.2f}x | {check}', flush=True)
+  print(f'{part:<9}| {name:<56}| {ms:9.3f} | {ms / base:6.2f}x | {check}', flush=True)
 
 
 def bench_select(args, interpret):
@@ -220,12 +224,28 @@ def bench_gelu(args, interpret):
     _row('gelu', name, ms, base, f'max diff {err:.3g}')
 
 
-def bench_cublaslt(args, interpret):
-  del interpret
-  depth, b = (2, 4) if args.smoke else (16, 64)
+def parse_options(text: str) -> list[dict]:
+  """'a=true,b=2;c=x' -> [{'a': True, 'b': 2}, {'c': 'x'}]: XLA option sets, one per ';'."""
+  def value(v):
+    if v.lower() in ('true', 'false'):
+      return v.lower() == 'true'
+    try:
+      return int(v)
+    except ValueError:
+      return v
+  sets = []
+  for group in filter(None, (g.strip() for g in text.split(';'))):
+    sets.append({k.strip(): value(v.strip()) for k, v in
+                 (item.split('=', 1) for item in group.split(',') if item.strip())})
+  return sets
+
+
+def _last_scale_forward(smoke: bool):
+  """(jitted fn, args): the transformer's forward at the last scale, bf16, random params."""
+  import flax.linen as nn
+  depth, b = (2, 4) if smoke else (16, 64)
   cfg = transformer.preset(depth, dtype='bfloat16')
   model = transformer.MVARTransformer(cfg)
-  import flax.linen as nn
   abstract = nn.unbox(jax.eval_shape(lambda: transformer.init_params(cfg, jax.random.key(0))))
   params = jax.tree_util.tree_map(  # random bf16 matrices (as --param_dtype=bfloat16)
       lambda s: (jax.random.normal(jax.random.key(3), s.shape) * 0.02).astype(
@@ -234,21 +254,43 @@ def bench_cublaslt(args, interpret):
   pn = cfg.layout.patch_nums[last]
   x = jax.random.normal(jax.random.key(4), (b, pn * pn, cfg.cvae), jnp.float32)
   labels = jnp.arange(b, dtype=jnp.int32) % cfg.num_classes
-  fwd = jax.jit(lambda p, l, x: model.apply(p, l, x, first=last, last=last))
-  ref, base = None, None
-  for name, opts in (('XLA defaults', None),
-                     ('xla_gpu_enable_cublaslt', {'xla_gpu_enable_cublaslt': True})):
-    try:
-      lowered = fwd.lower(params, labels, x)
-      fn = lowered.compile(opts) if opts else lowered.compile()
-      out = fn(params, labels, x)
-      ms = per_call_ms(fn, params, labels, x, reps=args.reps, inner=args.inner)
-    except Exception as e:  # noqa: BLE001
-      print(f'cublaslt | {name}: failed: {str(e)[:300]}')
-      continue
-    if ref is None:
-      ref, base = out, ms
-    _row('cublaslt', name, ms, base, f'max |logit diff| {float(jnp.max(jnp.abs(out - ref))):.3g}')
+  return jax.jit(lambda p, l, x: model.apply(p, l, x, first=last, last=last)), (params, labels, x)
+
+
+def _decode_chunk(smoke: bool):
+  """(jitted fn, args): one bf16 decode of 8 images (the sampler's chunk), random params."""
+  if smoke:
+    cfg = vqvae.VQVAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=64,
+                            patch_nums=(1, 2, 4), decoder_dtype='bfloat16')
+  else:
+    cfg = vqvae.VQVAEConfig(decoder_dtype='bfloat16', precision='default')
+  tok = vqvae.Tokenizer(cfg)
+  params = tok.cast_for_decode(vqvae.random_params(cfg))
+  pn = cfg.patch_nums[-1]
+  f = jax.random.normal(jax.random.key(2), (2 if smoke else 8, pn, pn, cfg.z_channels))
+  return jax.jit(lambda p, f: tok.fhat_to_img(p, f)), (params, f)
+
+
+def bench_options(args, interpret):
+  """The transformer's last-scale forward and a decode chunk under XLA option sets."""
+  del interpret
+  for what, (fn, fn_args) in (('forward', _last_scale_forward(args.smoke)),
+                              ('decode', _decode_chunk(args.smoke))):
+    ref, base = None, None
+    for opts in [{}] + parse_options(args.compiler_options):
+      name = f'{what}: ' + (','.join(f'{k}={v}' for k, v in opts.items()) or 'XLA defaults')
+      try:
+        lowered = fn.lower(*fn_args)
+        compiled = lowered.compile(opts) if opts else lowered.compile()
+        out = compiled(*fn_args)
+        ms = per_call_ms(compiled, *fn_args, reps=args.reps, inner=args.inner)
+      except Exception as e:  # noqa: BLE001  (an option this XLA does not know is a row too)
+        print(f'options  | {name}: failed: {str(e).splitlines()[0][:200]}')
+        continue
+      if ref is None:
+        ref, base = out, ms
+      err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
+      _row('options', name, ms, base, f'max diff {err:.3g}')
 
 
 def main(argv=None):
@@ -257,11 +299,13 @@ def main(argv=None):
   p.add_argument('--reps', type=int, default=7)
   p.add_argument('--inner', type=int, default=20)
   p.add_argument('--smoke', action='store_true', help='tiny shapes; Pallas interpreted off GPU')
+  p.add_argument('--compiler_options', default=DEFAULT_OPTIONS,
+                 help="the options part's XLA option sets: 'a=true,b=2;c=3' (';' separates sets)")
   args = p.parse_args(argv)
   interpret = jax.default_backend() != 'gpu'
   print(f'# {jax.devices()[0].device_kind}, jax {jax.__version__}; ms per call, median of '
         f'{args.reps} groups of {args.inner}' + (' (smoke)' if args.smoke else ''))
-  print(f'{"part":<9}| {"variant":<40}| {"ms":>9} | {"ratio":>7} | check')
+  print(f'{"part":<9}| {"variant":<56}| {"ms":>9} | {"ratio":>7} | check')
   for part in args.parts.split(','):
     globals()[f'bench_{part}'](args, interpret)
 

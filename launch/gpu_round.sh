@@ -12,9 +12,12 @@
 #    probes in fresh processes (ours: loaded from the compilation cache this run fills, XLA
 #    memory/cost analysis, and a jax.profiler trace of one call -> OUT_DIR/*.trace.json.gz,
 #    summarised with `python launch/trace_summary.py FILE`).
-# 2. The Pallas neighbourhood kernel's tiles: forward at the sampler's shapes (13x13 and 16x16,
+# 2. bench_fusions.py --parts=options: the last-scale forward and a decode chunk under XLA
+#    option sets that could fold the GELU/norm passes into cuBLAS/cuDNN (the gap to the FLOP
+#    floor is XLA fusions: launch/results/h200_2026-11-26.md section 6). OPTIONS=0 skips it.
+# 3. The Pallas neighbourhood kernel's tiles: forward at the sampler's shapes (13x13 and 16x16,
 #    batch 64 = 32 with CFG, 16 heads) and forward+backward at 32x32 (training at 512 px).
-#    TILES=0 skips this step.
+#    Tuned on 2026-11-26 (defaults kept): only with TILES=1.
 # Each step has its own time limit so that a stall costs one step, not the lease.
 # Logs and tables go to OUT_DIR (default $OUT, the device tool's return folder, else /tmp/gpu_round).
 
@@ -57,8 +60,14 @@ timeout ${VS_TIMEOUT:-340} $PY launch/bench_vs_official.py \
     --trace_dir="$OUT_DIR" --json_out="$OUT_DIR/vs_official.json" 2>&1 \
   | grep -v -E '^\s*$|Warning|warn\(' | tee -a "$OUT_DIR/log.txt"
 
-[[ "${TILES:-1}" == 1 ]] || { date -u | tee -a "$OUT_DIR/log.txt"; exit 0; }
-echo "=== 2. Pallas tiles ===" | tee -a "$OUT_DIR/log.txt"
+if [[ "${OPTIONS:-1}" == 1 ]]; then
+  echo "=== 2. XLA option sets: last-scale forward, decode chunk ===" | tee -a "$OUT_DIR/log.txt"
+  timeout ${OPTIONS_TIMEOUT:-240} $PY launch/bench_fusions.py --parts=options 2>&1 \
+    | grep -v -E '^\s*$|Warning' | tee -a "$OUT_DIR/log.txt"
+fi
+
+[[ "${TILES:-0}" == 1 ]] || { date -u | tee -a "$OUT_DIR/log.txt"; exit 0; }
+echo "=== 3. Pallas tiles ===" | tee -a "$OUT_DIR/log.txt"
 CONFIGS='q=64,k=64;q=32,k=32;q=64,k=32;q=128,k=64;q=128,k=64,warps=8;q=64,k=64,stages=3;q=32,k=64'
 timeout ${TILES_TIMEOUT:-130} $PY launch/bench_neighborhood_attention.py --impls=pallas \
     --maps=13x13,16x16 --batches=64 --heads=16 --passes=fwd --noisolate --reps=10 \

@@ -76,6 +76,7 @@ def test_bench_fusions_smoke_checks_each_candidate_against_the_current_code(caps
   assert all('failed' not in r for r in rows)
   assert all(' 0 rows differ' in r for r in rows[1:6])
   assert all(float(r.split('max diff ')[1]) < 0.1 for r in rows[7:])  # bf16 rounding
+  assert bench.parse_options('a=true,b=2;c=x;') == [{'a': True, 'b': 2}, {'c': 'x'}]
 
 
 def test_trace_summary_splits_scales_at_each_selection_kernel(tmp_path, capsys):
