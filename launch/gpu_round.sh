@@ -12,9 +12,10 @@
 #    probes in fresh processes (ours: loaded from the compilation cache this run fills, XLA
 #    memory/cost analysis, and a jax.profiler trace of one call -> OUT_DIR/*.trace.json.gz,
 #    summarised with `python launch/trace_summary.py FILE`).
-# 2. bench_fusions.py --parts=options: the last-scale forward and a decode chunk under XLA
-#    option sets that could fold the GELU/norm passes into cuBLAS/cuDNN (the gap to the FLOP
-#    floor is XLA fusions: launch/results/h200_2026-11-26.md section 6). OPTIONS=0 skips it.
+# 2. bench_fusions.py --parts=gelu,options: fc1 with the GELU in a Pallas matmul's epilogue,
+#    then the last-scale forward and a decode chunk under XLA option sets that could fold the
+#    GELU/norm passes into cuBLAS/cuDNN (the gap to the FLOP floor is XLA fusions:
+#    launch/results/h200_2026-11-26.md section 6). OPTIONS=0 skips it.
 # 3. The Pallas neighbourhood kernel's tiles: forward at the sampler's shapes (13x13 and 16x16,
 #    batch 64 = 32 with CFG, 16 heads) and forward+backward at 32x32 (training at 512 px).
 #    Tuned on 2026-11-26 (defaults kept): only with TILES=1.
@@ -61,8 +62,9 @@ timeout ${VS_TIMEOUT:-340} $PY launch/bench_vs_official.py \
   | grep -v -E '^\s*$|Warning|warn\(' | tee -a "$OUT_DIR/log.txt"
 
 if [[ "${OPTIONS:-1}" == 1 ]]; then
-  echo "=== 2. XLA option sets: last-scale forward, decode chunk ===" | tee -a "$OUT_DIR/log.txt"
-  timeout ${OPTIONS_TIMEOUT:-240} $PY launch/bench_fusions.py --parts=options 2>&1 \
+  echo "=== 2. fc1+GELU fused (Pallas); XLA option sets: last-scale forward, decode chunk ===" \
+    | tee -a "$OUT_DIR/log.txt"
+  timeout ${OPTIONS_TIMEOUT:-300} $PY launch/bench_fusions.py --parts=gelu,options 2>&1 \
     | grep -v -E '^\s*$|Warning' | tee -a "$OUT_DIR/log.txt"
 fi
 

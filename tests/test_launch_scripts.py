@@ -70,9 +70,12 @@ def test_bench_memory_smoke_prints_the_table(capsys):
 
 def test_bench_fusions_smoke_checks_each_candidate_against_the_current_code(capsys):
   bench = _load('bench_fusions')
-  bench.main(['--smoke', '--parts=select,addln', '--reps=1', '--inner=1'])
-  rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith(('select', 'addln'))]
-  assert len(rows) == 1 + 5 + 1 + 4, rows  # the current code, then each candidate
+  bench.main(['--smoke', '--parts=select,addln,gelu', '--reps=1', '--inner=1'])
+  rows = [r for r in capsys.readouterr().out.splitlines()
+          if r.startswith(('select', 'addln', 'gelu'))]
+  # The current code, then each candidate: 5 selections, 4 add+LN tiles, 2 GELU forms and
+  # 4 fused fc1+GELU tiles.
+  assert len(rows) == 1 + 5 + 1 + 4 + 1 + 2 + 4, rows
   assert all('failed' not in r for r in rows)
   assert all(' 0 rows differ' in r for r in rows[1:6])
   assert all(float(r.split('max diff ')[1]) < 0.1 for r in rows[7:])  # bf16 rounding
