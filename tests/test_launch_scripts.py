@@ -106,3 +106,23 @@ def test_trace_summary_splits_scales_at_each_selection_kernel(tmp_path, capsys):
   assert [summary.kernel_group(e['name']) for e in phases[1][1]] == ['matmul', 'na2d', 'select']
   summary.main([str(path)])
   assert '| decode | 0.04 | 0.04 | 0.00 | 0.03 |' in capsys.readouterr().out
+
+
+def test_the_fused_fc1_gelu_candidate_lowers_for_cuda():
+  """The next GPU lease times it; a tile Triton cannot take must fail here first."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+  from test_na_pallas import _TRITON_TARGETS, _gpu_target
+  bench = _load('bench_fusions')
+  checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in _TRITON_TARGETS]
+  sds = jax.ShapeDtypeStruct
+  for bm, bn, bk, warps, stages in bench.FC1_TILES:
+    fn = functools.partial(bench.fc1_gelu, block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
+                           num_stages=stages)
+    with _gpu_target():
+      text = jax.export.export(jax.jit(fn), platforms=('cuda',), disabled_checks=checks)(
+          sds((16384, 1024), jnp.bfloat16), sds((1024, 4096), jnp.bfloat16),
+          sds((4096,), jnp.bfloat16)).mlir_module()
+    assert sum(text.count(f'@{t}(') for t in _TRITON_TARGETS) == 1 and 'fc1_gelu' in text
