@@ -31,11 +31,11 @@ def test_ordered_keys_sort_as_the_floats_and_invert():
   np.testing.assert_array_equal(back, np.where(values == 0, 0.0, values))
 
 
-def _logits(rows, vocab, seed, ties=True, neg_inf=True):
+def _logits(rows, vocab, seed, ties=True, neg_inf=True, tie_rank=None):
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(rows, vocab)).astype(np.float32) * 3
-  if ties:  # a block of equal values around the k-th largest of row 0
-    x[0, : vocab // 4] = np.sort(x[0])[-vocab // 3]
+  if ties:  # row 0: a block of copies of its tie_rank-th largest value (at the k-th: tied there)
+    x[0, : vocab // 4] = np.sort(x[0])[-(tie_rank or vocab // 3)]
   if neg_inf:
     x[-1, ::3] = -np.inf
   return jnp.asarray(x)
@@ -50,7 +50,9 @@ def _logits(rows, vocab, seed, ties=True, neg_inf=True):
     (4, 32, 1, 0.3),        # only the max survives top-k
 ])
 def test_same_threshold_as_the_sort(rows, vocab, top_k, top_p, block_rows=1, num_warps=4):
-  logits = _logits(rows, vocab, seed=rows * vocab + top_k)
+  logits = _logits(rows, vocab, seed=rows * vocab + top_k, tie_rank=max(top_k, 1))
+  if 0 < top_k < vocab:
+    assert np.sum(np.asarray(logits[0]) >= np.sort(np.asarray(logits[0]))[-top_k]) > top_k
   want = np.asarray(sampling.kept_threshold(logits, top_k=top_k, top_p=top_p,
                                             implementation='sort'))[:, 0]
   got = np.asarray(select_threshold.kept_threshold_pallas(
