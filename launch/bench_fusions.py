@@ -156,6 +156,18 @@ def bench_addln(args, interpret):
     _row('addln', f'pallas rows={block_rows} warps={warps}', ms, base, f'max diff {err:.3g}')
 
 
+def _decode_chunk_input(smoke: bool):
+  """(VQ-VAE config with a bf16 decoder, f_hat of one sampler chunk: 8 images, 2 in smoke)."""
+  if smoke:
+    cfg = vqvae.VQVAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=64,
+                            patch_nums=(1, 2, 4), decoder_dtype='bfloat16')
+  else:
+    cfg = vqvae.VQVAEConfig(decoder_dtype='bfloat16', precision='default')
+  pn = cfg.patch_nums[-1]
+  f = jax.random.normal(jax.random.key(2), (2 if smoke else 8, pn, pn, cfg.z_channels))
+  return cfg, f
+
+
 def _flax_norm(cfg, name, dtype=jnp.float32):
   import flax.linen as nn
   return nn.GroupNorm(num_groups=cfg.norm_groups, epsilon=1e-6, use_fast_variance=False,
@@ -164,16 +176,8 @@ def _flax_norm(cfg, name, dtype=jnp.float32):
 
 def bench_gn(args, interpret):
   del interpret
-  if args.smoke:
-    cfg = vqvae.VQVAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=64,
-                            patch_nums=(1, 2, 4), decoder_dtype='bfloat16')
-    chunk = 2
-  else:
-    cfg = vqvae.VQVAEConfig(decoder_dtype='bfloat16', precision='default')
-    chunk = 8
+  cfg, f = _decode_chunk_input(args.smoke)
   params = vqvae.random_params(cfg)
-  pn = cfg.patch_nums[-1]
-  f = jax.random.normal(jax.random.key(2), (chunk, pn, pn, cfg.z_channels), jnp.float32)
   model = vqvae.VQVAE(cfg)
   decode = lambda p, f: model.apply({'params': p}, f, method=vqvae.VQVAE.fhat_to_img)
   original = vqvae._norm
@@ -313,16 +317,10 @@ def _last_scale_forward(smoke: bool):
 
 
 def _decode_chunk(smoke: bool):
-  """(jitted fn, args): one bf16 decode of 8 images (the sampler's chunk), random params."""
-  if smoke:
-    cfg = vqvae.VQVAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=64,
-                            patch_nums=(1, 2, 4), decoder_dtype='bfloat16')
-  else:
-    cfg = vqvae.VQVAEConfig(decoder_dtype='bfloat16', precision='default')
+  """(jitted fn, args): one bf16 decode of the sampler's chunk, random params pre-cast."""
+  cfg, f = _decode_chunk_input(smoke)
   tok = vqvae.Tokenizer(cfg)
   params = tok.cast_for_decode(vqvae.random_params(cfg))
-  pn = cfg.patch_nums[-1]
-  f = jax.random.normal(jax.random.key(2), (2 if smoke else 8, pn, pn, cfg.z_channels))
   return jax.jit(lambda p, f: tok.fhat_to_img(p, f)), (params, f)
 
 
