@@ -20,6 +20,7 @@ axes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any, Mapping, Sequence
@@ -211,6 +212,21 @@ def batch_divisor(mesh: Mesh, rules=DEFAULT_RULES) -> int:
   if spec is None:
     return 1
   return int(np.prod([mesh.shape[a] for a in (spec if isinstance(spec, tuple) else (spec,))]))
+
+
+def traced_on_mesh(fn, mesh: Mesh):
+  """fn, traced with `mesh` as the ambient mesh (for `jax.jit`).
+
+  The Pallas kernels then run once per device on its rows of the batch
+  (`kernels.per_shard`); without a mesh XLA would gather the global batch onto every device
+  for them, as it cannot split a custom call.
+  """
+
+  @functools.wraps(fn)
+  def wrapped(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+  return wrapped
 
 
 def to_global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:

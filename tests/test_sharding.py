@@ -13,6 +13,8 @@ from mvar_jax import transformer as tfm
 from mvar_jax import vqvae as vq
 from mvar_jax.attention import AttentionConfig
 
+from test_per_shard import pallas_operand_shapes
+
 PATCH_NUMS = (1, 2, 3, 4)
 
 
@@ -100,7 +102,7 @@ def test_params_are_born_sharded():
 
 # ----------------------------------------------------------------------------- sharded step
 
-def _run_two_steps(config, mesh):
+def _run_two_steps(config, mesh, jaxprs=None):
   schedule = train.Schedule(total_steps=10, warmup_steps=2, steps_per_epoch=5, peak_lr=1e-3)
   setup = train.build(config, schedule, mesh)
   state = train.init_state(setup, jax.random.key(0))
@@ -119,6 +121,8 @@ def _run_two_steps(config, mesh):
     local = {'ids': rng.integers(0, 16, (8, 30)).astype(np.int32),
              'label': rng.integers(0, 10, (8,)).astype(np.int32)}
     batch = sharding.to_global_batch(local, setup.batch_sharding)
+    if jaxprs is not None and step == 0:
+      jaxprs.append(fn.trace(state, batch, jax.random.key(2), tok_params).jaxpr)
     state, metrics = fn(state, batch, jax.random.fold_in(jax.random.key(2), step), tok_params)
     losses.append(float(metrics['loss']))
   return losses, jax.device_get(state['params']), state
@@ -137,6 +141,24 @@ def test_sharded_step_matches_single_device():
   # The state stays sharded through the donated step.
   qkv = state_n['params']['blocks_0']['attn']['mat_qkv']['kernel']
   assert qkv.sharding.spec == P('fsdp', None)
+
+
+def test_sharded_step_runs_the_pallas_kernel_per_device(monkeypatch):
+  """With the Pallas neighbourhood kernel (interpreted here) the (data=4, fsdp=2) step calls
+  it on each device's 1 of the 8 rows (forward and backward) and matches one device."""
+  monkeypatch.setenv('MVAR_PALLAS_INTERPRET', '1')
+  config = tiny_run_config(data=4, fsdp=2)
+  config.model.attention_implementation = 'pallas'
+  losses_1, params_1, _ = _run_two_steps(
+      config, sharding.create_mesh({'data': 1, 'fsdp': 1, 'num_devices': 1}))
+  jaxprs = []
+  losses_n, params_n, _ = _run_two_steps(config, sharding.create_mesh(config.mesh), jaxprs)
+  calls = pallas_operand_shapes(jaxprs[0])
+  assert len(calls) == 3 * config.model.depth  # forward, dQ, dK/dV of the one NA scale per block
+  assert {shape[0] for call in calls for shape in call} == {1}
+  np.testing.assert_allclose(losses_n, losses_1, rtol=1e-5, atol=1e-6)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                         params_n, params_1)
 
 
 # ----------------------------------------------------------------------------- multi-host

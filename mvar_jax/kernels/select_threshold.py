@@ -31,6 +31,7 @@ from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from mvar_jax.kernels import per_shard
 from mvar_jax.kernels.neighborhood_attention import pallas_common as pc
 
 _LOW31 = 0x7FFFFFFF
@@ -88,9 +89,11 @@ def kept_threshold_pallas(logits_RV, *, top_k: int, top_p, block_rows: int = 1,
   """
   # 1 - p rounded as the sort-based threshold rounds it: a Python float in float64, then
   # to fp32 (so a boundary that is exact in decimals falls the same way).
-  limit = jnp.asarray(1.0 - top_p, jnp.float32)
-  return _select(logits_RV, limit, top_k=top_k, block_rows=block_rows, num_warps=num_warps,
-                 interpret=pc.resolve_interpret(interpret))
+  limit_R = jnp.broadcast_to(jnp.asarray(1.0 - top_p, jnp.float32), logits_RV.shape[:1])
+  select = functools.partial(_select, top_k=top_k, block_rows=block_rows, num_warps=num_warps,
+                             interpret=pc.resolve_interpret(interpret))
+  # Under a mesh: once per device on its rows (XLA cannot split the kernel).
+  return per_shard.over_batch(select, logits_RV, limit_R)
 
 
 @functools.partial(jax.jit, static_argnames=('top_k', 'block_rows', 'num_warps', 'interpret'))
@@ -100,7 +103,7 @@ def _select(logits_RV, limit, *, top_k: int, block_rows: int, num_warps: int, in
   r_pad = pl.cdiv(r, block_rows) * block_rows
   x = jnp.pad(logits_RV.astype(jnp.float32), ((0, r_pad - r), (0, v_pad - v)),
               constant_values=-jnp.inf)
-  limit = jnp.pad(jnp.broadcast_to(limit, (r,)), (0, r_pad - r))
+  limit = jnp.pad(limit, (0, r_pad - r))
   kernel = functools.partial(_kernel, top_k=top_k, vocab=v, rows=block_rows)
   out = pl.pallas_call(
       kernel,

@@ -43,6 +43,7 @@ import jax
 from mvar_jax.kernels.neighborhood_attention import pallas_backward
 from mvar_jax.kernels.neighborhood_attention import pallas_common as pc
 from mvar_jax.kernels.neighborhood_attention import pallas_forward
+from mvar_jax.kernels import per_shard
 from mvar_jax.kernels.neighborhood_attention import reference
 from mvar_jax.kernels.neighborhood_attention.pallas_common import BlockSizes, supports
 
@@ -101,5 +102,6 @@ def na2d_pallas(q_BNHD, k_BNHD, v_BNHD, *, height: int, width: int, kernel_size:
   block_sizes = block_sizes.fit(geom.n)
   scale = q_BNHD.shape[-1] ** -0.5 if scale is None else float(scale)
   static = _Static(geom, scale, block_sizes, pc.resolve_interpret(interpret))
-  return _na2d(q_BNHD, k_BNHD, v_BNHD, static)
+  # Under a mesh: once per device on its rows of the batch (XLA cannot split the kernel).
+  return per_shard.over_batch(lambda q, k, v: _na2d(q, k, v, static), q_BNHD, k_BNHD, v_BNHD)
 

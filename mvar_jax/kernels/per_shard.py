@@ -1,0 +1,52 @@
+"""Runs an opaque kernel once per shard of the batch under the ambient mesh.
+
+    out = over_batch(kernel_fn, q_B..., k_B..., v_B...)   # arrays share their leading axis
+
+XLA's SPMD partitioner cannot split a custom call such as a Pallas kernel: under `jax.jit`
+with batch-sharded operands it gathers them and runs the whole global batch on every
+device (jax-ml/jax-triton#163), so a kernel that wins on one GPU loses on eight. Inside
+`jax.shard_map` the kernel sees only its device's rows. The mesh is the ambient one
+(`jax.set_mesh` or `jax.sharding.use_abstract_mesh`, as the trainer sets around its steps);
+with none, or a batch no mesh axis divides, the kernel is called as it is.
+
+The batch is split over the mesh's non-manual axes in order, as long as their product
+divides it (the trainer's rules split it over ('data', 'fsdp'), all of its axes). Every
+array argument is split along its leading axis; results come back split the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+
+def batch_axes(mesh, batch_size: int) -> tuple[str, ...]:
+  """Mesh axes (size > 1, not manual) that split `batch_size` rows: a prefix whose product
+  divides it."""
+  if mesh.empty:
+    return ()
+  manual = getattr(jax.sharding.AxisType, 'Manual', None)
+  axes, size = [], 1
+  for name, n, kind in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types):
+    if n == 1 or kind == manual:
+      continue
+    if batch_size % (size * n):
+      break
+    axes.append(name)
+    size *= n
+  return tuple(axes)
+
+
+def over_batch(fn: Callable, *arrays):
+  """fn(*arrays), each device running it on its rows of every array's leading axis."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = batch_axes(mesh, arrays[0].shape[0])
+  if not axes:
+    return fn(*arrays)
+  spec = P(axes)
+  # check_vma off: pallas_call has no rule for varying manual axes; every operand and
+  # result is split on the same axes, so there is nothing to check.
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(arrays), out_specs=spec,
+                       check_vma=False)(*arrays)

@@ -1,0 +1,145 @@
+"""Kernels under a mesh run once per device on its rows of the batch (`kernels.per_shard`).
+
+XLA cannot split a Pallas custom call: without shard_map it would gather a batch-sharded
+operand onto every device and run the whole batch there. Each test reads the operand shapes
+the kernels are called with (in the jaxpr, and in the CUDA lowering), so a kernel that sees
+the global batch fails here. The kernels run in Pallas' interpreter on CPU.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mvar_jax.kernels import per_shard, select_threshold
+from mvar_jax.kernels.neighborhood_attention import pallas_kernel, reference
+
+from test_na_pallas import _TRITON_TARGETS
+
+H = W = 8
+KERNEL = 5
+
+
+def pallas_operand_shapes(closed_jaxpr) -> list[list[tuple]]:
+  """Operand shapes of every pallas_call in a jaxpr, nested jaxprs included."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'pallas_call':
+        found.append([tuple(v.aval.shape) for v in eqn.invars])
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          if hasattr(sub, 'jaxpr') and hasattr(sub, 'consts'):  # ClosedJaxpr
+            walk(sub.jaxpr)
+          elif hasattr(sub, 'eqns'):  # Jaxpr
+            walk(sub)
+  walk(closed_jaxpr.jaxpr)
+  return found
+
+
+def mesh_2x4():
+  return jax.make_mesh((2, 4), ('data', 'fsdp'),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def on_mesh(fn, mesh):
+  """fn traced under `mesh` as the ambient (abstract) mesh, as the trainer traces its steps."""
+  def wrapped(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+  return wrapped
+
+
+def test_batch_axes_take_the_axes_that_divide_the_batch():
+  mesh = mesh_2x4()
+  assert per_shard.batch_axes(mesh.abstract_mesh, 16) == ('data', 'fsdp')
+  assert per_shard.batch_axes(mesh.abstract_mesh, 8) == ('data', 'fsdp')
+  assert per_shard.batch_axes(mesh.abstract_mesh, 6) == ('data',)  # 2 divides 6, 8 does not
+  assert per_shard.batch_axes(mesh.abstract_mesh, 3) == ()
+  one = jax.make_mesh((1, 8), ('data', 'fsdp'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  assert per_shard.batch_axes(one.abstract_mesh, 8) == ('fsdp',)  # size-1 axes are skipped
+  assert per_shard.batch_axes(jax.sharding.get_abstract_mesh(), 8) == ()  # no ambient mesh
+
+
+def _qkv(batch, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  return [jax.random.normal(k, (batch, H * W, 2, 32), jnp.float32) for k in keys]
+
+
+def _loss(attend):
+  return lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v)))
+
+
+@pytest.mark.parametrize('batch, rows_per_call', [(16, 2), (6, 3)])
+def test_neighborhood_kernel_runs_per_batch_shard_forward_and_backward(batch, rows_per_call):
+  mesh = mesh_2x4()
+  attend = functools.partial(pallas_kernel.na2d_pallas, height=H, width=W, kernel_size=KERNEL,
+                             interpret=True)
+  step = jax.jit(on_mesh(jax.value_and_grad(_loss(attend), argnums=(0, 1, 2)), mesh))
+  q, k, v = _qkv(batch)
+  sharded = NamedSharding(mesh, P(per_shard.batch_axes(mesh.abstract_mesh, batch)))
+  args = [jax.device_put(x, sharded) for x in (q, k, v)]
+
+  shapes = pallas_operand_shapes(step.trace(*args).jaxpr)
+  assert len(shapes) == 3  # forward, dQ, dK/dV
+  assert {s[0] for call in shapes for s in call} == {rows_per_call}
+
+  value, grads = step(*args)
+  ref = functools.partial(reference.na2d_gather, height=H, width=W, kernel_size=KERNEL)
+  ref_value, ref_grads = jax.value_and_grad(_loss(ref), argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  for g, rg in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, rg, rtol=1e-4, atol=1e-5)
+    assert g.sharding.is_equivalent_to(sharded, g.ndim)
+
+
+def test_without_a_mesh_the_kernel_sees_the_whole_batch():
+  attend = functools.partial(pallas_kernel.na2d_pallas, height=H, width=W, kernel_size=KERNEL,
+                             interpret=True)
+  shapes = pallas_operand_shapes(jax.make_jaxpr(attend)(*_qkv(16)))
+  assert [call[0][0] for call in shapes] == [16]
+
+
+def test_selection_kernel_runs_per_row_shard():
+  mesh = mesh_2x4()
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(32, 200)).astype(np.float32) * 3
+  top_p = rng.uniform(0.5, 1.0, size=(32,)).astype(np.float32)
+  select = lambda x, p: select_threshold.kept_threshold_pallas(x, top_k=20, top_p=p,
+                                                               interpret=True)
+  fn = jax.jit(on_mesh(select, mesh))
+  sharded = NamedSharding(mesh, P(('data', 'fsdp')))
+  args = (jax.device_put(logits, sharded), jax.device_put(top_p, sharded))
+  assert [call[0][0] for call in pallas_operand_shapes(fn.trace(*args).jaxpr)] == [4]
+  np.testing.assert_array_equal(fn(*args), select(logits, top_p))
+
+
+def _gpu_mesh_2x4():
+  """An abstract 8-GPU mesh, so that the kernels lower for CUDA on a CPU host."""
+  try:
+    device = jax.sharding.AbstractDevice(device_kind='NVIDIA H100 80GB HBM3', platform='gpu',
+                                         num_cores=132)
+    return jax.sharding.AbstractMesh((2, 4), ('data', 'fsdp'), abstract_device=device,
+                                     axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  except (AttributeError, TypeError):
+    pytest.skip('this jax has no abstract devices (needed to lower for CUDA under a mesh)')
+
+
+def test_cuda_lowering_calls_the_triton_kernels_on_per_device_rows():
+  shape = jax.ShapeDtypeStruct((16, 256, 4, 64), jnp.bfloat16)
+  attend = functools.partial(pallas_kernel.na2d_pallas, height=16, width=16, kernel_size=7,
+                             interpret=False)
+  fn = lambda q, k, v: jax.vjp(attend, q, k, v)[1](q)
+  checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in _TRITON_TARGETS]
+  with jax.sharding.use_abstract_mesh(_gpu_mesh_2x4()):
+    text = jax.export.export(jax.jit(fn), platforms=('cuda',), disabled_checks=checks)(
+        shape, shape, shape).mlir_module()
+  calls = [line for line in text.splitlines()
+           if any(f'@{t}(' in line for t in _TRITON_TARGETS)]
+  assert len(calls) == 3  # forward, dQ, dK/dV
+  for line in calls:
+    assert 'tensor<2x256x4x64xbf16>' in line and 'tensor<16x256' not in line, line
