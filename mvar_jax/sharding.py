@@ -214,17 +214,18 @@ def batch_divisor(mesh: Mesh, rules=DEFAULT_RULES) -> int:
   return int(np.prod([mesh.shape[a] for a in (spec if isinstance(spec, tuple) else (spec,))]))
 
 
-def traced_on_mesh(fn, mesh: Mesh):
-  """fn, traced with `mesh` as the ambient mesh (for `jax.jit`).
+def traced_on_mesh(fn, mesh: Mesh, rules=DEFAULT_RULES):
+  """fn, traced with `mesh` as the ambient mesh and `rules` as flax's logical-axis rules.
 
-  The Pallas kernels then run once per device on its rows of the batch
-  (`kernels.per_shard`); without a mesh XLA would gather the global batch onto every device
-  for them, as it cannot split a custom call.
+  Then the model's activation constraints (`nn.with_logical_constraint`) take effect, and the
+  Pallas kernels run once per device on its rows of the batch (`kernels.per_shard`); without
+  a mesh XLA would gather the global batch onto every device for them, as it cannot split a
+  custom call.
   """
 
   @functools.wraps(fn)
   def wrapped(*args):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
       return fn(*args)
   return wrapped
 

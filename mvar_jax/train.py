@@ -278,7 +278,7 @@ def compile_train_step(setup: Setup, tokenizer: vq.Tokenizer, tok_shardings, *, 
   fn = functools.partial(train_step, model=setup.model, tokenizer=tokenizer, tx=setup.tx,
                          first=first, last=last, label_smoothing=label_smoothing,
                          ema_decay=ema_decay, active=segment_params(setup, first, last))
-  return jax.jit(sharding.traced_on_mesh(fn, setup.mesh),
+  return jax.jit(sharding.traced_on_mesh(fn, setup.mesh, setup.rules),
                  in_shardings=(setup.state_shardings, setup.batch_sharding, setup.replicated,
                                tok_shardings),
                  out_shardings=(setup.state_shardings, setup.replicated), donate_argnums=(0,))
@@ -303,7 +303,7 @@ def segment_params(setup: Setup, first: int, last: int):
 
 def compile_eval_step(setup: Setup, tokenizer: vq.Tokenizer, tok_shardings):
   fn = functools.partial(eval_step, model=setup.model, tokenizer=tokenizer)
-  return jax.jit(sharding.traced_on_mesh(fn, setup.mesh),
+  return jax.jit(sharding.traced_on_mesh(fn, setup.mesh, setup.rules),
                  in_shardings=(setup.state_shardings['params'], setup.batch_sharding,
                                tok_shardings),
                  out_shardings=setup.replicated)

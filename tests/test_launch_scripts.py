@@ -61,6 +61,41 @@ def test_the_official_vqvae_is_filled_deterministically():
   assert all(torch.equal(a, b) for a, b in zip(first, vae.parameters()))
 
 
+def test_collective_bytes_read_the_partitioned_hlo():
+  bench = _load('bench_comms')
+  hlo = '\n'.join([
+      '  %ag = f32[8,1024]{1,0} all-gather(f32[1,1024]{1,0} %p), replica_groups=[1,8]<=[8], dimensions={0}',
+      '  %ar = (f32[100]{0}, bf16[50]{0}) all-reduce(%a, %b), replica_groups={{0,1},{2,3},{4,5},{6,7}}, to_apply=%add',
+      '  %rs = f32[16]{0} reduce-scatter(f32[64]{0} %g), replica_groups=[2,4]<=[8], dimensions={0}, to_apply=%add',
+      '  %one = f32[10]{0} all-reduce(%c), replica_groups={{0},{1}}, to_apply=%add',
+      '  %cp = s32[4]{0} collective-permute(%d), source_target_pairs={{0,1},{1,0}}'])
+  sent = bench.collective_bytes(hlo, num_devices=8)
+  assert sent['all-gather'] == 8 * 1024 * 4 * 7 / 8
+  assert sent['all-reduce'] == 2 * (400 + 100) * 1 / 2  # groups of 2; the 1-device one moves nothing
+  assert sent['reduce-scatter'] == 16 * 4 * 3
+  assert sent['collective-permute'] == 16
+
+
+def test_fsdp_step_moves_weights_not_activations():
+  """At 8-way FSDP with activations much larger than the weights, the scales-0..3 step sends
+  about what gathering the weights and reducing the gradients takes (no activation
+  all-reduces: the residual stream stays split over the batch)."""
+  bench = _load('bench_comms')
+  args = bench.parse_args(['--smoke', '--local_batch=64'])
+  (row,) = bench.measure(args, 2, 1, 8, segments=[(0, 3)])
+  # Weights gathered (at most twice, fp32) and gradients all-reduced: (2 + 2) * 7/8 of them.
+  assert sum(row.sent.values()) < 3.5 * bench.param_bytes(args, 2), row.sent
+  assert row.sent.get('all-gather', 0) > 0  # FSDP gathers the weights
+
+
+def test_bench_comms_smoke_prints_the_table(capsys):
+  bench = _load('bench_comms')
+  bench.main(['--smoke'])
+  out = capsys.readouterr().out
+  assert 'partitioned for cpu' in out and 'total MB' in out
+  assert out.count('\nd1 ') == 6  # 2 meshes x 3 segments
+
+
 def test_bench_memory_smoke_prints_the_table(capsys):
   bench = _load('bench_memory')
   bench.main(['--smoke', '--skip_parts'])
