@@ -189,7 +189,7 @@ def param_bytes(args, depth: int) -> int:
 def main(argv=None):
   args = parse_args(argv)
   if args.smoke:
-    args.depths, args.meshes, args.local_batch, args.devices = '1', '2x1,1x2', 2, 2
+    args.depths, args.meshes, args.local_batch, args.devices = '1', '1x2', 2, 2
   import jax
   try:  # simulated devices when this is a CPU host (no effect on a GPU's device count)
     jax.config.update('jax_num_cpu_devices', args.devices)
