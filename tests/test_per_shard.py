@@ -8,6 +8,7 @@ the global batch fails here. The kernels run in Pallas' interpreter on CPU.
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,6 +64,16 @@ def test_batch_axes_take_the_axes_that_divide_the_batch():
   one = jax.make_mesh((1, 8), ('data', 'fsdp'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   assert per_shard.batch_axes(one.abstract_mesh, 8) == ('fsdp',)  # size-1 axes are skipped
   assert per_shard.batch_axes(jax.sharding.get_abstract_mesh(), 8) == ()  # no ambient mesh
+
+
+def test_batch_axes_follow_the_logical_rules_in_context():
+  mesh = mesh_2x4().abstract_mesh
+  with nn.logical_axis_rules((('activation_batch', 'fsdp'), ('embed', 'data'))):
+    assert per_shard.batch_axes(mesh, 16) == ('fsdp',)
+  with nn.logical_axis_rules((('activation_batch', ('fsdp', 'data')),)):
+    assert per_shard.batch_axes(mesh, 16) == ('fsdp', 'data')
+  with nn.logical_axis_rules((('activation_batch', None),)):
+    assert per_shard.batch_axes(mesh, 16) == ()  # the batch is not split: nor is the kernel
 
 
 def _qkv(batch, seed=0):

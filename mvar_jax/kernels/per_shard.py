@@ -9,27 +9,42 @@ device (jax-ml/jax-triton#163), so a kernel that wins on one GPU loses on eight.
 (`jax.set_mesh` or `jax.sharding.use_abstract_mesh`, as the trainer sets around its steps);
 with none, or a batch no mesh axis divides, the kernel is called as it is.
 
-The batch is split over the mesh's non-manual axes in order, as long as their product
-divides it (the trainer's rules split it over ('data', 'fsdp'), all of its axes). Every
-array argument is split along its leading axis; results come back split the same way.
+The batch is split over the mesh axes that flax's logical-axis rules in context give
+'activation_batch' (the trainer sets them: ('data', 'fsdp')), or with no rules over all the
+mesh's non-manual axes, in order, as long as their product divides it. Every array argument
+is split along its leading axis; results come back split the same way.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+import flax.linen as nn
 import jax
 from jax.sharding import PartitionSpec as P
 
 
+def _rule_axes() -> tuple[str, ...] | None:
+  """The mesh axes flax's logical-axis rules in context give 'activation_batch' (None: no
+  rule)."""
+  for name, axes in nn.get_logical_axis_rules():
+    if name == 'activation_batch':
+      return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return None
+
+
 def batch_axes(mesh, batch_size: int) -> tuple[str, ...]:
-  """Mesh axes (size > 1, not manual) that split `batch_size` rows: a prefix whose product
-  divides it."""
+  """Mesh axes (the batch's by the rules in context, else all; size > 1, not manual) that
+  split `batch_size` rows: a prefix whose product divides it."""
   if mesh.empty:
     return ()
   manual = getattr(jax.sharding.AxisType, 'Manual', None)
+  wanted = _rule_axes()
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  kinds = dict(zip(mesh.axis_names, mesh.axis_types))
   axes, size = [], 1
-  for name, n, kind in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types):
+  for name in mesh.axis_names if wanted is None else wanted:
+    n, kind = sizes.get(name, 1), kinds.get(name)
     if n == 1 or kind == manual:
       continue
     if batch_size % (size * n):
