@@ -2,7 +2,7 @@ r"""Collective traffic of one training step per device, from the compiled progra
 
   python launch/bench_comms.py                                 # d16..d30, 8 devices, 3 meshes
   python launch/bench_comms.py --depths=16 --meshes=8x1,1x8 --local_batch=32
-  python launch/bench_comms.py --smoke                         # tiny, a few seconds
+  python launch/bench_comms.py --smoke    # tiny model, 8-way FSDP, the first segment only
 
 The trainer's own step (`train.compile_train_step`: the same sharding rules, the same
 segments) is lowered on abstract arrays for a mesh of `--devices` devices and compiled;
@@ -57,6 +57,8 @@ def parse_args(argv=None):
   p.add_argument('--dtype', default='bfloat16', help='compute dtype of the transformer')
   p.add_argument('--link_gbps', type=float, default=450.0, help='GB/s per direction per device')
   p.add_argument('--tflops', type=float, default=790.0, help='sustained dense TFLOP/s per device')
+  p.add_argument('--first_segment_only', action='store_true',
+                 help='only scales 0..refine_step-1 (one compile per mesh)')
   p.add_argument('--smoke', action='store_true')
   return p.parse_args(argv)
 
@@ -161,7 +163,8 @@ def measure(args, depth: int, data: int, fsdp: int, segments=None) -> list[Row]:
            'label': jax.ShapeDtypeStruct((b,), jnp.int32, sharding=setup.batch_sharding)}
   key = jax.eval_shape(lambda: jax.random.key(0))
   refine, k = tcfg.attention.refine_step, layout.num_scales
-  segments = segments or [(0, min(refine, k) - 1)] + [(s, s) for s in range(refine, k)]
+  segments = segments or [(0, min(refine, k) - 1)] + [
+      (s, s) for s in range(refine, k) if not args.first_segment_only]
   rows = []
   for first, last in segments:
     fn = train.compile_train_step(setup, vq.Tokenizer(vcfg), tok_sh, first=first, last=last,
@@ -189,7 +192,9 @@ def param_bytes(args, depth: int) -> int:
 def main(argv=None):
   args = parse_args(argv)
   if args.smoke:
-    args.depths, args.meshes, args.local_batch, args.devices = '1', '1x2', 2, 2
+    # Activations far larger than the weights: where a misplaced sharding shows.
+    args.depths, args.meshes, args.local_batch, args.devices = '2', '1x8', 64, 8
+    args.first_segment_only = True
   import jax
   try:  # simulated devices when this is a CPU host (no effect on a GPU's device count)
     jax.config.update('jax_num_cpu_devices', args.devices)

@@ -223,10 +223,8 @@ class AdaLNSelfAttn(nn.Module):
     ada = _dense(6 * c, ('embed', 'adaln'), init, dtype, name='ada_lin')(nn.silu(cond_BD))
     gamma1, gamma2, scale1, scale2, shift1, shift2 = jnp.split(ada[:, None, :], 6, axis=-1)
     eps = cfg.norm_eps
-    # Keeps the residual stream split over the batch under a mesh. Unconstrained, XLA's
-    # partitioner took the 'embed' sharding of FSDP weights for it in the scales-0..7 step
-    # and all-reduced activations: 95.8 instead of 2.4 GB per device per step at d16,
-    # 8-way FSDP, 32 images per device (launch/bench_comms.py). No-op without a mesh.
+    # The residual stream stays split over the batch under a mesh (a guard: the condition's
+    # constraint in MVARTransformer.__call__ is what fixed a measured case). No-op without one.
     x_BLC = nn.with_logical_constraint(x_BLC, ('activation_batch', None, None))
     h = _layer_norm(x_BLC, eps) * (1 + scale1) + shift1
     h = SelfAttention(cfg, name='attn')(h, first=first, last=last) * gamma1
@@ -324,6 +322,12 @@ class MVARTransformer(nn.Module):
     if loop_blocks and train:
       raise ValueError('loop_blocks is for inference; train=True needs the unrolled blocks')
     deterministic = not train
+    # Split over the batch under a mesh (no-op without one). Unconstrained, XLA's partitioner
+    # gathered the (B, 6C) AdaLN outputs over the global batch and, in the scales-0..7 step,
+    # gave the residual stream the FSDP weights' 'embed' sharding and all-reduced activations:
+    # 95.8 instead of 3.2 GB per device per step at d16, 8-way FSDP, 32 images per device
+    # (launch/bench_comms.py). Constrained, the traffic is the weights' and gradients' alone,
+    # the same at any batch size.
     cond_BD = nn.with_logical_constraint(self.condition(label_B, deterministic=deterministic),
                                          ('activation_batch', None))
     x_BLC = self.embed_tokens(cond_BD, x_BlCv, first, last)

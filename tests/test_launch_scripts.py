@@ -76,24 +76,17 @@ def test_collective_bytes_read_the_partitioned_hlo():
   assert sent['collective-permute'] == 16
 
 
-def test_fsdp_step_moves_weights_not_activations():
-  """At 8-way FSDP with activations much larger than the weights, the scales-0..3 step sends
-  about what gathering the weights and reducing the gradients takes (no activation
-  all-reduces: the residual stream stays split over the batch)."""
+def test_fsdp_step_moves_weights_not_activations(capsys):
+  """`bench_comms.py --smoke`: at 8-way FSDP with activations much larger than the weights,
+  the scales-0..3 step sends about what gathering the weights and reducing the gradients
+  takes (no activation all-reduces: the residual stream stays split over the batch)."""
   bench = _load('bench_comms')
-  args = bench.parse_args(['--smoke', '--local_batch=64'])
-  (row,) = bench.measure(args, 2, 1, 8, segments=[(0, 3)])
-  # Weights gathered (at most twice, fp32) and gradients all-reduced: (2 + 2) * 7/8 of them.
-  assert sum(row.sent.values()) < 3.5 * bench.param_bytes(args, 2), row.sent
-  assert row.sent.get('all-gather', 0) > 0  # FSDP gathers the weights
-
-
-def test_bench_comms_smoke_prints_the_table(capsys):
-  bench = _load('bench_comms')
-  bench.main(['--smoke'])
+  (row,) = bench.main(['--smoke'])
   out = capsys.readouterr().out
-  assert 'partitioned for cpu' in out and 'total MB' in out
-  assert out.count('\nd1 ') == 3  # 3 segments of one mesh
+  assert 'partitioned for cpu' in out and 'total MB' in out and '\nd2       1x8     0..3' in out
+  # Weights gathered (at most twice, fp32) and gradients all-reduced: (2 + 2) * 7/8 of them.
+  assert sum(row.sent.values()) < 3.5 * bench.param_bytes(bench.parse_args(['--smoke']), 2)
+  assert row.sent.get('all-gather', 0) > 0  # FSDP gathers the weights
 
 
 def test_bench_memory_smoke_prints_the_table(capsys):

@@ -128,37 +128,49 @@ def _run_two_steps(config, mesh, jaxprs=None):
   return losses, jax.device_get(state['params']), state
 
 
-def test_sharded_step_matches_single_device():
-  """Same losses and parameters on a (data=4, fsdp=2) mesh as on one device (dropout included)."""
+def sharded_step_config(implementation='auto'):
   config = tiny_run_config(data=4, fsdp=2)
   config.model.drop_path_rate = 0.1  # exercise the dropout key under sharding
-  losses_1, params_1, _ = _run_two_steps(
-      config, sharding.create_mesh({'data': 1, 'fsdp': 1, 'num_devices': 1}))
-  losses_n, params_n, state_n = _run_two_steps(config, sharding.create_mesh(config.mesh))
-  np.testing.assert_allclose(losses_n, losses_1, rtol=1e-5, atol=1e-6)
+  config.model.attention_implementation = implementation
+  return config
+
+
+@pytest.fixture(scope='module')
+def one_device_run():
+  """(losses, params) of two steps on one device: the reference of the sharded steps."""
+  losses, params, _ = _run_two_steps(
+      sharded_step_config(), sharding.create_mesh({'data': 1, 'fsdp': 1, 'num_devices': 1}))
+  return losses, params
+
+
+def _assert_same_run(run, reference):
+  np.testing.assert_allclose(run[0], reference[0], rtol=1e-5, atol=1e-6)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                         params_n, params_1)
+                         run[1], reference[1])
+
+
+def test_sharded_step_matches_single_device(one_device_run):
+  """Same losses and parameters on a (data=4, fsdp=2) mesh as on one device (dropout included)."""
+  config = sharded_step_config()
+  losses_n, params_n, state_n = _run_two_steps(config, sharding.create_mesh(config.mesh))
+  _assert_same_run((losses_n, params_n), one_device_run)
   # The state stays sharded through the donated step.
   qkv = state_n['params']['blocks_0']['attn']['mat_qkv']['kernel']
   assert qkv.sharding.spec == P('fsdp', None)
 
 
-def test_sharded_step_runs_the_pallas_kernel_per_device(monkeypatch):
+def test_sharded_step_runs_the_pallas_kernel_per_device(monkeypatch, one_device_run):
   """With the Pallas neighbourhood kernel (interpreted here) the (data=4, fsdp=2) step calls
-  it on each device's 1 of the 8 rows (forward and backward) and matches one device."""
+  it on each device's 1 of the 8 rows (forward and backward) and matches one device (which
+  ran the blocked op)."""
   monkeypatch.setenv('MVAR_PALLAS_INTERPRET', '1')
-  config = tiny_run_config(data=4, fsdp=2)
-  config.model.attention_implementation = 'pallas'
-  losses_1, params_1, _ = _run_two_steps(
-      config, sharding.create_mesh({'data': 1, 'fsdp': 1, 'num_devices': 1}))
+  config = sharded_step_config('pallas')
   jaxprs = []
   losses_n, params_n, _ = _run_two_steps(config, sharding.create_mesh(config.mesh), jaxprs)
   calls = pallas_operand_shapes(jaxprs[0])
   assert len(calls) == 3 * config.model.depth  # forward, dQ, dK/dV of the one NA scale per block
   assert {shape[0] for call in calls for shape in call} == {1}
-  np.testing.assert_allclose(losses_n, losses_1, rtol=1e-5, atol=1e-6)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                         params_n, params_1)
+  _assert_same_run((losses_n, params_n), one_device_run)
 
 
 # ----------------------------------------------------------------------------- multi-host
