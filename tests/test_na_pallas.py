@@ -196,16 +196,22 @@ def test_rejects_bad_inputs(shape, dtype, block_sizes, match):
 # ---------------------------------------------------------------------------------------------
 # CUDA lowering on CPU: jaxpr -> Triton IR for every kernel, exported as StableHLO.
 # ---------------------------------------------------------------------------------------------
-def _gpu_target():
-  """JAX >= 0.11 needs a GPU to pick the Triton target; on a CPU host we name an abstract H100
-  (0.10 falls back to sm_90 by itself and accepts the same context)."""
+def abstract_gpu_mesh(axis_sizes=(), axis_names=()):
+  """An abstract mesh of H100s (None where this jax has no abstract devices)."""
   try:
     device = jax.sharding.AbstractDevice(device_kind='NVIDIA H100 80GB HBM3', platform='gpu',
                                          num_cores=132)
-    mesh = jax.sharding.AbstractMesh((), (), abstract_device=device)
+    return jax.sharding.AbstractMesh(axis_sizes, axis_names, abstract_device=device,
+                                     axis_types=(jax.sharding.AxisType.Auto,) * len(axis_sizes))
   except (AttributeError, TypeError):
-    return contextlib.nullcontext()
-  return jax.sharding.use_abstract_mesh(mesh)
+    return None
+
+
+def _gpu_target():
+  """JAX >= 0.11 needs a GPU to pick the Triton target; on a CPU host we name an abstract H100
+  (0.10 falls back to sm_90 by itself and accepts the same context)."""
+  mesh = abstract_gpu_mesh()
+  return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh)
 
 
 # Triton kernels are opaque custom calls with no export-compatibility guarantee; export

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mvar_jax import sharding
 from mvar_jax.kernels import per_shard, select_threshold
 from mvar_jax.kernels.neighborhood_attention import pallas_kernel, reference
 
-from test_na_pallas import _TRITON_TARGETS
+from test_na_pallas import _TRITON_TARGETS, abstract_gpu_mesh
 
 H = W = 8
 KERNEL = 5
@@ -43,16 +44,7 @@ def pallas_operand_shapes(closed_jaxpr) -> list[list[tuple]]:
 
 
 def mesh_2x4():
-  return jax.make_mesh((2, 4), ('data', 'fsdp'),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
-
-
-def on_mesh(fn, mesh):
-  """fn traced under `mesh` as the ambient (abstract) mesh, as the trainer traces its steps."""
-  def wrapped(*args):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      return fn(*args)
-  return wrapped
+  return sharding.create_mesh({'data': 2, 'fsdp': 4})
 
 
 def test_batch_axes_take_the_axes_that_divide_the_batch():
@@ -61,7 +53,7 @@ def test_batch_axes_take_the_axes_that_divide_the_batch():
   assert per_shard.batch_axes(mesh.abstract_mesh, 8) == ('data', 'fsdp')
   assert per_shard.batch_axes(mesh.abstract_mesh, 6) == ('data',)  # 2 divides 6, 8 does not
   assert per_shard.batch_axes(mesh.abstract_mesh, 3) == ()
-  one = jax.make_mesh((1, 8), ('data', 'fsdp'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  one = sharding.create_mesh({'data': 1, 'fsdp': 8})
   assert per_shard.batch_axes(one.abstract_mesh, 8) == ('fsdp',)  # size-1 axes are skipped
   assert per_shard.batch_axes(jax.sharding.get_abstract_mesh(), 8) == ()  # no ambient mesh
 
@@ -90,7 +82,8 @@ def test_neighborhood_kernel_runs_per_batch_shard_forward_and_backward(batch, ro
   mesh = mesh_2x4()
   attend = functools.partial(pallas_kernel.na2d_pallas, height=H, width=W, kernel_size=KERNEL,
                              interpret=True)
-  step = jax.jit(on_mesh(jax.value_and_grad(_loss(attend), argnums=(0, 1, 2)), mesh))
+  step = jax.jit(sharding.traced_on_mesh(jax.value_and_grad(_loss(attend), argnums=(0, 1, 2)),
+                                         mesh))
   q, k, v = _qkv(batch)
   sharded = NamedSharding(mesh, P(per_shard.batch_axes(mesh.abstract_mesh, batch)))
   args = [jax.device_put(x, sharded) for x in (q, k, v)]
@@ -122,22 +115,11 @@ def test_selection_kernel_runs_per_row_shard():
   top_p = rng.uniform(0.5, 1.0, size=(32,)).astype(np.float32)
   select = lambda x, p: select_threshold.kept_threshold_pallas(x, top_k=20, top_p=p,
                                                                interpret=True)
-  fn = jax.jit(on_mesh(select, mesh))
+  fn = jax.jit(sharding.traced_on_mesh(select, mesh))
   sharded = NamedSharding(mesh, P(('data', 'fsdp')))
   args = (jax.device_put(logits, sharded), jax.device_put(top_p, sharded))
   assert [call[0][0] for call in pallas_operand_shapes(fn.trace(*args).jaxpr)] == [4]
   np.testing.assert_array_equal(fn(*args), select(logits, top_p))
-
-
-def _gpu_mesh_2x4():
-  """An abstract 8-GPU mesh, so that the kernels lower for CUDA on a CPU host."""
-  try:
-    device = jax.sharding.AbstractDevice(device_kind='NVIDIA H100 80GB HBM3', platform='gpu',
-                                         num_cores=132)
-    return jax.sharding.AbstractMesh((2, 4), ('data', 'fsdp'), abstract_device=device,
-                                     axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  except (AttributeError, TypeError):
-    pytest.skip('this jax has no abstract devices (needed to lower for CUDA under a mesh)')
 
 
 def test_cuda_lowering_calls_the_triton_kernels_on_per_device_rows():
@@ -146,7 +128,10 @@ def test_cuda_lowering_calls_the_triton_kernels_on_per_device_rows():
                              interpret=False)
   fn = lambda q, k, v: jax.vjp(attend, q, k, v)[1](q)
   checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in _TRITON_TARGETS]
-  with jax.sharding.use_abstract_mesh(_gpu_mesh_2x4()):
+  mesh = abstract_gpu_mesh((2, 4), ('data', 'fsdp'))
+  if mesh is None:
+    pytest.skip('this jax has no abstract devices (needed to lower for CUDA under a mesh)')
+  with jax.sharding.use_abstract_mesh(mesh):
     text = jax.export.export(jax.jit(fn), platforms=('cuda',), disabled_checks=checks)(
         shape, shape, shape).mlir_module()
   calls = [line for line in text.splitlines()

@@ -102,7 +102,9 @@ def test_params_are_born_sharded():
 
 # ----------------------------------------------------------------------------- sharded step
 
-def _run_two_steps(config, mesh, jaxprs=None, steps=2):
+def _run_two_steps(config, mesh, jaxprs=None, run=True):
+  """(losses, params, state) after two steps; `jaxprs` collects the step's jaxpr, and
+  run=False stops once it is traced."""
   schedule = train.Schedule(total_steps=10, warmup_steps=2, steps_per_epoch=5, peak_lr=1e-3)
   setup = train.build(config, schedule, mesh)
   state = train.init_state(setup, jax.random.key(0))
@@ -117,14 +119,14 @@ def _run_two_steps(config, mesh, jaxprs=None, steps=2):
   # All scales in one call: the dense block-diagonal part and the neighbourhood part, one compile.
   fn = train.compile_train_step(setup, vq.Tokenizer(vcfg), tok_sh, first=0, last=3,
                                 label_smoothing=0.1, ema_decay=0.0)
-  for step in range(steps):
+  for step in range(2):
     local = {'ids': rng.integers(0, 16, (8, 30)).astype(np.int32),
              'label': rng.integers(0, 10, (8,)).astype(np.int32)}
     batch = sharding.to_global_batch(local, setup.batch_sharding)
     if jaxprs is not None and step == 0:
       jaxprs.append(fn.trace(state, batch, jax.random.key(2), tok_params).jaxpr)
-      if steps == 1:
-        break  # traced, not run
+    if not run:
+      return None
     state, metrics = fn(state, batch, jax.random.fold_in(jax.random.key(2), step), tok_params)
     losses.append(float(metrics['loss']))
   return losses, jax.device_get(state['params']), state
@@ -168,7 +170,7 @@ def test_sharded_step_runs_the_pallas_kernel_per_device(monkeypatch):
   monkeypatch.setenv('MVAR_PALLAS_INTERPRET', '1')
   config = sharded_step_config('pallas')
   jaxprs = []
-  _run_two_steps(config, sharding.create_mesh(config.mesh), jaxprs, steps=1)
+  _run_two_steps(config, sharding.create_mesh(config.mesh), jaxprs, run=False)
   calls = pallas_operand_shapes(jaxprs[0])
   assert len(calls) == 3 * config.model.depth  # forward, dQ, dK/dV of the one NA scale per block
   assert {shape[0] for call in calls for shape in call} == {1}
