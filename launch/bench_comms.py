@@ -29,6 +29,7 @@ import argparse
 import collections
 import dataclasses
 import importlib
+import math
 import os
 import re
 import sys
@@ -64,14 +65,8 @@ def parse_args(argv=None):
 
 
 def _array_bytes(shape: str) -> list[int]:
-  return [BYTES.get(dt, 4) * _prod(dims) for dt, dims in _ARRAY.findall(shape)]
-
-
-def _prod(dims: str) -> int:
-  n = 1
-  for d in filter(None, dims.split(',')):
-    n *= int(d)
-  return n
+  return [BYTES.get(dt, 4) * math.prod(int(d) for d in dims.split(',') if d)
+          for dt, dims in _ARRAY.findall(shape)]
 
 
 def _group_size(rest: str, num_devices: int) -> int:
@@ -97,7 +92,8 @@ def collective_bytes(hlo_text: str, num_devices: int) -> dict[str, float]:
       sizes = sizes[len(sizes) // 2:]  # async start: (operands, results)
     size = sum(sizes)
     if kind == 'collective-permute':
-      sent[kind] += size if _PAIRS.search(rest) and _PAIRS.search(rest).group(1) else 0
+      pairs = _PAIRS.search(rest)
+      sent[kind] += size if pairs and pairs.group(1) else 0
       continue
     n = _group_size(rest, num_devices)
     if n <= 1:
@@ -133,9 +129,9 @@ def _config(args, depth: int, data: int, fsdp: int):
   return config
 
 
-def measure(args, depth: int, data: int, fsdp: int, segments=None) -> list[Row]:
-  """One row per segment (first, last); default: the official schedule (scales
-  0..refine_step-1, then each later scale on its own)."""
+def measure(args, depth: int, data: int, fsdp: int) -> list[Row]:
+  """One row per segment the trainer steps on (scales 0..refine_step-1, then each later
+  scale; the first only with --first_segment_only)."""
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -162,9 +158,9 @@ def measure(args, depth: int, data: int, fsdp: int, segments=None) -> list[Row]:
                                        sharding=setup.batch_sharding),
            'label': jax.ShapeDtypeStruct((b,), jnp.int32, sharding=setup.batch_sharding)}
   key = jax.eval_shape(lambda: jax.random.key(0))
-  refine, k = tcfg.attention.refine_step, layout.num_scales
-  segments = segments or [(0, min(refine, k) - 1)] + [
-      (s, s) for s in range(refine, k) if not args.first_segment_only]
+  # The official segment schedule, whatever the config trains with (the demo: all scales).
+  segments = train.segments('segments', layout.num_scales, tcfg.attention.refine_step)
+  segments = segments[:1] if args.first_segment_only else segments
   rows = []
   for first, last in segments:
     fn = train.compile_train_step(setup, vq.Tokenizer(vcfg), tok_sh, first=first, last=last,
