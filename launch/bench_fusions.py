@@ -355,6 +355,9 @@ def main(argv=None):
   p.add_argument('--compiler_options', default=DEFAULT_OPTIONS,
                  help="the options part's XLA option sets: 'a=true,b=2;c=3' (';' separates sets)")
   args = p.parse_args(argv)
+  unknown = set(args.parts.split(',')) - set(PARTS)
+  if unknown:
+    p.error(f'--parts: unknown {sorted(unknown)}; choose from {",".join(PARTS)}')
   interpret = jax.default_backend() != 'gpu'
   print(f'# {jax.devices()[0].device_kind}, jax {jax.__version__}; ms per call, median of '
         f'{args.reps} groups of {args.inner}' + (' (smoke)' if args.smoke else ''))
