@@ -51,6 +51,7 @@ def transformer_config_from(config) -> TransformerConfig:
       drop_path_rate=drop_path_rate(m),
       cond_drop_rate=float(m.cond_drop_rate),
       dtype=m.dtype,
+      ffn_implementation=m.get('ffn_implementation', 'auto'),
       remat=bool(m.remat),
       init_adaln=float(m.init_adaln),
       init_adaln_gamma=float(m.init_adaln_gamma),
