@@ -143,8 +143,12 @@ class GroupNorm(nn.Module):
   moment), as torch, and as fast as flax's on an H200; `single_pass` takes E[x^2] - E[x]^2
   from one pass instead, for bf16 activations, whose rounding is far coarser than its
   cancellation: a bf16 decode chunk of 8 images at 256 px ran 4% faster (9.6 vs 10.0 ms,
-  launch/bench_fusions.py --parts=gn).
+  launch/bench_fusions.py --parts=gn). The single pass sums rows of `SUM_ROWS` pixels
+  (a minor dimension of SUM_ROWS * C, not C = 160, for XLA's column reduction): 9.27 vs
+  9.54 ms on an H100 (launch/results/h100_2026-11-26.md).
   """
+
+  SUM_ROWS = 16  # pixels per row of the single pass's sums (when it divides the pixels)
 
   num_groups: int
   epsilon: float = 1e-6
@@ -165,14 +169,27 @@ class GroupNorm(nn.Module):
     pixels = tuple(range(1, x_BHWC.ndim - 1))
     x32 = x_BHWC.astype(jnp.float32)
     per_group = lambda s_BC: jnp.repeat(s_BC.reshape(b, g, c // g).sum(-1) / n, c // g, axis=-1)
-    mean_BC = per_group(jnp.sum(x32, axis=pixels))
     expand = lambda s_BC: s_BC.reshape((b,) + (1,) * len(pixels) + (c,))
     if self.single_pass:
-      var_BC = jnp.maximum(per_group(jnp.sum(jnp.square(x32), axis=pixels)) - mean_BC ** 2, 0.0)
+      sum_BC, sumsq_BC = _pixel_sums(x32, self.SUM_ROWS)
+      mean_BC = per_group(sum_BC)
+      var_BC = jnp.maximum(per_group(sumsq_BC) - mean_BC ** 2, 0.0)
     else:
+      mean_BC = per_group(jnp.sum(x32, axis=pixels))
       var_BC = per_group(jnp.sum(jnp.square(x32 - expand(mean_BC)), axis=pixels))
     mul_BC = jax.lax.rsqrt(var_BC + self.epsilon) * scale
     return ((x32 - expand(mean_BC)) * expand(mul_BC) + bias).astype(self.dtype)
+
+
+def _pixel_sums(x_BHWC, rows: int):
+  """(sum, sum of squares) over the pixels, per (image, channel): (B, C) each. Summed over
+  (B, pixels / rows, rows * C) first when `rows` divides the pixels, then over the rows."""
+  b, c = x_BHWC.shape[0], x_BHWC.shape[-1]
+  p = x_BHWC.size // (b * c)
+  r = rows if p % rows == 0 else 1
+  wide = x_BHWC.reshape(b, p // r, r * c)
+  total = lambda v: v.sum(axis=1).reshape(b, r, c).sum(axis=1)
+  return total(wide), total(jnp.square(wide))
 
 
 def _norm(cfg: VQVAEConfig, name: str, dtype: Any = jnp.float32) -> GroupNorm:

@@ -491,6 +491,15 @@ class TestGroupNorm:
     out, _ = self._both(x.astype(jnp.bfloat16), dtype=jnp.bfloat16)
     assert out.dtype == jnp.bfloat16
 
+  @pytest.mark.parametrize('height,width', [(8, 8), (6, 5)])  # 16 divides 64 pixels, not 30
+  def test_single_pass_sums_over_wide_rows_are_the_pixel_sums(self, height, width):
+    x = jax.random.normal(jax.random.key(3), (2, height, width, 32)) + 0.5
+    total, squares = vqvae._pixel_sums(x, vqvae.GroupNorm.SUM_ROWS)
+    np.testing.assert_allclose(total, x.sum(axis=(1, 2)), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(squares, jnp.square(x).sum(axis=(1, 2)), rtol=1e-5, atol=1e-4)
+    ours, theirs = self._both(x, single_pass=True)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
   def test_channels_must_divide_into_groups(self):
     with pytest.raises(ValueError, match='12 channels are not divisible by 8 groups'):
       vqvae.GroupNorm(8).init(jax.random.key(0), jnp.zeros((1, 2, 2, 12)))
