@@ -11,11 +11,13 @@ Parts (each prints rows "part | variant | ms | vs first | check"):
 - addln: x + y * gamma then LN * (1 + scale) + shift over (64, 256, 1024) bf16: XLA's
   fusions against a Pallas kernel that does both (defined below). check: max |difference|.
 - gn: one decoder chunk (8 images, 16x16 latents -> 256 px, bf16 activations), with flax's
-  nn.GroupNorm against ours (per-channel sums; two-pass and single-pass). check: max
-  |difference| of the images against flax's.
-- gelu: fc1 (16384 x 1024 @ 1024 x 4096, bf16) and its tanh-GELU, the GELU written as jax's,
-  as x * sigmoid(2z) and as 0.5 x (1 + tanh z) (z = sqrt(2/pi) (x + 0.044715 x^3)); then a
-  Pallas kernel with the bias and GELU in the matmul's epilogue (defined below), per tile.
+  nn.GroupNorm against ours (per-channel sums; two-pass, and single-pass with its pixel sums
+  over rows of 1, 4 and GroupNorm.SUM_ROWS pixels). check: max |difference| of the images
+  against flax's.
+- gelu: fc1 + bias + tanh-GELU (x (M, 1024) @ (1024, 4096), bf16) at every scale's M
+  (64 sequences x tokens): XLA's matmul and GELU fusion against the Pallas kernel with the
+  bias and GELU in the matmul's epilogue (mvar_jax/kernels/dense_gelu.py), per tile; then
+  the sum over scales x 16 blocks. check: max |difference| against XLA.
 - options: the transformer's forward at the last scale (64 sequences x 256 tokens, d16,
   bf16) and one decode chunk, compiled with XLA's defaults and with each set of
   --compiler_options (e.g. xla_gpu_enable_cublaslt: GELU and bias in the matmul's epilogue).
@@ -34,6 +36,7 @@ import statistics
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -42,7 +45,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mvar_jax import sampling, transformer, vqvae  # noqa: E402
-from mvar_jax.kernels import select_threshold  # noqa: E402
+from mvar_jax.kernels import dense_gelu, select_threshold  # noqa: E402
 from mvar_jax.kernels.neighborhood_attention import pallas_common as pc  # noqa: E402
 
 PARTS = ('select', 'addln', 'gn', 'gelu', 'options')
@@ -169,7 +172,6 @@ def _decode_chunk_input(smoke: bool):
 
 
 def _flax_norm(cfg, name, dtype=jnp.float32):
-  import flax.linen as nn
   return nn.GroupNorm(num_groups=cfg.norm_groups, epsilon=1e-6, use_fast_variance=False,
                       name=name, dtype=dtype)
 
@@ -183,7 +185,10 @@ def bench_gn(args, interpret):
   original = vqvae._norm
   variants = [('flax nn.GroupNorm (before)', _flax_norm),
               ('ours, two-pass', functools.partial(_our_norm, single=False)),
-              ('ours, single-pass (default for bf16)', functools.partial(_our_norm, single=True))]
+              ('single-pass, sums over C-wide rows (before)', functools.partial(_rows_norm, rows=1)),
+              ('single-pass, sums over rows of 4 pixels', functools.partial(_rows_norm, rows=4)),
+              (f'ours, single pass, rows of {vqvae.GroupNorm.SUM_ROWS} pixels (default, bf16)',
+               functools.partial(_our_norm, single=True))]
   ref, base = None, None
   try:
     for name, norm in variants:
@@ -202,85 +207,55 @@ def _our_norm(cfg, name, dtype=jnp.float32, *, single):
   return vqvae.GroupNorm(cfg.norm_groups, 1e-6, dtype, single_pass=single, name=name)
 
 
-# A candidate for the FFN: fc1 with its bias and tanh-GELU in the matmul's epilogue, so the
-# (tokens, 4C) hidden activation is written once and never read back by a GELU pass (at the
-# last scale that pass moved 268 MB in 96 us on the H200). Not measured on a GPU yet.
-def _fc1_gelu_kernel(x_ref, w_ref, b_ref, o_ref, *, block_k: int):
-  """One (block_m, block_n) tile of gelu(x @ w + b); x_ref (block_m, K), w_ref (K, block_n)."""
-  k_total = x_ref.shape[1]
-
-  def body(i, acc):
-    x = x_ref[:, pl.ds(i * block_k, block_k)]
-    w = w_ref[pl.ds(i * block_k, block_k), :]
-    return acc + pc.dot(x, w)
-
-  acc = jax.lax.fori_loop(0, k_total // block_k, body,
-                          jnp.zeros((x_ref.shape[0], w_ref.shape[1]), jnp.float32))
-  h = acc + b_ref[...].astype(jnp.float32)[None, :]
-  o_ref[...] = jax.nn.gelu(h, approximate=True).astype(o_ref.dtype)
+def _rows_norm(cfg, name, dtype=jnp.float32, *, rows):
+  """vqvae.GroupNorm, single pass, its pixel sums over rows of `rows` pixels (1: C wide)."""
+  cls = type(f'GroupNormRows{rows}', (vqvae.GroupNorm,), {'SUM_ROWS': rows})
+  return cls(cfg.norm_groups, 1e-6, dtype, single_pass=True, name=name)
 
 
-def fc1_gelu(x_MK, w_KN, b_N, *, block_m=128, block_n=128, block_k=64, num_warps=4,
-             num_stages=3, interpret=False):
-  """gelu(x @ w + b) in x's dtype, one Pallas kernel (M, N multiples of the blocks)."""
-  m, k = x_MK.shape
-  n = w_KN.shape[1]
-  if m % block_m or n % block_n or k % block_k:
-    raise ValueError(f'fc1_gelu: ({m}, {k}) @ ({k}, {n}) is not a multiple of the blocks')
-  return pl.pallas_call(
-      functools.partial(_fc1_gelu_kernel, block_k=block_k),
-      grid=(m // block_m, n // block_n),
-      in_specs=[pl.BlockSpec((block_m, k), lambda i, j: (i, 0)),
-                pl.BlockSpec((k, block_n), lambda i, j: (0, j)),
-                pl.BlockSpec((block_n,), lambda i, j: (j,))],
-      out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
-      out_shape=jax.ShapeDtypeStruct((m, n), x_MK.dtype),
-      compiler_params=pc.compiler_params(num_warps, num_stages),
-      interpret=interpret,
-      name='fc1_gelu',
-  )(x_MK, w_KN, b_N)
-
-
-FC1_TILES = ((128, 128, 64, 4, 3), (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 3))
+# fc1 + GELU: the FFN's hidden activation written once (mvar_jax/kernels/dense_gelu.py)
+# instead of XLA's matmul then a GELU pass that reads and writes it again.
+FC1_TILES = ((128, 128, 64, 4, 3), (128, 256, 64, 8, 3), (128, 128, 64, 8, 4),
+             (64, 128, 64, 4, 3), (64, 256, 64, 4, 4))
 
 
 def bench_gelu(args, interpret):
-  """fc1 + tanh-GELU at the last scale: the GELU written three ways, then fused (Pallas)."""
-  m, c, hidden = (256, 64, 256) if args.smoke else (64 * 256, 1024, 4096)
+  """fc1 + tanh-GELU at every scale of the sampler (64 sequences: batch 32 with CFG): XLA's
+  matmul + GELU fusion against the Pallas kernel per tile; then both summed over the scales
+  and the 16 blocks (ms per sampler call)."""
+  c, hidden = (64, 256) if args.smoke else (1024, 4096)
+  patch_nums = (1, 2, 4) if args.smoke else (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+  blocks = 2 if args.smoke else 16
   ks = jax.random.split(jax.random.key(5), 3)
-  x = jax.random.normal(ks[0], (m, c), jnp.bfloat16)
   w = (jax.random.normal(ks[1], (c, hidden)) * c ** -0.5).astype(jnp.bfloat16)
   b = (jax.random.normal(ks[2], (hidden,)) * 0.1).astype(jnp.bfloat16)
-  k0, k1 = float(np.sqrt(2 / np.pi)), 0.044715
-  forms = {
-      'jax.nn.gelu(approximate=True) (current)': lambda h: jax.nn.gelu(h, approximate=True),
-      'x * sigmoid(2z), fp32 inside': lambda h: (lambda f: f * jax.nn.sigmoid(
-          2 * k0 * (f + k1 * f ** 3)))(h.astype(jnp.float32)).astype(h.dtype),
-      '0.5 x (1 + tanh z), fp32 inside': lambda h: (lambda f: 0.5 * f * (1 + jnp.tanh(
-          k0 * (f + k1 * f ** 3))))(h.astype(jnp.float32)).astype(h.dtype),
-  }
-  ref, base = None, None
-  for name, gelu in forms.items():
-    fn = jax.jit(lambda x, w, b, gelu=gelu: gelu(x @ w + b))
-    out = fn(x, w, b)
-    ms = per_call_ms(fn, x, w, b, reps=args.reps, inner=args.inner)
-    if ref is None:
-      ref, base = out, ms
-    err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
-    _row('gelu', name, ms, base, f'max diff {err:.3g}')
-  for bm, bn, bk, warps, stages in FC1_TILES:
-    name = f'pallas fc1+gelu {bm}x{bn}x{bk} w{warps} s{stages}'
-    fn = jax.jit(functools.partial(fc1_gelu, block_m=min(bm, m), block_n=min(bn, hidden),
-                                   block_k=min(bk, c), num_warps=warps, num_stages=stages,
-                                   interpret=interpret))
-    try:
-      out = fn(x, w, b)
-      ms = per_call_ms(fn, x, w, b, reps=args.reps, inner=args.inner)
-    except Exception as e:  # noqa: BLE001
-      print(f'gelu     | {name}: failed: {str(e).splitlines()[0][:200]}')
-      continue
-    err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
-    _row('gelu', name, ms, base, f'max diff {err:.3g}')
+  xla = jax.jit(lambda x, w, b: jax.nn.gelu(x @ w + b, approximate=True))
+  tiles = [dense_gelu.Tiles(*t) for t in FC1_TILES]
+  totals = {'xla': 0.0, **{t: 0.0 for t in tiles}}
+  for pn in patch_nums:
+    m = 64 * pn * pn
+    x = jax.random.normal(ks[0], (m, c), jnp.bfloat16)
+    ref = xla(x, w, b)
+    base = per_call_ms(xla, x, w, b, reps=args.reps, inner=args.inner)
+    totals['xla'] += base * blocks
+    _row('gelu', f'M {m}: XLA matmul + GELU fusion', base, base, '')
+    for t in tiles:
+      fn = jax.jit(functools.partial(dense_gelu.dense_gelu_pallas, tiles=t, interpret=interpret))
+      name = f'M {m}: pallas {t.block_m}x{t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages}'
+      try:
+        out = fn(x, w, b)
+        ms = per_call_ms(fn, x, w, b, reps=args.reps, inner=args.inner)
+      except Exception as e:  # noqa: BLE001
+        print(f'gelu     | {name}: failed: {str(e).splitlines()[0][:200]}')
+        totals[t] = float('nan')
+        continue
+      err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
+      totals[t] += ms * blocks
+      _row('gelu', name, ms, base, f'max diff {err:.3g}')
+  for t, total in totals.items():
+    name = 'XLA' if t == 'xla' else (f'pallas {t.block_m}x{t.block_n}x{t.block_k} '
+                                     f'w{t.num_warps} s{t.num_stages}')
+    _row('gelu', f'all scales x {blocks} blocks: {name}', total, totals['xla'], 'ms per call')
 
 
 def parse_options(text: str) -> list[dict]:

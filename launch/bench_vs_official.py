@@ -52,6 +52,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SAMPLERS = ('official MVAR', 'ours MVAR', 'official VAR', 'ours VAR mode')
+# Extra contenders (not in the default list): ours MVAR with the FFN's fc1 + GELU forced to
+# one implementation (`TransformerConfig.ffn_implementation`), to time the choice side by side.
+FFN_VARIANTS = {'ours MVAR (XLA FFN)': 'xla', 'ours MVAR (Pallas FFN)': 'pallas'}
 
 
 def parse_args(argv=None):
@@ -195,7 +198,7 @@ def build_official(setup: Setup, which: str):
   return vae.eval(), model.eval()
 
 
-def convert_to_ours(setup: Setup, vae, model, mode: str):
+def convert_to_ours(setup: Setup, vae, model, mode: str, ffn_implementation: str = 'auto'):
   """(tokenizer, tok params, transformer module, params) from the official modules' weights."""
   import jax
   import jax.numpy as jnp
@@ -215,6 +218,7 @@ def convert_to_ours(setup: Setup, vae, model, mode: str):
   t_cfg, t_params = convert.convert_transformer(
       sd(model), patch_nums=setup.patch_nums, attention=attention,
       dtype='bfloat16' if on_gpu else 'float32')
+  t_cfg = dataclasses.replace(t_cfg, ffn_implementation=ffn_implementation)
   to_dev = lambda t: jax.tree_util.tree_map(jnp.asarray, t)
   return vqvae.Tokenizer(v_cfg), to_dev(v_params), tfm.MVARTransformer(t_cfg), to_dev(t_params)
 
@@ -257,12 +261,12 @@ def official_samplers(setup: Setup, which: str):
   return run, (vae, model)
 
 
-def our_sampler(setup: Setup, official, mode: str):
+def our_sampler(setup: Setup, official, mode: str, ffn_implementation: str = 'auto'):
   import jax
   import jax.numpy as jnp
   from mvar_jax import sampling
   args = setup.args
-  tok, v_params, model, t_params = convert_to_ours(setup, *official, mode)
+  tok, v_params, model, t_params = convert_to_ours(setup, *official, mode, ffn_implementation)
   if args.param_dtype != 'float32':
     t_params = sampling.inference_params(t_params, args.param_dtype)
     v_params = tok.cast_for_decode(v_params)  # the decode's convs too (a no-op for fp32 decodes)
@@ -394,19 +398,25 @@ def sampling_contenders(setup: Setup, only: str = '') -> list[Contender]:
   """The four samplers (or the one named `only`); official weights built, ours converted."""
   out = []
   chosen = [n.strip() for n in setup.args.samplers.split(',')]
-  unknown = sorted(set(chosen) - set(SAMPLERS))
+  unknown = sorted(set(chosen) - set(SAMPLERS) - set(FFN_VARIANTS))
   if unknown:
-    raise SystemExit(f'--samplers: unknown {unknown}; choose from {SAMPLERS}')
+    raise SystemExit(f'--samplers: unknown {unknown}; choose from {SAMPLERS + tuple(FFN_VARIANTS)}')
   for which, off_name, our_name in FAMILIES:
-    if only and only not in (off_name, our_name):
+    variants = [n for n in FFN_VARIANTS if which == 'mvar']
+    family = (off_name, our_name, *variants)
+    if only and only not in family:
       continue
-    if not only and off_name not in chosen and our_name not in chosen:
+    if not only and not set(family) & set(chosen):
       continue
     run, official = official_samplers(setup, which)
-    if only == off_name or (not only and off_name in chosen):
+    wanted = lambda name: only == name or (not only and name in chosen)
+    if wanted(off_name):
       out.append(Contender(off_name, 'sample', run, 'torch'))
-    if only == our_name or (not only and our_name in chosen):
+    if wanted(our_name):
       out.append(Contender(our_name, 'sample', our_sampler(setup, official, which), 'jax'))
+    for name in filter(wanted, variants):
+      out.append(Contender(name, 'sample',
+                           our_sampler(setup, official, which, FFN_VARIANTS[name]), 'jax'))
     del run, official  # a probe of ours keeps no torch model
   return out
 
@@ -444,25 +454,44 @@ def all_names(setup: Setup) -> list[str]:
 
 # ============================================================================= measuring
 
-def time_interleaved(contenders: list[Contender], reps: int, warmup: int) -> dict:
-  """{name: (first call s, [timed s])}; every repetition runs each contender once, in turn."""
+def time_interleaved(contenders: list[Contender], reps: int, warmup: int,
+                     failed: dict | None = None) -> dict:
+  """{name: (first call s, [timed s])}; every repetition runs each contender once, in turn.
+
+  A contender that raises (out of device memory, say) is dropped with its error in `failed`
+  and the others go on: one contender's failure must not lose the others' figures.
+  """
+  failed = {} if failed is None else failed
   first, times = {}, {c.name: [] for c in contenders}
-  for c in contenders:
+
+  def attempt(c) -> bool:
+    try:
+      c.run()
+      return True
+    except Exception as e:  # noqa: BLE001
+      failed[c.name] = f'{type(e).__name__}: {str(e).splitlines()[0][:160]}'
+      print(f'# {c.name} failed, dropped: {failed[c.name]}', flush=True)
+      contenders.remove(c)
+      times.pop(c.name, None)
+      first.pop(c.name, None)
+      return False
+
+  for c in list(contenders):
     t = time.perf_counter()
-    c.run()
-    first[c.name] = time.perf_counter() - t
-    print(f'# first call {c.name}: {first[c.name]:.2f} s', flush=True)
+    if attempt(c):
+      first[c.name] = time.perf_counter() - t
+      print(f'# first call {c.name}: {first[c.name]:.2f} s', flush=True)
   for _ in range(warmup):
-    for c in contenders:
-      c.run()
+    for c in list(contenders):
+      attempt(c)
   for r in range(reps):
-    for c in contenders:
+    for c in list(contenders):
       t = time.perf_counter()
-      c.run()
-      times[c.name].append(time.perf_counter() - t)
-    print(f'# rep {r + 1}/{reps}: ' + ', '.join(f'{n} {v[-1]:.2f}s' for n, v in times.items()),
+      if attempt(c):
+        times[c.name].append(time.perf_counter() - t)
+    print(f'# rep {r + 1}/{reps}: ' + ', '.join(f'{n} {v[-1]:.3f}s' for n, v in times.items()),
           flush=True)
-  return {n: (first[n], times[n]) for n in first}
+  return {n: (first[n], times[n]) for n in first if n in times}
 
 
 def _rss_bytes() -> int:
@@ -490,9 +519,11 @@ def probe_memory(setup: Setup, name: str) -> dict:
   res = {'rss_before': rss_before, 'rss_peak': _rss_bytes(), 'first_call_s': first}
   executable = getattr(contenders[0].run, 'executable', None)
   if executable is not None:
-    res.update(_program_figures(executable()))
+    compiled = executable()
+    res.update(_program_figures(compiled))
     if setup.args.trace_dir:
       res['trace'] = _trace_one_call(contenders[0].run, setup.args.trace_dir, name)
+      res['hlo'] = _write_hlo(compiled, setup.args.trace_dir, name)
   if setup.device == 'cuda':
     if contenders[0].framework == 'torch':
       res['device_peak'] = torch.cuda.max_memory_allocated()
@@ -517,6 +548,24 @@ def _program_figures(compiled) -> dict:
   return out
 
 
+def _write_hlo(compiled, trace_dir: str, name: str) -> str:
+  """The compiled program's optimised HLO (what the trace's fusion names refer to), gzipped."""
+  import gzip
+  dest = os.path.join(trace_dir, _file_stem(name) + '.hlo.txt.gz')
+  try:
+    text = compiled.as_text()
+  except Exception as e:  # noqa: BLE001  (a loaded executable may not keep its HLO)
+    return f'unavailable: {e}'[:200]
+  with gzip.open(dest, 'wt') as f:
+    f.write(text or '')
+  return dest
+
+
+def _file_stem(name: str) -> str:
+  """A contender's name as a file name: letters, digits, '_' (the device returns no others)."""
+  return ''.join(ch if ch.isalnum() else '_' for ch in name).strip('_')
+
+
 def _trace_one_call(run, trace_dir: str, name: str) -> str:
   """One call under jax.profiler.trace; its Chrome-trace file copied to trace_dir."""
   import glob
@@ -530,7 +579,7 @@ def _trace_one_call(run, trace_dir: str, name: str) -> str:
     if not found:
       return 'no trace file written'
     os.makedirs(trace_dir, exist_ok=True)
-    dest = os.path.join(trace_dir, name.replace(' ', '_') + '.trace.json.gz')
+    dest = os.path.join(trace_dir, _file_stem(name) + '.trace.json.gz')
     shutil.copyfile(found[-1], dest)
     return dest
 
@@ -570,7 +619,7 @@ def device_line(setup: Setup) -> str:
           f'{os.getloadavg()[0]:.1f} at the end')
 
 
-def print_table(setup: Setup, results: dict, memory: dict):
+def print_table(setup: Setup, results: dict, memory: dict, failed: dict | None = None):
   args = setup.args
   gib = lambda b: f'{b / 2**30:.2f}' if isinstance(b, (int, float)) and b else 'n/a'
   print(f'\n# {device_line(setup)}')
@@ -591,7 +640,7 @@ def print_table(setup: Setup, results: dict, memory: dict):
     med = statistics.median(times)
     ratio = ''
     if name.startswith('ours'):
-      twin = name.replace('ours VAR mode', 'official VAR').replace('ours MVAR', 'official MVAR')
+      twin = 'official VAR' if name.startswith('ours VAR mode') else 'official MVAR'
       if twin in results:
         ratio = f'{med / statistics.median(results[twin][1]):.2f}x'
     label = name
@@ -604,6 +653,8 @@ def print_table(setup: Setup, results: dict, memory: dict):
           f'{mem.get("first_call_s", float("nan")):>17.2f}')
   if any('unavailable' in n for n in notes):
     print(f'# * {next(n for n in notes if "unavailable" in n)}')
+  for name, error in (failed or {}).items():
+    print(f'# {name}: failed, no figures ({error})')
   print('# "vs official": our median / the official median (< 1: ours is faster). '
         'first s: first call (ours: compile, or load from the compilation cache); '
         '1st s, new proc: the first call in the memory probe, a fresh process started after '
@@ -631,28 +682,28 @@ def main(argv=None):
   if args.probe:
     print('PROBE ' + json.dumps(probe_memory(setup, args.probe)), flush=True)
     return
-  results = {}
+  results, failed = {}, {}
   # Phases keep at most one family's training state in memory (d16: ~5 GB a side).
   if not args.skip_sampling:
     contenders = sampling_contenders(setup)
-    results.update(time_interleaved(contenders, args.reps, args.warmup))
+    results.update(time_interleaved(contenders, args.reps, args.warmup, failed))
     del contenders
   if not args.skip_train:
     for which, _, _ in FAMILIES:
       gc.collect()
       contenders = train_contenders(setup, which)
-      results.update(time_interleaved(contenders, args.reps, args.warmup))
+      results.update(time_interleaved(contenders, args.reps, args.warmup, failed))
       del contenders
   memory = {}
   if args.memory:
-    print_table(setup, results, memory)  # the times, in case the probes are cut short
+    print_table(setup, results, memory, failed)  # the times, in case the probes are cut short
     gc.collect()
     memory = memory_in_subprocesses(args, list(results))
-  print_table(setup, results, memory)
+  print_table(setup, results, memory, failed)
   if args.json_out:
     with open(args.json_out, 'w') as f:
       json.dump({'device': device_line(setup), 'args': vars(args), 'notes': setup.notes,
-                 'results': results, 'memory': memory}, f, indent=1)
+                 'results': results, 'failed': failed, 'memory': memory}, f, indent=1)
 
 
 if __name__ == '__main__':

@@ -4,18 +4,17 @@
 #   OFFICIAL=/src bash launch/gpu_round.sh [OUT_DIR]     # /src/MVAR and /src/VAR checkouts
 #   bash launch/gpu_round.sh --sources                   # the hash its versions.txt records
 #
-# 0. bench_fusions.py --parts=select: the sampler's top-k/top-p threshold at the largest scale,
-#    XLA's sort against the Pallas radix-select kernel the GPU sampler uses.
+# 0. bench_fusions.py --parts=gelu: fc1 + bias + GELU at every scale's shape, XLA (matmul, then
+#    a GELU pass) against the Pallas kernel with the GELU in its epilogue, per tile.
+#    SELECT=1 adds --parts=select (the top-k/top-p threshold: sort vs radix-select kernel).
 # 1. bench_vs_official.py, d16, batch 32: official VAR (KV cache) and official MVAR against
-#    ours (MVAR, bf16 transformer params, bf16 VQ-VAE decode), same weights, interleaved
-#    ($SAMPLERS picks a subset); then per-contender memory
-#    probes in fresh processes (ours: loaded from the compilation cache this run fills, XLA
-#    memory/cost analysis, and a jax.profiler trace of one call -> OUT_DIR/*.trace.json.gz,
-#    summarised with `python launch/trace_summary.py FILE`).
-# 2. bench_fusions.py --parts=gelu,options: fc1 with the GELU in a Pallas matmul's epilogue,
-#    then the last-scale forward and a decode chunk under XLA option sets that could fold the
-#    GELU/norm passes into cuBLAS/cuDNN (the gap to the FLOP floor is XLA fusions:
-#    launch/results/h200_2026-11-26.md section 6). OPTIONS=0 skips it.
+#    ours (MVAR, bf16 transformer params, bf16 VQ-VAE decode) with the FFN's fc1 + GELU in
+#    XLA and in the Pallas kernel, same weights, interleaved ($SAMPLERS picks a subset);
+#    then per-contender memory probes in fresh processes (ours: loaded from the compilation
+#    cache this run fills, XLA memory/cost analysis, and a jax.profiler trace of one call ->
+#    OUT_DIR/*.trace.json.gz, summarised here with launch/trace_summary.py).
+# 2. OPTIONS=1: bench_fusions.py --parts=options: the last-scale forward and a decode chunk
+#    under XLA option sets that could fold the GELU/norm passes into cuBLAS/cuDNN.
 # 3. The Pallas neighbourhood kernel's tiles: forward at the sampler's shapes (13x13 and 16x16,
 #    batch 64 = 32 with CFG, 16 heads) and forward+backward at 32x32 (training at 512 px).
 #    Tuned on 2026-11-26 (defaults kept): only with TILES=1.
@@ -49,22 +48,28 @@ triton.__version__, jax.devices())'
   echo "sources: $(sources_hash)"
 } 2>&1 | tee "$OUT_DIR/versions.txt"
 
-echo "=== 0. top-k/top-p threshold: sort against the Pallas radix select (largest scale) ===" \
-  | tee -a "$OUT_DIR/log.txt"
-timeout 90 $PY launch/bench_fusions.py --parts=select 2>&1 | tee -a "$OUT_DIR/log.txt"
+PARTS=gelu; [[ "${SELECT:-0}" == 1 ]] && PARTS=select,gelu
+echo "=== 0. bench_fusions --parts=$PARTS ===" | tee -a "$OUT_DIR/log.txt"
+timeout ${FUSIONS_TIMEOUT:-150} $PY launch/bench_fusions.py --parts=$PARTS --reps=5 2>&1 \
+  | grep -v -E '^\s*$|Warning' | tee -a "$OUT_DIR/log.txt"
 
 echo "=== 1. side by side, d16 batch 32 ===" | tee -a "$OUT_DIR/log.txt"
-timeout ${VS_TIMEOUT:-340} $PY launch/bench_vs_official.py \
+DEFAULT_SAMPLERS="official VAR,official MVAR,ours MVAR (XLA FFN),ours MVAR (Pallas FFN)"
+timeout ${VS_TIMEOUT:-420} $PY launch/bench_vs_official.py \
     --official_mvar_src="$OFFICIAL/MVAR" --official_var_src="$OFFICIAL/VAR" \
-    --depth=16 --batch=32 "--samplers=${SAMPLERS:-official VAR,official MVAR,ours MVAR}" --skip_train \
+    --depth=16 --batch=32 "--samplers=${SAMPLERS:-$DEFAULT_SAMPLERS}" --skip_train \
     --reps=5 --warmup=1 --na2d_fallback=sdpa --param_dtype=bfloat16 \
     --trace_dir="$OUT_DIR" --json_out="$OUT_DIR/vs_official.json" 2>&1 \
   | grep -v -E '^\s*$|Warning|warn\(' | tee -a "$OUT_DIR/log.txt"
+for trace in "$OUT_DIR"/*.trace.json.gz; do
+  [[ -e "$trace" ]] || continue
+  echo "=== trace: $(basename "$trace") ===" | tee -a "$OUT_DIR/log.txt"
+  timeout 60 $PY launch/trace_summary.py --top=30 "$trace" 2>&1 | tee -a "$OUT_DIR/log.txt"
+done
 
-if [[ "${OPTIONS:-1}" == 1 ]]; then
-  echo "=== 2. fc1+GELU fused (Pallas); XLA option sets: last-scale forward, decode chunk ===" \
-    | tee -a "$OUT_DIR/log.txt"
-  timeout ${OPTIONS_TIMEOUT:-300} $PY launch/bench_fusions.py --parts=gelu,options 2>&1 \
+if [[ "${OPTIONS:-0}" == 1 ]]; then
+  echo "=== 2. XLA option sets: last-scale forward, decode chunk ===" | tee -a "$OUT_DIR/log.txt"
+  timeout ${OPTIONS_TIMEOUT:-300} $PY launch/bench_fusions.py --parts=options 2>&1 \
     | grep -v -E '^\s*$|Warning' | tee -a "$OUT_DIR/log.txt"
 fi
 

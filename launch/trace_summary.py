@@ -26,8 +26,8 @@ def kernel_group(name: str) -> str:
   n = name.lower()
   if 'fprop' in n or 'dgrad' in n or 'wgrad' in n or 'conv' in n.split('_')[0]:
     return 'conv'
-  if 'nvjet' in n or 'gemm' in n or 'cublas' in n:
-    return 'matmul'
+  if 'nvjet' in n or 'gemm' in n or 'cublas' in n or 'dense_gelu' in n:
+    return 'matmul'  # (dense_gelu: our fc1 with the GELU in its epilogue)
   if 'na2d' in n:
     return 'na2d'
   if n.startswith('sort') or n.startswith('kept_threshold'):
