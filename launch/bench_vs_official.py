@@ -691,6 +691,8 @@ def main(argv=None):
   if not args.skip_train:
     for which, _, _ in FAMILIES:
       gc.collect()
+      if setup.device == 'cuda':  # torch's cached blocks are free memory JAX cannot use
+        torch.cuda.empty_cache()
       contenders = train_contenders(setup, which)
       results.update(time_interleaved(contenders, args.reps, args.warmup, failed))
       del contenders

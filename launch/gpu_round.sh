@@ -15,6 +15,9 @@
 #    OUT_DIR/*.trace.json.gz, summarised here with launch/trace_summary.py).
 # 2. OPTIONS=1: bench_fusions.py --parts=options: the last-scale forward and a decode chunk
 #    under XLA option sets that could fold the GELU/norm passes into cuBLAS/cuDNN.
+#    XLA_AB="--xla_gpu_enable_triton_gemm=false": step 1 again (official VAR, ours MVAR) in a
+#    process with those XLA_FLAGS, to compare with step 1's rows (the H100's last-scale
+#    forward was 4% faster without XLA's Triton GEMMs; the sampler was not timed so).
 # 3. The Pallas neighbourhood kernel's tiles: forward at the sampler's shapes (13x13 and 16x16,
 #    batch 64 = 32 with CFG, 16 heads) and forward+backward at 32x32 (training at 512 px).
 #    Tuned on 2026-11-26 (defaults kept): only with TILES=1.
@@ -71,6 +74,16 @@ if [[ "${OPTIONS:-0}" == 1 ]]; then
   echo "=== 2. XLA option sets: last-scale forward, decode chunk ===" | tee -a "$OUT_DIR/log.txt"
   timeout ${OPTIONS_TIMEOUT:-300} $PY launch/bench_fusions.py --parts=options 2>&1 \
     | grep -v -E '^\s*$|Warning' | tee -a "$OUT_DIR/log.txt"
+fi
+
+if [[ -n "${XLA_AB:-}" ]]; then
+  echo "=== 2b. side by side under XLA_FLAGS=$XLA_AB ===" | tee -a "$OUT_DIR/log.txt"
+  XLA_FLAGS="${XLA_FLAGS:-} $XLA_AB" timeout ${VS_TIMEOUT:-420} $PY launch/bench_vs_official.py \
+      --official_mvar_src="$OFFICIAL/MVAR" --official_var_src="$OFFICIAL/VAR" \
+      --depth=16 --batch=32 "--samplers=official VAR,ours MVAR" --skip_train --reps=5 \
+      --warmup=1 --na2d_fallback=sdpa --param_dtype=bfloat16 \
+      --json_out="$OUT_DIR/vs_official_xla_ab.json" 2>&1 \
+    | grep -v -E '^\s*$|Warning|warn\(' | tee -a "$OUT_DIR/log.txt"
 fi
 
 [[ "${TILES:-0}" == 1 ]] || { date -u | tee -a "$OUT_DIR/log.txt"; exit 0; }
