@@ -1,6 +1,6 @@
 r"""Where a sampler call's device time goes, from a jax.profiler trace (Chrome JSON, .json.gz).
 
-  python launch/trace_summary.py ours_MVAR.trace.json.gz [--top=20]
+  python launch/trace_summary.py ours_MVAR.trace.json.gz [--top=20] [--hlo=ours_MVAR.hlo.txt.gz]
 
 bench_vs_official.py --trace_dir writes such a file for one call of our sampler (GPU). Device
 kernels are split into phases: each scale of the transformer loop ends with the selection of
@@ -9,7 +9,10 @@ kernels up to a scale's selection are that scale, and everything after the last 
 VQ-VAE decode. Within a phase kernels are grouped by what they are:
 matmuls (cuBLAS / XLA gemm fusions), convolutions (cuDNN), neighbourhood attention (our
 Pallas kernel), the selection, copies/memsets, and the rest (XLA fusions: elementwise, norms,
-reductions). Prints markdown tables: busy ms per phase and group, then the top kernels.
+reductions). Prints markdown tables: busy ms per phase and group, then the top kernels,
+each XLA fusion with its output shape and the source op it was named after, read from the
+program's optimised HLO (--hlo; by default the `.hlo.txt.gz` that --trace_dir writes beside
+the trace, when it is there).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import argparse
 import collections
 import gzip
 import json
+import os
+import re
 
 GROUPS = ('matmul', 'conv', 'na2d', 'select', 'copy', 'fusion')
 
@@ -51,6 +56,36 @@ def device_kernels(path: str) -> list[dict]:
   return sorted(out, key=lambda e: e['ts'])
 
 
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (.*?) (?:fusion|custom-call)\((.*)$')
+
+
+def hlo_sources(path: str) -> dict[str, tuple[str, str]]:
+  """{kernel name: (output shape, op_name)} for the fusions and custom calls of an HLO text.
+
+  A trace names a fusion's kernel after one of the instructions that share it (XLA emits
+  one kernel for identical fusions, marked with a common `deduplicated_name`), with '.' as
+  '_': every instruction is a key, and so is each deduplicated name. cuBLAS and cuDNN
+  kernels carry library names and are not found here.
+  """
+  out = {}
+  with gzip.open(path, 'rt') if path.endswith('.gz') else open(path) as f:
+    for line in f:
+      m = _INSTRUCTION.match(line)
+      if not m:
+        continue
+      name, shape, rest = m.groups()
+      dedup = re.search(r'deduplicated_name="([^"]+)"', rest)
+      op = re.search(r'op_name="([^"]*)"', rest)
+      source = op.group(1) if op else ''
+      for noise in ('jit(_scale_loop)/', 'while/body/', 'eval_jaxpr/',
+                    'jit(fhat_to_img)/VQVAE.fhat_to_img/'):
+        source = source.replace(noise, '')
+      out[name.replace('.', '_')] = (shape.split('{')[0], source)
+      if dedup:
+        out.setdefault(dedup.group(1).replace('.', '_'), (shape.split('{')[0], source))
+  return out
+
+
 def phases(kernels: list[dict]) -> list[tuple[str, list[dict]]]:
   """[(name, kernels)]: 'scale i' up to and including each sort, then 'decode'."""
   ends = [i for i, e in enumerate(kernels) if kernel_group(e['name']) == 'select']
@@ -74,7 +109,10 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('trace')
   p.add_argument('--top', type=int, default=15, help='kernels listed by total time')
+  p.add_argument('--hlo', default='', help="the program's optimised HLO text (.gz or plain)")
   args = p.parse_args(argv)
+  hlo = args.hlo or args.trace.replace('.trace.json.gz', '.hlo.txt.gz')
+  sources = hlo_sources(hlo) if hlo != args.trace and os.path.exists(hlo) else {}
   kernels = device_kernels(args.trace)
   print(f'{len(kernels)} kernels; wall span {span_ms(kernels):.2f} ms, device busy '
         f'{busy_ms(kernels):.2f} ms\n')
@@ -94,10 +132,12 @@ def main(argv=None):
   for e in kernels:
     totals[e['name']][0] += e['dur'] / 1e3
     totals[e['name']][1] += 1
-  print('\n| kernel | group | calls | ms |')
-  print('|---|---|---|---|')
+  print('\n| kernel | group | calls | ms | output | source op |')
+  print('|---|---|---|---|---|---|')
   for name, (ms, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:args.top]:
-    print(f'| {name[:80]} | {kernel_group(name)} | {calls} | {ms:.2f} |')
+    shape, source = sources.get(name, ('', ''))
+    print(f'| {name[:80]} | {kernel_group(name)} | {calls} | {ms:.2f} | {shape[:48]} | '
+          f'{source[-90:]} |')
 
 
 if __name__ == '__main__':

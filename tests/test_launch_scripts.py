@@ -166,6 +166,42 @@ def test_trace_summary_splits_scales_at_each_selection_kernel(tmp_path, capsys):
   assert '| decode | 0.04 | 0.04 | 0.00 | 0.03 |' in capsys.readouterr().out
 
 
+def test_trace_summary_names_each_fusion_from_the_optimised_hlo(tmp_path, capsys):
+  """XLA shares one kernel between identical fusions and names it after one of them."""
+  import gzip
+  import json
+  meta = ('metadata={{op_name="jit(_scale_loop)/while/body/eval_jaxpr/MVARTransformer/'
+          'blocks_{b}/ffn/mul" deduplicated_name="loop_multiply_fusion.113"}}')
+  hlo = '\n'.join([
+      'HloModule jit__scale_loop',
+      '  %loop_multiply_fusion.128 = bf16[64,256,4096]{2,1,0} fusion(%p.1), kind=kLoop, '
+      'calls=%fused_multiply.128, ' + meta.format(b=0),
+      '  %loop_multiply_fusion.113 = bf16[64,256,4096]{2,1,0} fusion(%p.2), kind=kLoop, '
+      'calls=%fused_multiply.113, ' + meta.format(b=15),
+      '  %bitcast.1 = bf16[16384,4096]{1,0} bitcast(%loop_multiply_fusion.128)',
+      '  ROOT %input_reduce_fusion.26 = (f32[8,256,160]{2,1,0}, f32[8,256,160]{2,1,0}) '
+      'fusion(%x), kind=kInput, metadata={op_name="jit(fhat_to_img)/VQVAE.fhat_to_img/'
+      'VQVAE.decode/decoder/up_0/block_0/norm2/reduce_sum"}'])
+  with gzip.open(tmp_path / 'ours.hlo.txt.gz', 'wt') as f:
+    f.write(hlo)
+  summary = _load('trace_summary')
+  sources = summary.hlo_sources(str(tmp_path / 'ours.hlo.txt.gz'))
+  assert sources['loop_multiply_fusion_128'] == ('bf16[64,256,4096]',
+                                                 'MVARTransformer/blocks_0/ffn/mul')
+  assert sources['loop_multiply_fusion_113'][1].endswith('blocks_15/ffn/mul')
+  assert sources['input_reduce_fusion_26'][1] == 'VQVAE.decode/decoder/up_0/block_0/norm2/reduce_sum'
+  assert 'bitcast_1' not in sources
+  events = [{'ph': 'M', 'name': 'process_name', 'pid': 1, 'args': {'name': '/device:GPU:0'}}]
+  for i, name in enumerate(['loop_multiply_fusion_128', 'sort_1', 'input_reduce_fusion_26']):
+    events.append({'ph': 'X', 'pid': 1, 'tid': 1, 'ts': 10 * i, 'dur': 5, 'name': name})
+  with gzip.open(tmp_path / 'ours.trace.json.gz', 'wt') as f:
+    json.dump({'traceEvents': events}, f)
+  summary.main([str(tmp_path / 'ours.trace.json.gz')])  # finds the HLO beside the trace
+  out = capsys.readouterr().out
+  assert '| bf16[64,256,4096] | MVARTransformer/blocks_0/ffn/mul |' in out
+  assert 'decoder/up_0/block_0/norm2/reduce_sum |' in out
+
+
 def test_every_benchmarked_fc1_gelu_tile_lowers_for_cuda():
   """A tile the GPU lease would time that Triton cannot take must fail here first."""
   import functools
