@@ -52,9 +52,12 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SAMPLERS = ('official MVAR', 'ours MVAR', 'official VAR', 'ours VAR mode')
-# Extra contenders (not in the default list): ours MVAR with the FFN's fc1 + GELU forced to
-# one implementation (`TransformerConfig.ffn_implementation`), to time the choice side by side.
-FFN_VARIANTS = {'ours MVAR (XLA FFN)': 'xla', 'ours MVAR (Pallas FFN)': 'pallas'}
+# Extra contenders (not in the default list): ours MVAR with one option changed, to time the
+# choice side by side: the FFN's fc1 + GELU (`TransformerConfig.ffn_implementation`), the
+# neighbourhood kernel reading the qkv projection (`AttentionConfig.fused_qkv`).
+VARIANTS = {'ours MVAR (XLA FFN)': dict(ffn_implementation='xla'),
+            'ours MVAR (Pallas FFN)': dict(ffn_implementation='pallas'),
+            'ours MVAR (fused qkv)': dict(fused_qkv=True)}
 
 
 def parse_args(argv=None):
@@ -198,7 +201,7 @@ def build_official(setup: Setup, which: str):
   return vae.eval(), model.eval()
 
 
-def convert_to_ours(setup: Setup, vae, model, mode: str, ffn_implementation: str = 'auto'):
+def convert_to_ours(setup: Setup, vae, model, mode: str, overrides: dict | None = None):
   """(tokenizer, tok params, transformer module, params) from the official modules' weights."""
   import jax
   import jax.numpy as jnp
@@ -212,13 +215,16 @@ def convert_to_ours(setup: Setup, vae, model, mode: str, ffn_implementation: str
   if decoder_dtype == 'auto':
     decoder_dtype = 'bfloat16' if on_gpu else 'float32'
   v_cfg = dataclasses.replace(v_cfg, decoder_dtype=decoder_dtype)
+  overrides = overrides or {}
   attention = AttentionConfig(mode=mode, refine_step=setup.refine_step,
                               kernel_size=setup.kernel_size,
-                              implementation=setup.args.implementation)
+                              implementation=setup.args.implementation,
+                              fused_qkv=overrides.get('fused_qkv', False))
   t_cfg, t_params = convert.convert_transformer(
       sd(model), patch_nums=setup.patch_nums, attention=attention,
       dtype='bfloat16' if on_gpu else 'float32')
-  t_cfg = dataclasses.replace(t_cfg, ffn_implementation=ffn_implementation)
+  t_cfg = dataclasses.replace(t_cfg,
+                              ffn_implementation=overrides.get('ffn_implementation', 'auto'))
   to_dev = lambda t: jax.tree_util.tree_map(jnp.asarray, t)
   return vqvae.Tokenizer(v_cfg), to_dev(v_params), tfm.MVARTransformer(t_cfg), to_dev(t_params)
 
@@ -261,12 +267,12 @@ def official_samplers(setup: Setup, which: str):
   return run, (vae, model)
 
 
-def our_sampler(setup: Setup, official, mode: str, ffn_implementation: str = 'auto'):
+def our_sampler(setup: Setup, official, mode: str, overrides: dict | None = None):
   import jax
   import jax.numpy as jnp
   from mvar_jax import sampling
   args = setup.args
-  tok, v_params, model, t_params = convert_to_ours(setup, *official, mode, ffn_implementation)
+  tok, v_params, model, t_params = convert_to_ours(setup, *official, mode, overrides)
   if args.param_dtype != 'float32':
     t_params = sampling.inference_params(t_params, args.param_dtype)
     v_params = tok.cast_for_decode(v_params)  # the decode's convs too (a no-op for fp32 decodes)
@@ -398,11 +404,11 @@ def sampling_contenders(setup: Setup, only: str = '') -> list[Contender]:
   """The four samplers (or the one named `only`); official weights built, ours converted."""
   out = []
   chosen = [n.strip() for n in setup.args.samplers.split(',')]
-  unknown = sorted(set(chosen) - set(SAMPLERS) - set(FFN_VARIANTS))
+  unknown = sorted(set(chosen) - set(SAMPLERS) - set(VARIANTS))
   if unknown:
-    raise SystemExit(f'--samplers: unknown {unknown}; choose from {SAMPLERS + tuple(FFN_VARIANTS)}')
+    raise SystemExit(f'--samplers: unknown {unknown}; choose from {SAMPLERS + tuple(VARIANTS)}')
   for which, off_name, our_name in FAMILIES:
-    variants = [n for n in FFN_VARIANTS if which == 'mvar']
+    variants = [n for n in VARIANTS if which == 'mvar']
     family = (off_name, our_name, *variants)
     if only and only not in family:
       continue
@@ -416,7 +422,7 @@ def sampling_contenders(setup: Setup, only: str = '') -> list[Contender]:
       out.append(Contender(our_name, 'sample', our_sampler(setup, official, which), 'jax'))
     for name in filter(wanted, variants):
       out.append(Contender(name, 'sample',
-                           our_sampler(setup, official, which, FFN_VARIANTS[name]), 'jax'))
+                           our_sampler(setup, official, which, VARIANTS[name]), 'jax'))
     del run, official  # a probe of ours keeps no torch model
   return out
 

@@ -4,12 +4,12 @@
 #   OFFICIAL=/src bash launch/gpu_round.sh [OUT_DIR]     # /src/MVAR and /src/VAR checkouts
 #   bash launch/gpu_round.sh --sources                   # the hash its versions.txt records
 #
-# 0. bench_fusions.py --parts=gelu: fc1 + bias + GELU at every scale's shape, XLA (matmul, then
-#    a GELU pass) against the Pallas kernel with the GELU in its epilogue, per tile.
-#    SELECT=1 adds --parts=select (the top-k/top-p threshold: sort vs radix-select kernel).
-# 1. bench_vs_official.py, d16, batch 32: official VAR (KV cache) and official MVAR against
-#    ours (MVAR, bf16 transformer params, bf16 VQ-VAE decode) with the FFN's fc1 + GELU in
-#    XLA and in the Pallas kernel, same weights, interleaved ($SAMPLERS picks a subset);
+# 0. PARTS=gelu,gn,...: bench_fusions.py on those parts first (none by default; SELECT=1 is
+#    PARTS=select): fc1 + GELU per scale against the Pallas kernel, GroupNorm statistics, ...
+# 1. bench_vs_official.py, d16, batch 32: official VAR (KV cache) against ours (MVAR, bf16
+#    transformer params, bf16 VQ-VAE decode), as it is and with the neighbourhood kernel
+#    reading the qkv projection (AttentionConfig.fused_qkv), same weights, interleaved
+#    ($SAMPLERS picks others: official MVAR, 'ours MVAR (Pallas FFN)', ...);
 #    then per-contender memory probes in fresh processes (ours: loaded from the compilation
 #    cache this run fills, XLA memory/cost analysis, and a jax.profiler trace of one call ->
 #    OUT_DIR/*.trace.json.gz, summarised here with launch/trace_summary.py).
@@ -51,13 +51,15 @@ triton.__version__, jax.devices())'
   echo "sources: $(sources_hash)"
 } 2>&1 | tee "$OUT_DIR/versions.txt"
 
-PARTS=gelu; [[ "${SELECT:-0}" == 1 ]] && PARTS=select,gelu
-echo "=== 0. bench_fusions --parts=$PARTS ===" | tee -a "$OUT_DIR/log.txt"
-timeout ${FUSIONS_TIMEOUT:-150} $PY launch/bench_fusions.py --parts=$PARTS --reps=5 2>&1 \
-  | grep -v -E '^\s*$|Warning' | tee -a "$OUT_DIR/log.txt"
+PARTS=${PARTS:-}; [[ "${SELECT:-0}" == 1 ]] && PARTS=select${PARTS:+,$PARTS}
+if [[ -n "$PARTS" ]]; then
+  echo "=== 0. bench_fusions --parts=$PARTS ===" | tee -a "$OUT_DIR/log.txt"
+  timeout ${FUSIONS_TIMEOUT:-150} $PY launch/bench_fusions.py --parts=$PARTS --reps=5 2>&1 \
+    | grep -v -E '^\s*$|Warning' | tee -a "$OUT_DIR/log.txt"
+fi
 
 echo "=== 1. side by side, d16 batch 32 ===" | tee -a "$OUT_DIR/log.txt"
-DEFAULT_SAMPLERS="official VAR,official MVAR,ours MVAR (XLA FFN),ours MVAR (Pallas FFN)"
+DEFAULT_SAMPLERS="official VAR,ours MVAR,ours MVAR (fused qkv)"
 timeout ${VS_TIMEOUT:-420} $PY launch/bench_vs_official.py \
     --official_mvar_src="$OFFICIAL/MVAR" --official_var_src="$OFFICIAL/VAR" \
     --depth=16 --batch=32 "--samplers=${SAMPLERS:-$DEFAULT_SAMPLERS}" --skip_train \

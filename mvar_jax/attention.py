@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -37,11 +38,16 @@ class AttentionConfig:
   refine_step: int = 8  # first scale that uses neighbourhood attention in 'mvar' mode
   kernel_size: int = 7  # neighbourhood window (odd)
   implementation: str = 'auto'  # neighbourhood op: 'auto' | 'gather' | 'dense' | 'blocked' | 'pallas'
+  # Inference on one large scale with the Pallas kernel: it reads the qkv projection and
+  # l2-normalises q and k itself (`from_qkv`), instead of XLA passes that write them first.
+  fused_qkv: bool = False
 
   def validate(self, layout: ScaleLayout) -> None:
     """Raises ValueError naming the field when the config cannot serve `layout`."""
     if self.mode not in MODES:
       raise ValueError(f'attention mode must be one of {MODES}, got {self.mode!r}')
+    if not isinstance(self.fused_qkv, bool):
+      raise ValueError(f'attention fused_qkv must be a bool, got {self.fused_qkv!r}')
     if self.implementation not in na_api.IMPLEMENTATIONS:
       raise ValueError(f'attention implementation must be one of {na_api.IMPLEMENTATIONS}, '
                        f'got {self.implementation!r}')
@@ -71,6 +77,32 @@ def block_mask(layout: ScaleLayout, first: int, last: int, mode: str) -> np.ndar
   if mode == 'mvar':
     return lvl[:, None] == lvl[None, :]
   return lvl[:, None] >= lvl[None, :]
+
+
+def uses_fused_qkv(config: AttentionConfig, first: int, last: int, head_dim: int, dtype, *,
+                   deterministic: bool) -> bool:
+  """Whether this call's attention runs `from_qkv`: config.fused_qkv, inference, one
+  neighbourhood scale, the Pallas kernel (what 'auto' picks on GPU) for this head dim and
+  dtype, and no mesh (the kernel has no per-shard wrapper)."""
+  if not (config.fused_qkv and deterministic and first == last
+          and config.uses_neighborhood(first)):
+    return False
+  if na_api.resolve_implementation(config.implementation) != 'pallas':
+    return False
+  if not jax.sharding.get_abstract_mesh().empty:
+    return False
+  from mvar_jax.kernels.neighborhood_attention import pallas_kernel
+  return pallas_kernel.supports(head_dim, dtype)
+
+
+def from_qkv(qkv_BL3HD, head_scale_H, *, layout: ScaleLayout, scale_index: int,
+             config: AttentionConfig, scale: float = 1.0):
+  """Neighbourhood attention of one scale from its qkv projection (B, L, 3, heads, D):
+  q = l2n(q) * head_scale, k = l2n(k) inside the Pallas kernel. (B, L, heads, D)."""
+  from mvar_jax.kernels.neighborhood_attention import pallas_kernel
+  pn = layout.patch_nums[scale_index]
+  return pallas_kernel.na2d_pallas_from_qkv(qkv_BL3HD, head_scale_H, height=pn, width=pn,
+                                            kernel_size=config.kernel_size, scale=scale)
 
 
 def multiscale_attention(q_BLHD, k_BLHD, v_BLHD, *, layout: ScaleLayout, first: int, last: int,

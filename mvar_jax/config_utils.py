@@ -37,7 +37,8 @@ def transformer_config_from(config) -> TransformerConfig:
   depth = int(m.depth)
   attention = AttentionConfig(
       mode=m.attention_mode, refine_step=int(m.refine_step), kernel_size=int(m.kernel_size),
-      implementation=m.attention_implementation)
+      implementation=m.attention_implementation,
+      fused_qkv=bool(m.get('attention_fused_qkv', False)))
   return TransformerConfig(
       depth=depth,
       width=int(m.width) if m.width > 0 else 64 * depth,

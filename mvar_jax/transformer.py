@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mvar_jax import attention
 from mvar_jax.attention import AttentionConfig, multiscale_attention
 from mvar_jax.kernels import dense_gelu
 from mvar_jax.layout import DEFAULT_PATCH_NUMS, ScaleLayout
@@ -158,7 +159,7 @@ class SelfAttention(nn.Module):
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x_BLC, *, first: int, last: int):
+  def __call__(self, x_BLC, *, first: int, last: int, deterministic: bool = True):
     cfg = self.config
     dtype = DTYPES[cfg.dtype]
     std = math.sqrt(1 / (3 * cfg.width))
@@ -174,14 +175,19 @@ class SelfAttention(nn.Module):
     qkv = _dense(3 * c, ('embed', 'qkv'), trunc_normal(std), dtype, use_bias=False,
                  name='mat_qkv')(x_BLC)
     qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
-    q, k, v = jnp.split(qkv.reshape(b, l, 3, h, hd), 3, axis=2)
-    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # (B, L, H, hd)
     # Clamped at ln(100) so the attention temperature stays bounded.
-    head_scale = jnp.exp(jnp.minimum(scale_mul_1H11, math.log(100.0))).reshape(1, 1, h, 1)
-    q = (_l2_normalize(q) * head_scale).astype(dtype)
-    k = _l2_normalize(k).astype(dtype)
-    o_BLHD = multiscale_attention(q, k, v.astype(dtype), layout=cfg.layout, first=first, last=last,
-                                  config=cfg.attention, scale=1.0)
+    head_scale_H = jnp.exp(jnp.minimum(scale_mul_1H11, math.log(100.0))).reshape(h)
+    if attention.uses_fused_qkv(cfg.attention, first, last, hd, dtype,
+                                deterministic=deterministic):
+      o_BLHD = attention.from_qkv(qkv.reshape(b, l, 3, h, hd).astype(dtype), head_scale_H,
+                                  layout=cfg.layout, scale_index=first, config=cfg.attention)
+    else:
+      q, k, v = jnp.split(qkv.reshape(b, l, 3, h, hd), 3, axis=2)
+      q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # (B, L, H, hd)
+      q = (_l2_normalize(q) * head_scale_H.reshape(1, 1, h, 1)).astype(dtype)
+      k = _l2_normalize(k).astype(dtype)
+      o_BLHD = multiscale_attention(q, k, v.astype(dtype), layout=cfg.layout, first=first,
+                                    last=last, config=cfg.attention, scale=1.0)
     proj_init = trunc_normal(std, 1 / math.sqrt(2 * cfg.depth))
     return _dense(c, ('qkv', 'embed'), proj_init, dtype, name='proj')(o_BLHD.reshape(b, l, c))
 
@@ -258,7 +264,8 @@ class AdaLNSelfAttn(nn.Module):
     # constraint in MVARTransformer.__call__ is what fixed a measured case). No-op without one.
     x_BLC = nn.with_logical_constraint(x_BLC, ('activation_batch', None, None))
     h = _layer_norm(x_BLC, eps) * (1 + scale1) + shift1
-    h = SelfAttention(cfg, name='attn')(h, first=first, last=last) * gamma1
+    h = SelfAttention(cfg, name='attn')(h, first=first, last=last,
+                                        deterministic=deterministic) * gamma1
     x_BLC = x_BLC + drop_path(h, self.drop_path_rate, deterministic, self)
     h = _layer_norm(x_BLC, eps) * (1 + scale2) + shift2
     h = FFN(cfg, name='ffn')(h, deterministic) * gamma2

@@ -47,7 +47,7 @@ from mvar_jax.kernels import per_shard
 from mvar_jax.kernels.neighborhood_attention import reference
 from mvar_jax.kernels.neighborhood_attention.pallas_common import BlockSizes, supports
 
-__all__ = ['BlockSizes', 'na2d_pallas', 'supports']
+__all__ = ['BlockSizes', 'na2d_pallas', 'na2d_pallas_from_qkv', 'supports']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,3 +105,26 @@ def na2d_pallas(q_BNHD, k_BNHD, v_BNHD, *, height: int, width: int, kernel_size:
   # Under a mesh: once per device on its rows of the batch (XLA cannot split the kernel).
   return per_shard.over_batch(lambda q, k, v: _na2d(q, k, v, static), q_BNHD, k_BNHD, v_BNHD)
 
+
+
+def na2d_pallas_from_qkv(qkv_BN3HD, head_scale_H, *, height: int, width: int, kernel_size: int,
+                         scale: float = 1.0, block_sizes: BlockSizes | None = None,
+                         interpret: bool | None = None):
+  """Inference only (no VJP), one device: the model's attention from its qkv projection.
+
+  Equals `na2d_pallas(q, k, v)` with q = l2n(qkv[:, :, 0]) * head_scale and k = l2n(qkv[:, :,
+  1]) rounded to qkv's dtype, v = qkv[:, :, 2] (l2n: rows over their l2 norm). (B, N, heads, D).
+  """
+  reference.validate(height, width, kernel_size)
+  geom = pc.MapGeometry(height, width, kernel_size)
+  b, n, three, heads, head_dim = qkv_BN3HD.shape
+  if three != 3 or n != geom.n or head_scale_H.shape != (heads,):
+    raise ValueError(f'na2d_pallas_from_qkv: qkv {qkv_BN3HD.shape} must be (B, {geom.n}, 3, '
+                     f'heads, D) and head_scale {head_scale_H.shape} (heads,)')
+  if not supports(head_dim, qkv_BN3HD.dtype):
+    raise ValueError(f'na2d_pallas_from_qkv: head dim {head_dim} / {qkv_BN3HD.dtype} unsupported')
+  block_sizes = block_sizes or BlockSizes.get_default(head_dim, qkv_BN3HD.dtype)
+  block_sizes.validate()
+  return pallas_forward.forward_from_qkv(
+      qkv_BN3HD, head_scale_H, geom=geom, scale=float(scale), block_sizes=block_sizes.fit(n),
+      interpret=pc.resolve_interpret(interpret))
