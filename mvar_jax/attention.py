@@ -38,8 +38,9 @@ class AttentionConfig:
   refine_step: int = 8  # first scale that uses neighbourhood attention in 'mvar' mode
   kernel_size: int = 7  # neighbourhood window (odd)
   implementation: str = 'auto'  # neighbourhood op: 'auto' | 'gather' | 'dense' | 'blocked' | 'pallas'
-  # Inference on one large scale with the Pallas kernel: it reads the qkv projection and
-  # l2-normalises q and k itself (`from_qkv`), instead of XLA passes that write them first.
+  # MVAR inference, one scale per call, with the Pallas kernel: one kernel reads the qkv
+  # projection, l2-normalises q and k and attends (`from_qkv`), instead of XLA passes that
+  # write q, k, v first and, below refine_step, several kernels of dense attention.
   fused_qkv: bool = False
 
   def validate(self, layout: ScaleLayout) -> None:
@@ -81,11 +82,10 @@ def block_mask(layout: ScaleLayout, first: int, last: int, mode: str) -> np.ndar
 
 def uses_fused_qkv(config: AttentionConfig, first: int, last: int, head_dim: int, dtype, *,
                    deterministic: bool) -> bool:
-  """Whether this call's attention runs `from_qkv`: config.fused_qkv, inference, one
-  neighbourhood scale, the Pallas kernel (what 'auto' picks on GPU) for this head dim and
-  dtype, and no mesh (the kernel has no per-shard wrapper)."""
-  if not (config.fused_qkv and deterministic and first == last
-          and config.uses_neighborhood(first)):
+  """Whether this call's attention runs `from_qkv`: config.fused_qkv, MVAR inference on one
+  scale, the Pallas kernel (what 'auto' picks on GPU) for this head dim and dtype, and no
+  mesh (the kernel has no per-shard wrapper)."""
+  if not (config.fused_qkv and config.mode == 'mvar' and deterministic and first == last):
     return False
   if na_api.resolve_implementation(config.implementation) != 'pallas':
     return False
@@ -97,12 +97,15 @@ def uses_fused_qkv(config: AttentionConfig, first: int, last: int, head_dim: int
 
 def from_qkv(qkv_BL3HD, head_scale_H, *, layout: ScaleLayout, scale_index: int,
              config: AttentionConfig, scale: float = 1.0):
-  """Neighbourhood attention of one scale from its qkv projection (B, L, 3, heads, D):
-  q = l2n(q) * head_scale, k = l2n(k) inside the Pallas kernel. (B, L, heads, D)."""
+  """MVAR attention of one scale from its qkv projection (B, L, 3, heads, D), one Pallas
+  kernel: q = l2n(q) * head_scale and k = l2n(k) inside it; the k x k window on the large
+  scales, the whole map (the dense attention of a scale) below refine_step. (B, L, heads, D).
+  """
   from mvar_jax.kernels.neighborhood_attention import pallas_kernel
   pn = layout.patch_nums[scale_index]
+  window = config.kernel_size if config.uses_neighborhood(scale_index) else None
   return pallas_kernel.na2d_pallas_from_qkv(qkv_BL3HD, head_scale_H, height=pn, width=pn,
-                                            kernel_size=config.kernel_size, scale=scale)
+                                            kernel_size=window, scale=scale)
 
 
 def multiscale_attention(q_BLHD, k_BLHD, v_BLHD, *, layout: ScaleLayout, first: int, last: int,

@@ -1,7 +1,8 @@
-"""The neighbourhood kernel that reads the qkv projection and normalises q and k itself.
+"""One Pallas kernel per attention: it reads the qkv projection and normalises q and k itself.
 
-`AttentionConfig(fused_qkv=True)`: in inference on one large scale, the Pallas kernel takes
-the (B, N, 3, heads, D) projection; the model's logits must not change. The kernel runs in
+`AttentionConfig(fused_qkv=True)`: in MVAR inference on one scale, the kernel takes the
+(B, N, 3, heads, D) projection (the k x k window on large scales, the whole map on small
+ones); the model's logits must not change. The kernel runs in
 Pallas' interpreter here; its CUDA lowering is checked with jax.export.
 """
 
@@ -51,6 +52,19 @@ def test_kernel_equals_the_unfused_kernel_on_normalised_inputs(height, width, ke
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('side', [1, 4, 5, 10])
+def test_whole_map_is_dense_attention(side):
+  qkv, head_scale = _qkv((2, side * side, 3, 4, 64), jnp.float32, seed=side)
+  out = pallas_kernel.na2d_pallas_from_qkv(qkv, head_scale, height=side, width=side,
+                                           kernel_size=None, interpret=True)
+  q = _l2n(qkv[:, :, 0]) * head_scale[None, None, :, None]
+  dense = reference.masked_dense_attention(q, _l2n(qkv[:, :, 1]), qkv[:, :, 2], None, scale=1.0)
+  np.testing.assert_allclose(out, dense, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='square'):
+    pallas_kernel.na2d_pallas_from_qkv(qkv, head_scale, height=side, width=side + 1,
+                                       kernel_size=None, interpret=True)
+
+
 def test_bad_shapes_are_named():
   qkv, head_scale = _qkv((1, 36, 3, 4, 64), jnp.float32, seed=0)
   with pytest.raises(ValueError, match=r'\(B, 49, 3, heads, D\)'):
@@ -68,7 +82,7 @@ def _configs():
   return base, tiny_config(scales=MEDIUM, attention=attn(True))
 
 
-@pytest.mark.parametrize('first,last', [(5, 5), (6, 6), (0, 6)])
+@pytest.mark.parametrize('first,last', [(0, 0), (3, 3), (5, 5), (6, 6), (0, 6)])
 def test_model_logits_are_unchanged(monkeypatch, first, last):
   monkeypatch.setenv('MVAR_PALLAS_INTERPRET', '1')
   base, fused = _configs()
@@ -79,19 +93,19 @@ def test_model_logits_are_unchanged(monkeypatch, first, last):
   apply = lambda cfg, train: jax.make_jaxpr(lambda p: tfm.MVARTransformer(cfg).apply(
       {'params': p}, label_B, x, first=first, last=last, train=train,
       rngs={'dropout': jax.random.key(0)}))(params)
-  one_large_scale = first == last
-  assert str(apply(fused, False)).count('name=na2d_fwd_qkv') == (
-      base.depth if one_large_scale else 0)
+  one_scale = first == last
+  assert str(apply(fused, False)).count('name=na2d_fwd_qkv') == (base.depth if one_scale else 0)
   assert 'na2d_fwd_qkv' not in str(apply(fused, True))  # training: the kernel with a backward
 
 
-def test_only_inference_on_one_large_scale_with_the_pallas_kernel_fuses():
+def test_only_mvar_inference_on_one_scale_with_the_pallas_kernel_fuses():
   cfg = AttentionConfig(refine_step=8, implementation='pallas', fused_qkv=True)
   fuses = lambda c=cfg, first=9, last=9, deterministic=True, dtype=jnp.bfloat16: (
       attention.uses_fused_qkv(c, first, last, 64, dtype, deterministic=deterministic))
-  assert fuses()
-  assert not fuses(first=7, last=7)  # dense scale
+  assert fuses() and fuses(first=7, last=7) and fuses(first=0, last=0)
   assert not fuses(first=8, last=9)  # two maps in one call
+  assert not fuses(first=0, last=7)  # block-diagonal over several scales
+  assert not fuses(AttentionConfig(mode='var', implementation='pallas', fused_qkv=True))
   assert not fuses(deterministic=False)
   assert not fuses(AttentionConfig(refine_step=8, implementation='pallas'))
   assert not fuses(AttentionConfig(refine_step=8, implementation='blocked', fused_qkv=True))
@@ -101,15 +115,45 @@ def test_only_inference_on_one_large_scale_with_the_pallas_kernel_fuses():
     AttentionConfig(fused_qkv='yes').validate(tiny_config().layout)
 
 
-def test_lowers_for_cuda_at_the_sampler_shapes():
-  # The last scale of d16 at batch 32 with CFG: 64 maps of 16x16, 16 heads of 64, bf16.
-  qkv = jax.ShapeDtypeStruct((64, 256, 3, 16, 64), jnp.bfloat16)
+@pytest.mark.parametrize('side,kernel_size', [(16, 7), (10, None), (1, None)])
+def test_lowers_for_cuda_at_the_sampler_shapes(side, kernel_size):
+  # d16 at batch 32 with CFG: 64 maps, 16 heads of 64, bf16; the last scale, the last dense
+  # one, the first (one token).
+  qkv = jax.ShapeDtypeStruct((64, side * side, 3, 16, 64), jnp.bfloat16)
   head_scale = jax.ShapeDtypeStruct((16,), jnp.float32)
-  fn = lambda qkv, s: pallas_kernel.na2d_pallas_from_qkv(qkv, s, height=16, width=16,
-                                                        kernel_size=7, interpret=False)
+  fn = lambda qkv, s: pallas_kernel.na2d_pallas_from_qkv(
+      qkv, s, height=side, width=side, kernel_size=kernel_size, interpret=False)
   checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in _TRITON_TARGETS]
   with _gpu_target():
     text = jax.export.export(jax.jit(fn), platforms=('cuda',), disabled_checks=checks)(
         qkv, head_scale).mlir_module()
   assert sum(text.count(f'@{t}(') for t in _TRITON_TARGETS) == 1
   assert 'na2d_fwd_qkv' in text
+
+
+def test_the_sampler_draws_the_same_tokens(monkeypatch):
+  """Every scale of the sampler is one call: all of them run the fused kernel."""
+  import dataclasses
+
+  from mvar_jax import api, vqvae
+  monkeypatch.setenv('MVAR_PALLAS_INTERPRET', '1')
+  patch_nums = (1, 2, 3, 4, 6)
+  v_cfg = vqvae.VQVAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=32,
+                            patch_nums=patch_nums, using_sa=False)
+  attn = AttentionConfig(refine_step=4, kernel_size=3, implementation='pallas')
+  t_cfg = tfm.TransformerConfig(depth=1, width=32, num_heads=2, vocab_size=32, cvae=8,
+                                num_classes=5, patch_nums=patch_nums, attention=attn).validate()
+  v_params = vqvae.init_params(v_cfg, jax.random.key(0, impl='unsafe_rbg'))['params']
+  t_params = random_params(t_cfg, seed=61)
+  fused_cfg = dataclasses.replace(t_cfg, attention=dataclasses.replace(attn, fused_qkv=True))
+  kw = dict(labels=[0, 3, 4], cfg=2.0, top_k=8, top_p=0.9)
+  pipes = [api.MVARPipeline(v_cfg, v_params, c, t_params) for c in (t_cfg, fused_cfg)]
+  want, got = (p.sample(jax.random.key(7), **kw) for p in pipes)
+  for x, y in zip(want.ids, got.ids):
+    np.testing.assert_array_equal(x, y)
+  np.testing.assert_allclose(got.images_BHW3, want.images_BHW3, atol=1e-6)
+  from mvar_jax import sampling
+  programs = [sampling.compile_sampler(p.transformer, p.transformer_params, p.tokenizer,
+                                       p.tokenizer_params, batch_size=3, cfg=2.0,
+                                       top_k=8).executable.as_text() for p in pipes]
+  assert 'na2d_fwd_qkv' not in programs[0] and 'na2d_fwd_qkv' in programs[1]

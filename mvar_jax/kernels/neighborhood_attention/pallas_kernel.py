@@ -30,6 +30,11 @@ we run (0.10 on CPU, 0.11 on GPU). Mosaic GPU is Hopper/Blackwell-only, its API 
 between releases, and its gains (TMA, wgmma warp specialisation) matter for long dense
 sequences, not for bands of a few hundred keys at D=64.
 
+`na2d_pallas_from_qkv` (inference) runs the forward kernel on the model's qkv projection
+(B, N, 3, heads, D): it l2-normalises q (times the head's scale) and k rows as it loads them,
+so XLA writes no q, k, v copies first; with kernel_size None the window is the whole map,
+which is dense attention over a scale (MVAR's small scales).
+
 `interpret=True` (or env MVAR_PALLAS_INTERPRET=1) runs the same kernels on CPU for tests.
 """
 
@@ -107,15 +112,23 @@ def na2d_pallas(q_BNHD, k_BNHD, v_BNHD, *, height: int, width: int, kernel_size:
 
 
 
-def na2d_pallas_from_qkv(qkv_BN3HD, head_scale_H, *, height: int, width: int, kernel_size: int,
-                         scale: float = 1.0, block_sizes: BlockSizes | None = None,
-                         interpret: bool | None = None):
+def na2d_pallas_from_qkv(qkv_BN3HD, head_scale_H, *, height: int, width: int,
+                         kernel_size: int | None, scale: float = 1.0,
+                         block_sizes: BlockSizes | None = None, interpret: bool | None = None):
   """Inference only (no VJP), one device: the model's attention from its qkv projection.
 
   Equals `na2d_pallas(q, k, v)` with q = l2n(qkv[:, :, 0]) * head_scale and k = l2n(qkv[:, :,
   1]) rounded to qkv's dtype, v = qkv[:, :, 2] (l2n: rows over their l2 norm). (B, N, heads, D).
+  kernel_size None: every query sees the whole (square) map, i.e. dense attention over it
+  (a window as large as the map starts at 0 for every query, whatever its parity).
   """
-  reference.validate(height, width, kernel_size)
+  if kernel_size is None:
+    if height != width or height < 1:
+      raise ValueError(f'na2d_pallas_from_qkv: whole-map attention needs a square map, got '
+                       f'{height}x{width}')
+    kernel_size = height
+  else:
+    reference.validate(height, width, kernel_size)
   geom = pc.MapGeometry(height, width, kernel_size)
   b, n, three, heads, head_dim = qkv_BN3HD.shape
   if three != 3 or n != geom.n or head_scale_H.shape != (heads,):
