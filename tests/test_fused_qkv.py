@@ -82,7 +82,7 @@ def _configs():
   return base, tiny_config(scales=MEDIUM, attention=attn(True))
 
 
-@pytest.mark.parametrize('first,last', [(0, 0), (3, 3), (5, 5), (6, 6), (0, 6)])
+@pytest.mark.parametrize('first,last', [(0, 0), (3, 3), (6, 6), (0, 6)])
 def test_model_logits_are_unchanged(monkeypatch, first, last):
   monkeypatch.setenv('MVAR_PALLAS_INTERPRET', '1')
   base, fused = _configs()
