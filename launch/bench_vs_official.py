@@ -201,10 +201,12 @@ def build_official(setup: Setup, which: str):
   return vae.eval(), model.eval()
 
 
-def convert_to_ours(setup: Setup, vae, model, mode: str, overrides: dict | None = None):
+def convert_to_ours(setup: Setup, vae, model, mode: str, overrides: dict | None = None,
+                    param_dtype: str = 'float32'):
   """(tokenizer, tok params, transformer module, params) from the official modules' weights."""
   import jax
   import jax.numpy as jnp
+  import numpy as np
   from mvar_jax import convert, transformer as tfm, vqvae
   from mvar_jax.attention import AttentionConfig
   on_gpu = setup.device == 'cuda'
@@ -225,8 +227,12 @@ def convert_to_ours(setup: Setup, vae, model, mode: str, overrides: dict | None 
       dtype='bfloat16' if on_gpu else 'float32')
   t_cfg = dataclasses.replace(t_cfg,
                               ffn_implementation=overrides.get('ffn_implementation', 'auto'))
-  to_dev = lambda t: jax.tree_util.tree_map(jnp.asarray, t)
-  return vqvae.Tokenizer(v_cfg), to_dev(v_params), tfm.MVARTransformer(t_cfg), to_dev(t_params)
+  to_dev = lambda t, dtype='float32': jax.tree_util.tree_map(
+      lambda a: jnp.asarray(np.asarray(a).astype(jnp.dtype(dtype))), t)
+  # The transformer cast on the host, as api.load_pretrained(param_dtype=...) does: the
+  # device then never holds its fp32 copy (the device peak is the sampler's, not the load's).
+  return (vqvae.Tokenizer(v_cfg), to_dev(v_params), tfm.MVARTransformer(t_cfg),
+          to_dev(t_params, param_dtype))
 
 
 # ============================================================================= contenders
@@ -272,9 +278,9 @@ def our_sampler(setup: Setup, official, mode: str, overrides: dict | None = None
   import jax.numpy as jnp
   from mvar_jax import sampling
   args = setup.args
-  tok, v_params, model, t_params = convert_to_ours(setup, *official, mode, overrides)
+  tok, v_params, model, t_params = convert_to_ours(setup, *official, mode, overrides,
+                                                   param_dtype=args.param_dtype)
   if args.param_dtype != 'float32':
-    t_params = sampling.inference_params(t_params, args.param_dtype)
     v_params = tok.cast_for_decode(v_params)  # the decode's convs too (a no-op for fp32 decodes)
   labels = jnp.arange(args.batch, dtype=jnp.int32) % setup.num_classes
   key = jax.random.key(0)

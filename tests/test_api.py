@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mvar_jax import api, convert, transformer, vqvae
+from mvar_jax import api, convert, sampling, transformer, vqvae
 from mvar_jax.attention import AttentionConfig
 
 PATCH_NUMS = (1, 2, 3, 4)
@@ -66,6 +66,12 @@ def test_dtype_overrides_reach_both_models(weights_dir):
   assert pipe.tokenizer_config.decoder_dtype == 'bfloat16'
   dtypes = {a.dtype for a in jax.tree_util.tree_leaves(pipe.transformer_params)}
   assert dtypes == {jnp.dtype('bfloat16')}
+  # Cast on the host as each tensor is read: the same bits as casting the fp32 params on
+  # the device (sampling.inference_params), without both copies on the device at once.
+  on_device = sampling.inference_params(reference.transformer_params, 'bfloat16')
+  for a, b in zip(jax.tree_util.tree_leaves(pipe.transformer_params),
+                  jax.tree_util.tree_leaves(on_device)):
+    np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
   # The decode's convs come pre-cast (the sampler would cast them on every call); the
   # encoder and the GroupNorms stay fp32.
   v = pipe.tokenizer_params
