@@ -25,7 +25,7 @@ import numpy as np
 
 from mvar_jax import compilation_cache, config_utils, sampling, vqvae
 from mvar_jax.attention import AttentionConfig
-from mvar_jax.transformer import MVARTransformer, TransformerConfig
+from mvar_jax.transformer import DTYPES, MVARTransformer, TransformerConfig
 
 
 def _as_variables(params):
@@ -263,6 +263,9 @@ def load_pretrained(directory: str, *, attention: AttentionConfig | None = None,
   (`Tokenizer.cast_for_decode`; the encoder keeps fp32). On a GPU, 'bfloat16' for all three
   is the fast setting. None keeps what the directory stores (fp32).
   """
+  if param_dtype is not None and param_dtype not in DTYPES:
+    raise ValueError(f'param_dtype must be one of {tuple(DTYPES)} or None, '
+                     f'got {param_dtype!r}')
   v_cfg, v_params = load_converted(directory, 'vqvae')
   if decoder_dtype is not None:
     v_cfg = dataclasses.replace(v_cfg, decoder_dtype=decoder_dtype)

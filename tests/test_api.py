@@ -80,6 +80,8 @@ def test_dtype_overrides_reach_both_models(weights_dir):
   assert v['decoder']['norm_out']['scale'].dtype == jnp.float32
   assert v['encoder']['conv_in']['kernel'].dtype == jnp.float32
   assert reference.tokenizer_config.decoder_dtype == 'float32'  # stored: unchanged by default
+  with pytest.raises(ValueError, match="param_dtype must be one of .* got 'bf16'"):
+    api.load_pretrained(path, param_dtype='bf16')
 
 
 def test_missing_files_and_mismatches_are_named(weights_dir, tmp_path):
