@@ -21,7 +21,9 @@
 # 3. The Pallas neighbourhood kernel's tiles: forward at the sampler's shapes (13x13 and 16x16,
 #    batch 64 = 32 with CFG, 16 heads) and forward+backward at 32x32 (training at 512 px).
 #    Tuned on 2026-11-26 (defaults kept): only with TILES=1.
-# Each step has its own time limit so that a stall costs one step, not the lease.
+# Each step has its own time limit so that a stall costs one step, not the lease. On an H100
+# (2026-11-26) step 1 with two of ours took ~3.5 min (each of ours compiles for 65-80 s), the
+# whole default round ~4.5 min; XLA_AB adds ~2.5 min, OPTIONS ~2 min, PARTS=gn ~20 s.
 # Logs and tables go to OUT_DIR (default $OUT, the device tool's return folder, else /tmp/gpu_round).
 
 set -uo pipefail
