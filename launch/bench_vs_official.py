@@ -205,9 +205,7 @@ def convert_to_ours(setup: Setup, vae, model, mode: str, overrides: dict | None 
                     param_dtype: str = 'float32'):
   """(tokenizer, tok params, transformer module, params) from the official modules' weights."""
   import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from mvar_jax import convert, transformer as tfm, vqvae
+  from mvar_jax import api, convert, transformer as tfm, vqvae
   from mvar_jax.attention import AttentionConfig
   on_gpu = setup.device == 'cuda'
   sd = lambda m: {k: v.detach().float().cpu().numpy() for k, v in m.state_dict().items()}
@@ -227,10 +225,9 @@ def convert_to_ours(setup: Setup, vae, model, mode: str, overrides: dict | None 
       dtype='bfloat16' if on_gpu else 'float32')
   t_cfg = dataclasses.replace(t_cfg,
                               ffn_implementation=overrides.get('ffn_implementation', 'auto'))
-  to_dev = lambda t, dtype='float32': jax.tree_util.tree_map(
-      lambda a: jnp.asarray(np.asarray(a).astype(jnp.dtype(dtype))), t)
   # The transformer cast on the host, as api.load_pretrained(param_dtype=...) does: the
   # device then never holds its fp32 copy (the device peak is the sampler's, not the load's).
+  to_dev = lambda t, dtype=None: jax.tree_util.tree_map(api.to_device(dtype), t)
   return (vqvae.Tokenizer(v_cfg), to_dev(v_params), tfm.MVARTransformer(t_cfg),
           to_dev(t_params, param_dtype))
 
@@ -474,6 +471,7 @@ def time_interleaved(contenders: list[Contender], reps: int, warmup: int,
   and the others go on: one contender's failure must not lose the others' figures.
   """
   failed = {} if failed is None else failed
+  alive = list(contenders)
   first, times = {}, {c.name: [] for c in contenders}
 
   def attempt(c) -> bool:
@@ -483,27 +481,26 @@ def time_interleaved(contenders: list[Contender], reps: int, warmup: int,
     except Exception as e:  # noqa: BLE001
       failed[c.name] = f'{type(e).__name__}: {str(e).splitlines()[0][:160]}'
       print(f'# {c.name} failed, dropped: {failed[c.name]}', flush=True)
-      contenders.remove(c)
-      times.pop(c.name, None)
-      first.pop(c.name, None)
+      alive.remove(c)
+      times.pop(c.name)
       return False
 
-  for c in list(contenders):
+  for c in list(alive):
     t = time.perf_counter()
     if attempt(c):
       first[c.name] = time.perf_counter() - t
       print(f'# first call {c.name}: {first[c.name]:.2f} s', flush=True)
   for _ in range(warmup):
-    for c in list(contenders):
+    for c in list(alive):
       attempt(c)
   for r in range(reps):
-    for c in list(contenders):
+    for c in list(alive):
       t = time.perf_counter()
       if attempt(c):
         times[c.name].append(time.perf_counter() - t)
     print(f'# rep {r + 1}/{reps}: ' + ', '.join(f'{n} {v[-1]:.3f}s' for n, v in times.items()),
           flush=True)
-  return {n: (first[n], times[n]) for n in first if n in times}
+  return {c.name: (first[c.name], times[c.name]) for c in alive}
 
 
 def _rss_bytes() -> int:
@@ -652,7 +649,9 @@ def print_table(setup: Setup, results: dict, memory: dict, failed: dict | None =
     med = statistics.median(times)
     ratio = ''
     if name.startswith('ours'):
-      twin = 'official VAR' if name.startswith('ours VAR mode') else 'official MVAR'
+      # 'ours MVAR train scale 8' -> 'official MVAR train scale 8'; a variant -> its family's.
+      twin = 'official MVAR' if name in VARIANTS else name.replace(
+          'ours VAR mode', 'official VAR').replace('ours MVAR', 'official MVAR')
       if twin in results:
         ratio = f'{med / statistics.median(results[twin][1]):.2f}x'
     label = name

@@ -80,9 +80,10 @@ def hlo_sources(path: str) -> dict[str, tuple[str, str]]:
       for noise in ('jit(_scale_loop)/', 'while/body/', 'eval_jaxpr/',
                     'jit(fhat_to_img)/VQVAE.fhat_to_img/'):
         source = source.replace(noise, '')
-      out[name.replace('.', '_')] = (shape.split('{')[0], source)
+      entry = (shape.split('{')[0], source)
+      out[name.replace('.', '_')] = entry
       if dedup:
-        out.setdefault(dedup.group(1).replace('.', '_'), (shape.split('{')[0], source))
+        out.setdefault(dedup.group(1).replace('.', '_'), entry)
   return out
 
 

@@ -284,6 +284,14 @@ def load_pretrained(directory: str, *, attention: AttentionConfig | None = None,
   return MVARPipeline(v_cfg, v_params, t_cfg, t_params)
 
 
+def to_device(dtype: str | None = None):
+  """A host array -> device array function, cast to `dtype` on the host first (None: as it
+  is), so that the device never holds a tensor in two dtypes."""
+  if dtype is None:
+    return jnp.asarray
+  return lambda a: jnp.asarray(np.asarray(a).astype(jnp.dtype(dtype)))
+
+
 def load_converted(directory: str, name: str, dtype: str | None = None):
   """(config, params) of one converted model (`name` is 'vqvae' or 'transformer').
 
@@ -293,9 +301,7 @@ def load_converted(directory: str, name: str, dtype: str | None = None):
   from mvar_jax import checkpointing
   from mvar_jax import converted_io
   # Each tensor goes to the device as it is read: one host copy of one tensor at a time.
-  to_device = jnp.asarray if dtype is None else (
-      lambda a: jnp.asarray(np.asarray(a).astype(jnp.dtype(dtype))))
-  cfg_dict, params = converted_io.read_converted(directory, name, leaf_fn=to_device)
+  cfg_dict, params = converted_io.read_converted(directory, name, leaf_fn=to_device(dtype))
   cfg = config_from_dict(cfg_dict)
   _check_tree(cfg, params, name, os.path.join(directory, f'{name}.msgpack'))
   return cfg, params

@@ -64,7 +64,8 @@ def gelu_tanh(h):
 
 
 def supports(m: int, k: int, n: int, dtype, tiles: Tiles = Tiles()) -> bool:
-  """Whether the kernel takes these shapes (K and N multiples of the tiles, 16-bit dtype)."""
+  """Whether the kernel takes these shapes and dtype (K and N multiples of the tiles;
+  bf16, fp16 or fp32, the last with IEEE fp32 dots)."""
   return (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16, jnp.float32) and m > 0
           and k % tiles.block_k == 0 and n % tiles.block_n == 0)
 

@@ -111,7 +111,6 @@ def na2d_pallas(q_BNHD, k_BNHD, v_BNHD, *, height: int, width: int, kernel_size:
   return per_shard.over_batch(lambda q, k, v: _na2d(q, k, v, static), q_BNHD, k_BNHD, v_BNHD)
 
 
-
 def na2d_pallas_from_qkv(qkv_BN3HD, head_scale_H, *, height: int, width: int,
                          kernel_size: int | None, scale: float = 1.0,
                          block_sizes: BlockSizes | None = None, interpret: bool | None = None):
