@@ -628,6 +628,14 @@ def device_line(setup: Setup) -> str:
           f'{os.getloadavg()[0]:.1f} at the end')
 
 
+def official_twin(name: str) -> str:
+  """The official row an 'ours ...' row is compared with: 'ours MVAR train scale 8' ->
+  'official MVAR train scale 8'; a sampler variant -> the official MVAR sampler."""
+  if name in VARIANTS:
+    return 'official MVAR'
+  return name.replace('ours VAR mode', 'official VAR').replace('ours MVAR', 'official MVAR')
+
+
 def print_table(setup: Setup, results: dict, memory: dict, failed: dict | None = None):
   args = setup.args
   gib = lambda b: f'{b / 2**30:.2f}' if isinstance(b, (int, float)) and b else 'n/a'
@@ -649,9 +657,7 @@ def print_table(setup: Setup, results: dict, memory: dict, failed: dict | None =
     med = statistics.median(times)
     ratio = ''
     if name.startswith('ours'):
-      # 'ours MVAR train scale 8' -> 'official MVAR train scale 8'; a variant -> its family's.
-      twin = 'official MVAR' if name in VARIANTS else name.replace(
-          'ours VAR mode', 'official VAR').replace('ours MVAR', 'official MVAR')
+      twin = official_twin(name)
       if twin in results:
         ratio = f'{med / statistics.median(results[twin][1]):.2f}x'
     label = name

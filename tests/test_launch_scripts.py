@@ -73,6 +73,15 @@ def test_a_contender_that_fails_is_dropped_and_the_others_are_timed(capsys):
   assert '# b failed, dropped' in capsys.readouterr().out
 
 
+def test_each_of_our_rows_is_compared_with_its_official_twin():
+  bench = _load('bench_vs_official')
+  assert bench.official_twin('ours MVAR') == 'official MVAR'
+  assert bench.official_twin('ours VAR mode') == 'official VAR'
+  assert bench.official_twin('ours MVAR train scale 8') == 'official MVAR train scale 8'
+  assert bench.official_twin('ours VAR mode train scales 0..9') == 'official VAR train scales 0..9'
+  assert bench.official_twin('ours MVAR (fused qkv)') == 'official MVAR'
+
+
 def test_the_official_vqvae_is_filled_deterministically():
   bench = _load('bench_vs_official')
   vae = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8),
