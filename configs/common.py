@@ -64,7 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.refine_step = 8  # first scale with neighbourhood attention (13x13 and 16x16)
   config.model.kernel_size = 7  # neighbourhood attention window
   config.model.attention_implementation = 'auto'  # neighbourhood op: auto | gather | dense | pallas
-  config.model.attention_fused_qkv = False  # GPU inference: the kernel normalises q, k itself
+  config.model.attention_fused_qkv = True  # GPU inference: one kernel from the qkv projection
   config.model.ffn_implementation = 'auto'  # inference fc1 + GELU: auto (= xla) | xla | pallas
   config.model.drop_path_rate = -1.0  # max stochastic depth; < 0 means 0.1 * depth / 24
   config.model.cond_drop_rate = 0.1  # class dropout (trains the unconditional branch for CFG)

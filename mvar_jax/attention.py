@@ -38,10 +38,11 @@ class AttentionConfig:
   refine_step: int = 8  # first scale that uses neighbourhood attention in 'mvar' mode
   kernel_size: int = 7  # neighbourhood window (odd)
   implementation: str = 'auto'  # neighbourhood op: 'auto' | 'gather' | 'dense' | 'blocked' | 'pallas'
-  # MVAR inference, one scale per call, with the Pallas kernel: one kernel reads the qkv
-  # projection, l2-normalises q and k and attends (`from_qkv`), instead of XLA passes that
-  # write q, k, v first and, below refine_step, several kernels of dense attention.
-  fused_qkv: bool = False
+  # MVAR inference, one scale per call, with the Pallas kernel (GPU): one kernel reads the
+  # qkv projection, adds its bias, l2-normalises q and k and attends (`from_qkv`), instead of
+  # XLA passes that write q, k, v first and, below refine_step, several kernels of dense
+  # attention. Elsewhere (training, CPU/TPU, a mesh) it changes nothing.
+  fused_qkv: bool = True
 
   def validate(self, layout: ScaleLayout) -> None:
     """Raises ValueError naming the field when the config cannot serve `layout`."""
@@ -96,16 +97,17 @@ def uses_fused_qkv(config: AttentionConfig, first: int, last: int, head_dim: int
 
 
 def from_qkv(qkv_BL3HD, head_scale_H, *, layout: ScaleLayout, scale_index: int,
-             config: AttentionConfig, scale: float = 1.0):
+             config: AttentionConfig, scale: float = 1.0, bias_3HD=None):
   """MVAR attention of one scale from its qkv projection (B, L, 3, heads, D), one Pallas
-  kernel: q = l2n(q) * head_scale and k = l2n(k) inside it; the k x k window on the large
-  scales, the whole map (the dense attention of a scale) below refine_step. (B, L, heads, D).
+  kernel: qkv += bias_3HD (3, heads, D), q = l2n(q) * head_scale and k = l2n(k) inside it;
+  the k x k window on the large scales, the whole map (the dense attention of a scale) below
+  refine_step. (B, L, heads, D).
   """
   from mvar_jax.kernels.neighborhood_attention import pallas_kernel
   pn = layout.patch_nums[scale_index]
   window = config.kernel_size if config.uses_neighborhood(scale_index) else None
   return pallas_kernel.na2d_pallas_from_qkv(qkv_BL3HD, head_scale_H, height=pn, width=pn,
-                                            kernel_size=window, scale=scale)
+                                            kernel_size=window, scale=scale, bias_3HD=bias_3HD)
 
 
 def multiscale_attention(q_BLHD, k_BLHD, v_BLHD, *, layout: ScaleLayout, first: int, last: int,

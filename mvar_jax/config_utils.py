@@ -38,7 +38,7 @@ def transformer_config_from(config) -> TransformerConfig:
   attention = AttentionConfig(
       mode=m.attention_mode, refine_step=int(m.refine_step), kernel_size=int(m.kernel_size),
       implementation=m.attention_implementation,
-      fused_qkv=bool(m.get('attention_fused_qkv', False)))
+      fused_qkv=bool(m.get('attention_fused_qkv', True)))
   return TransformerConfig(
       depth=depth,
       width=int(m.width) if m.width > 0 else 64 * depth,

@@ -174,14 +174,17 @@ class SelfAttention(nn.Module):
         (1, h, 1, 1), jnp.float32)
     qkv = _dense(3 * c, ('embed', 'qkv'), trunc_normal(std), dtype, use_bias=False,
                  name='mat_qkv')(x_BLC)
-    qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
+    bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
     # Clamped at ln(100) so the attention temperature stays bounded.
     head_scale_H = jnp.exp(jnp.minimum(scale_mul_1H11, math.log(100.0))).reshape(h)
     if attention.uses_fused_qkv(cfg.attention, first, last, hd, dtype,
                                 deterministic=deterministic):
+      # The kernel adds the bias as it loads q, k, v: no XLA pass over the whole projection.
       o_BLHD = attention.from_qkv(qkv.reshape(b, l, 3, h, hd).astype(dtype), head_scale_H,
-                                  layout=cfg.layout, scale_index=first, config=cfg.attention)
+                                  layout=cfg.layout, scale_index=first, config=cfg.attention,
+                                  bias_3HD=bias.reshape(3, h, hd).astype(dtype))
     else:
+      qkv = qkv + bias
       q, k, v = jnp.split(qkv.reshape(b, l, 3, h, hd), 3, axis=2)
       q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # (B, L, H, hd)
       q = (_l2_normalize(q) * head_scale_H.reshape(1, 1, h, 1)).astype(dtype)

@@ -52,6 +52,23 @@ def test_kernel_equals_the_unfused_kernel_on_normalised_inputs(height, width, ke
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('kernel_size', [5, None])
+def test_the_kernel_adds_each_parts_bias_as_the_model_does(kernel_size):
+  """bias_3HD is added to q, k and v rows as they load, rounded as XLA's separate add."""
+  dtype = jnp.bfloat16
+  qkv, head_scale = _qkv((2, 49, 3, 4, 64), dtype, seed=3)
+  bias = (jax.random.normal(jax.random.key(4), (3, 4, 64)) * 3).astype(dtype)
+  run = lambda x, b: pallas_kernel.na2d_pallas_from_qkv(
+      x, head_scale, height=7, width=7, kernel_size=kernel_size, bias_3HD=b, interpret=True)
+  with_bias = run(qkv, bias)
+  pre_added = run((qkv + bias[None, None]).astype(dtype), None)
+  np.testing.assert_array_equal(np.asarray(with_bias, np.float32), np.asarray(pre_added, np.float32))
+  assert not np.allclose(np.asarray(with_bias, np.float32), np.asarray(run(qkv, None), np.float32),
+                         atol=1e-2)
+  with pytest.raises(ValueError, match=r'bias \(4, 64\) must be \(3, 4, 64\)'):
+    run(qkv, bias[0])
+
+
 @pytest.mark.parametrize('side', [1, 4, 5, 10])
 def test_whole_map_is_dense_attention(side):
   qkv, head_scale = _qkv((2, side * side, 3, 4, 64), jnp.float32, seed=side)
@@ -107,7 +124,8 @@ def test_only_mvar_inference_on_one_scale_with_the_pallas_kernel_fuses():
   assert not fuses(first=0, last=7)  # block-diagonal over several scales
   assert not fuses(AttentionConfig(mode='var', implementation='pallas', fused_qkv=True))
   assert not fuses(deterministic=False)
-  assert not fuses(AttentionConfig(refine_step=8, implementation='pallas'))
+  assert not fuses(AttentionConfig(refine_step=8, implementation='pallas', fused_qkv=False))
+  assert AttentionConfig().fused_qkv  # the default: on wherever it applies (GPU inference)
   assert not fuses(AttentionConfig(refine_step=8, implementation='blocked', fused_qkv=True))
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ('data',))):
     assert not fuses()
@@ -140,7 +158,7 @@ def test_the_sampler_draws_the_same_tokens(monkeypatch):
   patch_nums = (1, 2, 3, 4, 6)
   v_cfg = vqvae.VQVAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=32,
                             patch_nums=patch_nums, using_sa=False)
-  attn = AttentionConfig(refine_step=4, kernel_size=3, implementation='pallas')
+  attn = AttentionConfig(refine_step=4, kernel_size=3, implementation='pallas', fused_qkv=False)
   t_cfg = tfm.TransformerConfig(depth=1, width=32, num_heads=2, vocab_size=32, cvae=8,
                                 num_classes=5, patch_nums=patch_nums, attention=attn).validate()
   v_params = vqvae.init_params(v_cfg, jax.random.key(0, impl='unsafe_rbg'))['params']

@@ -19,16 +19,23 @@ def _l2_normalize_rows(x_RD):
   return x32 / jnp.maximum(norm_R, 1e-12)[:, None]
 
 
+def _add_bias_rows(x_RD, bias_ref):
+  """x + bias (D,) per row, summed in fp32 and rounded to x's dtype (XLA's add of the two)."""
+  bias_1D = bias_ref[...].astype(jnp.float32)[None, :]
+  return (x_RD.astype(jnp.float32) + bias_1D).astype(x_RD.dtype)
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, *refs, geom: pc.MapGeometry, block_q: int,
                     block_k: int, scale: float, normalize_qk: bool):
   """One (query block, batch, head): refs are the whole (N, D) map of that batch and head.
 
-  normalize_qk: q and k arrive unnormalised (the qkv projection); the kernel l2-normalises
-  their rows as it loads them and multiplies q by the head's scale (refs[0]: 16 copies of
-  it), rounding both to the input dtype as the model does before attention.
+  normalize_qk: q, k and v arrive as the qkv projection without its bias; the kernel adds
+  each part's bias (refs[1:4], (D,) for this head) as it loads rows, l2-normalises q and k
+  rows and multiplies q by the head's scale (refs[0]: 16 copies of it), rounding each step
+  to the input dtype as the model's XLA passes do before attention.
   """
   if normalize_qk:
-    head_scale_ref, o_ref, lse_ref = refs
+    head_scale_ref, q_bias_ref, k_bias_ref, v_bias_ref, o_ref, lse_ref = refs
   else:
     o_ref, lse_ref = refs
   n = geom.n
@@ -38,6 +45,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, geom: pc.MapGeometry, block_q: i
   q_QD = pc.load_rows(q_ref, q0, block_q, n)
   if normalize_qk:
     head_scale = jnp.max(head_scale_ref[...].astype(jnp.float32))
+    q_QD = _add_bias_rows(q_QD, q_bias_ref)
     q_QD = (_l2_normalize_rows(q_QD) * head_scale).astype(q_ref.dtype)
   row_lo_Q, col_lo_Q = geom.window_lo(pc.iota(q0, block_q))
   qk_scale = scale * pc.LOG2E  # softmax in base 2: exp2 is the cheap instruction
@@ -46,9 +54,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, geom: pc.MapGeometry, block_q: i
     acc_QD, m_Q, l_Q = carry
     k0 = k_block * block_k
     k_KD = pc.load_rows(k_ref, k0, block_k, n)
-    if normalize_qk:
-      k_KD = _l2_normalize_rows(k_KD).astype(k_ref.dtype)
     v_KD = pc.load_rows(v_ref, k0, block_k, n)
+    if normalize_qk:
+      k_KD = _l2_normalize_rows(_add_bias_rows(k_KD, k_bias_ref)).astype(k_ref.dtype)
+      v_KD = _add_bias_rows(v_KD, v_bias_ref)
     s_QK = pc.dot(q_QD, k_KD, trans_b=True, precision=precision) * qk_scale
     mask_QK = geom.in_window(row_lo_Q[:, None], col_lo_Q[:, None], pc.iota(k0, block_k)[None, :])
     s_QK = jnp.where(mask_QK, s_QK, pc.MASK_VALUE)
@@ -93,13 +102,14 @@ def forward(q_BNHD, k_BNHD, v_BNHD, *, geom: pc.MapGeometry, scale: float,
   )(q_BNHD, k_BNHD, v_BNHD)
 
 
-def forward_from_qkv(qkv_BN3HD, head_scale_H, *, geom: pc.MapGeometry, scale: float,
+def forward_from_qkv(qkv_BN3HD, head_scale_H, bias_3HD, *, geom: pc.MapGeometry, scale: float,
                      block_sizes: pc.BlockSizes, interpret: bool):
-  """Inference forward from the qkv projection (B, N, 3, heads, D): q and k l2-normalised in
-  the kernel, q times head_scale_H (heads,) fp32. Returns out (B, N, heads, D).
+  """Inference forward from the qkv projection (B, N, 3, heads, D) without its bias: the
+  kernel adds bias_3HD (3, heads, D), l2-normalises q and k and multiplies q by head_scale_H
+  (heads,) fp32. Returns out (B, N, heads, D).
 
-  The three operands are the same array read at q, k and v: no XLA pass writes normalised
-  q and k or a sliced v first.
+  The three operands are the same array read at q, k and v: no XLA pass adds the bias,
+  writes normalised q and k or a sliced v first.
   """
   batch, n, three, heads, head_dim = qkv_BN3HD.shape
   if three != 3:
@@ -109,12 +119,14 @@ def forward_from_qkv(qkv_BN3HD, head_scale_H, *, geom: pc.MapGeometry, scale: fl
                              normalize_qk=True)
   part = lambda j: pl.BlockSpec((None, n, None, None, head_dim),
                                 lambda i, b, h: (b, 0, j, h, 0))
+  bias = lambda j: pl.BlockSpec((None, None, head_dim), lambda i, b, h: (j, h, 0))
   # 16 copies per head: a Triton block needs a power-of-two size; the kernel takes their max.
   head_scale_H16 = jnp.broadcast_to(head_scale_H.astype(jnp.float32)[:, None], (heads, 16))
   out, _ = pl.pallas_call(
       kernel,
       grid=(pl.cdiv(n, bq), batch, heads),
-      in_specs=[part(0), part(1), part(2), pl.BlockSpec((None, 16), lambda i, b, h: (h, 0))],
+      in_specs=[part(0), part(1), part(2), pl.BlockSpec((None, 16), lambda i, b, h: (h, 0)),
+                bias(0), bias(1), bias(2)],
       out_specs=[pl.BlockSpec((None, n, None, head_dim), lambda i, b, h: (b, 0, h, 0)),
                  pl.BlockSpec((None, None, n), lambda i, b, h: (b, h, 0))],
       out_shape=[jax.ShapeDtypeStruct((batch, n, heads, head_dim), qkv_BN3HD.dtype),
@@ -122,5 +134,5 @@ def forward_from_qkv(qkv_BN3HD, head_scale_H, *, geom: pc.MapGeometry, scale: fl
       compiler_params=pc.compiler_params(block_sizes.num_warps, block_sizes.num_stages),
       interpret=interpret,
       name='na2d_fwd_qkv',
-  )(qkv_BN3HD, qkv_BN3HD, qkv_BN3HD, head_scale_H16)
+  )(qkv_BN3HD, qkv_BN3HD, qkv_BN3HD, head_scale_H16, bias_3HD, bias_3HD, bias_3HD)
   return out

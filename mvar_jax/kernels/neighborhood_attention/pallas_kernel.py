@@ -44,6 +44,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from mvar_jax.kernels.neighborhood_attention import pallas_backward
 from mvar_jax.kernels.neighborhood_attention import pallas_common as pc
@@ -112,12 +113,13 @@ def na2d_pallas(q_BNHD, k_BNHD, v_BNHD, *, height: int, width: int, kernel_size:
 
 
 def na2d_pallas_from_qkv(qkv_BN3HD, head_scale_H, *, height: int, width: int,
-                         kernel_size: int | None, scale: float = 1.0,
+                         kernel_size: int | None, scale: float = 1.0, bias_3HD=None,
                          block_sizes: BlockSizes | None = None, interpret: bool | None = None):
   """Inference only (no VJP), one device: the model's attention from its qkv projection.
 
-  Equals `na2d_pallas(q, k, v)` with q = l2n(qkv[:, :, 0]) * head_scale and k = l2n(qkv[:, :,
-  1]) rounded to qkv's dtype, v = qkv[:, :, 2] (l2n: rows over their l2 norm). (B, N, heads, D).
+  With x = qkv + bias_3HD (zeros when None; rounded to qkv's dtype), equals
+  `na2d_pallas(q, k, v)` with q = l2n(x[:, :, 0]) * head_scale and k = l2n(x[:, :, 1])
+  rounded to qkv's dtype, v = x[:, :, 2] (l2n: rows over their l2 norm). (B, N, heads, D).
   kernel_size None: every query sees the whole (square) map, i.e. dense attention over it
   (a window as large as the map starts at 0 for every query, whatever its parity).
   """
@@ -135,8 +137,13 @@ def na2d_pallas_from_qkv(qkv_BN3HD, head_scale_H, *, height: int, width: int,
                      f'heads, D) and head_scale {head_scale_H.shape} (heads,)')
   if not supports(head_dim, qkv_BN3HD.dtype):
     raise ValueError(f'na2d_pallas_from_qkv: head dim {head_dim} / {qkv_BN3HD.dtype} unsupported')
+  if bias_3HD is None:
+    bias_3HD = jnp.zeros((3, heads, head_dim), qkv_BN3HD.dtype)
+  elif bias_3HD.shape != (3, heads, head_dim):
+    raise ValueError(f'na2d_pallas_from_qkv: bias {bias_3HD.shape} must be (3, {heads}, '
+                     f'{head_dim})')
   block_sizes = block_sizes or BlockSizes.get_default(head_dim, qkv_BN3HD.dtype)
   block_sizes.validate()
   return pallas_forward.forward_from_qkv(
-      qkv_BN3HD, head_scale_H, geom=geom, scale=float(scale), block_sizes=block_sizes.fit(n),
+      qkv_BN3HD, head_scale_H, bias_3HD.astype(qkv_BN3HD.dtype), geom=geom, scale=float(scale), block_sizes=block_sizes.fit(n),
       interpret=pc.resolve_interpret(interpret))
