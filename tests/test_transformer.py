@@ -520,3 +520,25 @@ def test_command_line_converts_a_pth_file(tmp_path):
   assert (saved['depth'], saved['width'], saved['num_heads']) == (2, 64, 4)
   assert tuple(saved['patch_nums']) == config.patch_nums
   assert saved['attention']['refine_step'] == 3 and saved['attention']['kernel_size'] == 3
+
+
+def test_the_logits_head_runs_in_its_parameters_dtype_with_fp32_logits():
+  """fp32 params: the fp32 matmul. bf16 params (inference loading): a bf16 matmul that
+  accumulates in fp32, not an up-cast of the weights to an fp32 GEMM."""
+  head = tfm.LogitsHead(24, tfm.trunc_normal(0.5))
+  h = jax.random.normal(jax.random.key(1), (2, 5, 16))
+  params = nn.unbox(head.init(jax.random.key(0), h))
+  params = jax.tree.map(lambda p: p + 0.1, params)  # a non-zero bias
+  w, b = params['params']['kernel'], params['params']['bias']
+  out32 = head.apply(params, h)
+  assert out32.dtype == jnp.float32
+  np.testing.assert_allclose(out32, np.asarray(h) @ np.asarray(w) + np.asarray(b), rtol=1e-5,
+                             atol=1e-5)
+  p16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+  out16 = head.apply(p16, h)
+  assert out16.dtype == jnp.float32
+  want = jnp.dot(h.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
+                 preferred_element_type=jnp.float32) + b.astype(jnp.bfloat16).astype(jnp.float32)
+  np.testing.assert_array_equal(out16, want)
+  jaxpr = str(jax.make_jaxpr(lambda p: head.apply(p, h))(p16))
+  assert 'preferred_element_type=float32' in jaxpr and 'f32[16,24]' not in jaxpr
