@@ -250,8 +250,24 @@ class Downsample(nn.Module):
 
 # Nearest x2 then a 3x3 'SAME' conv, per output phase: output row 2i+a sees input rows
 # (i-1, i) with taps (k0, k1+k2) for a = 0 and rows (i, i+1) with taps (k0+k1, k2) for a = 1
-# (the padding row is zero either way); columns alike. PHASE_TAPS[a] (2, 3) sums the taps.
-PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.float32)
+# (the padding row is zero either way); columns alike.
+def _phase_taps(k, axis):
+  """[a][u]: phase a's tap u, the 3x3 kernel's taps along `axis` summed as above."""
+  k0, k1, k2 = (jnp.take(k, i, axis=axis) for i in range(3))
+  return [[k0, k1 + k2], [k0 + k1, k2]]
+
+
+def phase_kernels(kernel_33IO):
+  """(3, 3, Cin, Cout) -> (2, 2, Cin, 4 * Cout): phase (a, b)'s 2x2 kernel in output channels
+  [(a * 2 + b) * Cout, ...). Sums of taps in the kernel's dtype: elementwise adds, not a
+  contraction (as an einsum it was a (Cin * Cout * 9, 4) GEMM per decode chunk on the GPU)."""
+  rows = _phase_taps(kernel_33IO, 0)  # [a][u]: (3, Cin, Cout)
+  taps = [[[[_phase_taps(rows[a][u], 0)[b][v] for b in range(2)] for a in range(2)]
+           for v in range(2)] for u in range(2)]  # [u][v][a][b]: (Cin, Cout)
+  k_uvabIO = jnp.stack([jnp.stack([jnp.stack([jnp.stack(tb) for tb in ta]) for ta in tv])
+                        for tv in taps])
+  cin, cout = kernel_33IO.shape[2:]
+  return jnp.transpose(k_uvabIO, (0, 1, 4, 2, 3, 5)).reshape(2, 2, cin, 4 * cout)
 
 
 class UpsampleConv(nn.Module):
@@ -272,11 +288,8 @@ class UpsampleConv(nn.Module):
     x_BHWC = x_BHWC.astype(self.dtype)
     kernel = self.param('kernel', CONV_KERNEL_INIT, (3, 3, cin, self.features))
     bias = self.param('bias', CONV_BIAS_INIT, (self.features,))
-    taps = jnp.asarray(PHASE_TAPS)
     # (2, 2, Cin, [a, b, Cout]): phase (a, b)'s 2x2 kernel in the output channels.
-    k_phases = jnp.einsum('aup,bvq,pqio->uviabo', taps, taps, kernel,
-                          precision=jax.lax.Precision.HIGHEST).reshape(2, 2, cin, 4 * self.features)
-    k_phases = k_phases.astype(self.dtype)
+    k_phases = phase_kernels(kernel.astype(jnp.float32)).astype(self.dtype)
     y = jax.lax.conv_general_dilated(
         jnp.pad(x_BHWC, ((0, 0), (1, 1), (1, 1), (0, 0))), k_phases, (1, 1), 'VALID',
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=self.precision)

@@ -521,3 +521,18 @@ def test_config_survives_a_json_round_trip():
   d.pop('_type')
   d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
   assert vqvae.VQVAEConfig(**d) == SMALL and hash(vqvae.VQVAEConfig(**d)) == hash(SMALL)
+
+
+def test_upsample_conv_is_nearest_x2_then_a_3x3_same_conv():
+  """The four output phases' 2x2 kernels (sums of the 3x3 taps) give the direct form."""
+  x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
+  module = vqvae.UpsampleConv(4, jax.lax.Precision.HIGHEST)
+  params = nn.unbox(module.init(jax.random.key(1), x))
+  kernel, bias = params['params']['kernel'], params['params']['bias']
+  up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  direct = jax.lax.conv_general_dilated(up, kernel, (1, 1), 'SAME',
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                        precision=jax.lax.Precision.HIGHEST) + bias
+  np.testing.assert_allclose(module.apply(params, x), direct, rtol=1e-5, atol=1e-5)
+  # The phase kernels are elementwise sums: no contraction (a degenerate GEMM on GPU).
+  assert 'dot_general' not in str(jax.make_jaxpr(vqvae.phase_kernels)(kernel))
