@@ -7,8 +7,8 @@
 # 0. PARTS=gelu,gn,...: bench_fusions.py on those parts first (none by default; SELECT=1 is
 #    PARTS=select): fc1 + GELU per scale against the Pallas kernel, GroupNorm statistics, ...
 # 1. bench_vs_official.py, d16, batch 32: official VAR (KV cache) against ours (MVAR, bf16
-#    transformer params, bf16 VQ-VAE decode), as it is and with the neighbourhood kernel
-#    reading the qkv projection (AttentionConfig.fused_qkv), same weights, interleaved
+#    transformer params, bf16 VQ-VAE decode), as it is and with XLA passes writing q, k, v
+#    for the neighbourhood kernel (AttentionConfig.fused_qkv=False), same weights, interleaved
 #    ($SAMPLERS picks others: official MVAR, 'ours MVAR (Pallas FFN)', ...);
 #    then per-contender memory probes in fresh processes (ours: loaded from the compilation
 #    cache this run fills, XLA memory/cost analysis, and a jax.profiler trace of one call ->
@@ -18,6 +18,8 @@
 #    XLA_AB="--xla_gpu_enable_triton_gemm=false": step 1 again (official VAR, ours MVAR) in a
 #    process with those XLA_FLAGS, to compare with step 1's rows (the H100's last-scale
 #    forward was 4% faster without XLA's Triton GEMMs; the sampler was not timed so).
+# 2c. EPILOGUES=1 (default): check_gemm_epilogues.py, which forms of the FFN's bias + GELU and
+#    the qkv bias XLA folds into cuBLAS's epilogue, under which options (~1 min).
 # 3. The Pallas neighbourhood kernel's tiles: forward at the sampler's shapes (13x13 and 16x16,
 #    batch 64 = 32 with CFG, 16 heads) and forward+backward at 32x32 (training at 512 px).
 #    Tuned on 2026-11-26 (defaults kept): only with TILES=1.
@@ -61,7 +63,7 @@ if [[ -n "$PARTS" ]]; then
 fi
 
 echo "=== 1. side by side, d16 batch 32 ===" | tee -a "$OUT_DIR/log.txt"
-DEFAULT_SAMPLERS="official VAR,ours MVAR,ours MVAR (fused qkv)"
+DEFAULT_SAMPLERS="official VAR,ours MVAR,ours MVAR (unfused qkv)"
 timeout ${VS_TIMEOUT:-420} $PY launch/bench_vs_official.py \
     --official_mvar_src="$OFFICIAL/MVAR" --official_var_src="$OFFICIAL/VAR" \
     --depth=16 --batch=32 "--samplers=${SAMPLERS:-$DEFAULT_SAMPLERS}" --skip_train \
@@ -88,6 +90,12 @@ if [[ -n "${XLA_AB:-}" ]]; then
       --warmup=1 --na2d_fallback=sdpa --param_dtype=bfloat16 \
       --json_out="$OUT_DIR/vs_official_xla_ab.json" 2>&1 \
     | grep -v -E '^\s*$|Warning|warn\(' | tee -a "$OUT_DIR/log.txt"
+fi
+
+if [[ "${EPILOGUES:-1}" == 1 ]]; then
+  echo "=== 2c. GEMM epilogues: bias and GELU forms ===" | tee -a "$OUT_DIR/log.txt"
+  timeout ${EPILOGUES_TIMEOUT:-120} $PY launch/check_gemm_epilogues.py 2>&1 \
+    | grep -v -E '^\s*$|Warning' | tee -a "$OUT_DIR/log.txt"
 fi
 
 [[ "${TILES:-0}" == 1 ]] || { date -u | tee -a "$OUT_DIR/log.txt"; exit 0; }

@@ -79,7 +79,7 @@ def test_each_of_our_rows_is_compared_with_its_official_twin():
   assert bench.official_twin('ours VAR mode') == 'official VAR'
   assert bench.official_twin('ours MVAR train scale 8') == 'official MVAR train scale 8'
   assert bench.official_twin('ours VAR mode train scales 0..9') == 'official VAR train scales 0..9'
-  assert bench.official_twin('ours MVAR (fused qkv)') == 'official MVAR'
+  assert bench.official_twin('ours MVAR (unfused qkv)') == 'official MVAR'
 
 
 def test_the_official_vqvae_is_filled_deterministically():
@@ -130,6 +130,17 @@ def test_bench_memory_smoke_prints_the_table(capsys):
   bench.main(['--smoke', '--skip_parts'])
   out = capsys.readouterr().out
   assert 'MVAR-d1' in out and 'VAR-d1' in out and 'VAR / MVAR sampling peak' in out
+
+
+def test_gemm_epilogue_check_compiles_and_times_every_form(capsys):
+  check = _load('check_gemm_epilogues')
+  rows = check.main(['--smoke'])
+  assert [r[0] for r in rows] == list(check.forms(8, 8, 'bfloat16'))
+  assert all(r[1] == 'default' and r[3] >= 1 and r[4] > 0 for r in rows)
+  assert all(r[2] == '-' for r in rows)  # CPU: no cuBLAS epilogues to find
+  hlo = 'x = custom-call(a), backend_config={"epilogue":"BIAS_GELU"} "epilogue":"DEFAULT"'
+  assert check.epilogues(hlo) == 'BIAS_GELU,DEFAULT'
+  assert 'qkv + one (3C,) bias argument' in capsys.readouterr().out
 
 
 def test_bench_fusions_smoke_checks_each_candidate_against_the_current_code(capsys):
