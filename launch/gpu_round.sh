@@ -7,9 +7,10 @@
 # 0. PARTS=gelu,gn,...: bench_fusions.py on those parts first (none by default; SELECT=1 is
 #    PARTS=select): fc1 + GELU per scale against the Pallas kernel, GroupNorm statistics, ...
 # 1. bench_vs_official.py, d16, batch 32: official VAR (KV cache) against ours (MVAR, bf16
-#    transformer params, bf16 VQ-VAE decode), as it is and with XLA passes writing q, k, v
-#    for the neighbourhood kernel (AttentionConfig.fused_qkv=False), same weights, interleaved
-#    ($SAMPLERS picks others: official MVAR, 'ours MVAR (Pallas FFN)', ...);
+#    transformer params, bf16 VQ-VAE decode), as it is and compiled without XLA's Triton
+#    GEMMs (cuBLAS then folds the FFN's GELU into fc1: step 2c; is the whole sampler faster?),
+#    same weights, interleaved ($SAMPLERS picks others: official MVAR, 'ours MVAR (unfused
+#    qkv)', 'ours MVAR (Pallas FFN)', ...);
 #    then per-contender memory probes in fresh processes (ours: loaded from the compilation
 #    cache this run fills, XLA memory/cost analysis, and a jax.profiler trace of one call ->
 #    OUT_DIR/*.trace.json.gz, summarised here with launch/trace_summary.py).
@@ -63,7 +64,7 @@ if [[ -n "$PARTS" ]]; then
 fi
 
 echo "=== 1. side by side, d16 batch 32 ===" | tee -a "$OUT_DIR/log.txt"
-DEFAULT_SAMPLERS="official VAR,ours MVAR,ours MVAR (unfused qkv)"
+DEFAULT_SAMPLERS="official VAR,ours MVAR,ours MVAR (no Triton GEMM)"
 timeout ${VS_TIMEOUT:-420} $PY launch/bench_vs_official.py \
     --official_mvar_src="$OFFICIAL/MVAR" --official_var_src="$OFFICIAL/VAR" \
     --depth=16 --batch=32 "--samplers=${SAMPLERS:-$DEFAULT_SAMPLERS}" --skip_train \

@@ -257,12 +257,12 @@ def loops_blocks(backend: str | None = None) -> bool:
 
 @functools.lru_cache(maxsize=64)
 def _compiled(transformer, vqvae, batch_size: int, top_k: int, more_smooth: bool, use_cfg: bool,
-              decode_batch: int, loop_blocks: bool):
+              decode_batch: int, loop_blocks: bool, xla_options: tuple = ()):
   del batch_size  # part of the cache key: one executable per batch size
   return jax.jit(functools.partial(_scale_loop, transformer=transformer, vqvae=vqvae, top_k=top_k,
                                    more_smooth=more_smooth, use_cfg=use_cfg,
                                    decode_batch=decode_batch, loop_blocks=loop_blocks),
-                 compiler_options=dict(compiler_options()) or None)
+                 compiler_options=dict(compiler_options() + xla_options) or None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,11 +322,12 @@ def _abstract(sig):
 
 @functools.lru_cache(maxsize=64)
 def _sampler(transformer, vqvae, batch_size: int, top_k: int, more_smooth: bool, use_cfg: bool,
-             decode_batch: int, t_sig, v_sig, key_aval, loop_blocks: bool) -> CompiledSampler:
+             decode_batch: int, t_sig, v_sig, key_aval, loop_blocks: bool,
+             xla_options: tuple = ()) -> CompiledSampler:
   """One CompiledSampler per process and signature, kept on disk across processes
   (compilation_cache.load_or_compile: a new process skips tracing and lowering)."""
   fn = _compiled(transformer, vqvae, batch_size, top_k, more_smooth, use_cfg, decode_batch,
-                 loop_blocks)
+                 loop_blocks, xla_options)
   sds = jax.ShapeDtypeStruct
   lower = lambda: fn.lower(_abstract(t_sig), _abstract(v_sig), sds((batch_size,), jnp.int32),
                            key_aval, sds((), jnp.float32), sds((), jnp.float32))
@@ -341,7 +342,7 @@ def _sampler(transformer, vqvae, batch_size: int, top_k: int, more_smooth: bool,
     key = compilation_cache.executable_key(
         'sampling._scale_loop', repr(transformer.config), repr(vqvae.config), batch_size, top_k,
         more_smooth, use_cfg, decode_batch, str(t_sig), str(v_sig), str(key_aval),
-        compiler_options(), loop_blocks)
+        compiler_options(), loop_blocks, xla_options)
     executable = compilation_cache.load_or_compile(key, lower)
   return CompiledSampler(executable, transformer.config.num_classes, batch_size, top_k, use_cfg)
 
@@ -349,7 +350,8 @@ def _sampler(transformer, vqvae, batch_size: int, top_k: int, more_smooth: bool,
 def compile_sampler(transformer, t_params, vqvae, v_params, *, batch_size: int,
                     cfg: float = 1.5, top_k: int = 0, more_smooth: bool = False,
                     decode_batch: int = DEFAULT_DECODE_BATCH, key=None,
-                    loop_blocks: bool | None = None) -> CompiledSampler:
+                    loop_blocks: bool | None = None,
+                    xla_options: dict | None = None) -> CompiledSampler:
   """Lowers and compiles the sampling loop now (or loads it from the compilation cache).
 
   t_params / v_params: arrays or jax.ShapeDtypeStruct trees of the same structure (nothing
@@ -357,6 +359,8 @@ def compile_sampler(transformer, t_params, vqvae, v_params, *, batch_size: int,
   Only whether cfg == 1 matters here; its value and top_p are given at call time. key: a key
   of the kind you will sample with (default: jax.random.key's). loop_blocks: run each scale's
   blocks as a loop (None: `loops_blocks()`, the backend's default); same samples either way.
+  xla_options: XLA debug options for this program on top of `compiler_options()` (e.g.
+  {'xla_gpu_enable_triton_gemm': False}); part of the cache key, unlike XLA_FLAGS per call.
   """
   validate_sampling_args(num_classes=transformer.config.num_classes, labels=None, cfg=cfg,
                          top_k=top_k, top_p=1.0)
@@ -367,7 +371,8 @@ def compile_sampler(transformer, t_params, vqvae, v_params, *, batch_size: int,
   return _sampler(transformer, vqvae, int(batch_size), int(top_k), bool(more_smooth),
                   bool(cfg != 1.0), int(decode_batch), _signature(_variables(t_params)),
                   _signature(v_params), jax.ShapeDtypeStruct(key.shape, key.dtype),
-                  loops_blocks() if loop_blocks is None else bool(loop_blocks))
+                  loops_blocks() if loop_blocks is None else bool(loop_blocks),
+                  tuple(sorted((xla_options or {}).items())))
 
 
 def _check_decode_batch(decode_batch) -> None:

@@ -158,6 +158,24 @@ class TestSample:
       sampler(pipe.transformer_params, pipe.tokenizer_params, key=jax.random.key(7),
               labels=[0, 1, 2], cfg=1.0)
 
+  def test_xla_options_compile_their_own_program_with_the_same_samples(self, pipe):
+    """A per-program XLA option (here a GPU one, which XLA:CPU accepts and ignores) is its own
+    executable and cache entry; an option XLA does not know is an error naming it."""
+    kw = dict(labels=[0, 3, 4], cfg=2.0, top_p=0.9)
+    args = (pipe.transformer, pipe.transformer_params, pipe.tokenizer, pipe.tokenizer_params)
+    plain = sampling.compile_sampler(*args, batch_size=3, cfg=2.0, top_k=8)
+    opts = sampling.compile_sampler(*args, batch_size=3, cfg=2.0, top_k=8,
+                                    xla_options={'xla_gpu_enable_triton_gemm': False})
+    assert opts.executable is not plain.executable
+    a, b = (s(pipe.transformer_params, pipe.tokenizer_params, key=jax.random.key(7), **kw)
+            for s in (plain, opts))
+    for x, y in zip(a.ids, b.ids):
+      np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(a.images_BHW3, b.images_BHW3)
+    with pytest.raises(Exception, match='xla_no_such_option'):
+      sampling.compile_sampler(*args, batch_size=3, cfg=2.0, top_k=8,
+                               xla_options={'xla_no_such_option': True})
+
   def test_shapes_ranges_and_consistency_with_the_tokenizer(self, pipe):
     out = pipe.sample(jax.random.key(0), labels=[1, 2], cfg=1.5, top_k=0, top_p=1.0)
     assert out.images_BHW3.shape == (2, pipe.image_size, pipe.image_size, 3)
