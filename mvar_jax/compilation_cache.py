@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import pickle
+import threading
 from typing import Callable
 
 import jax
@@ -103,6 +104,27 @@ def executable_key(*parts) -> str:
   return hashlib.sha256(described.encode()).hexdigest()
 
 
+_JAX_CACHE_HITS = threading.local()  # .count: JAX persistent-cache hits on this thread
+
+
+def _count_jax_cache_hits(event: str, **kwargs) -> None:
+  del kwargs
+  if event == '/jax/compilation_cache/cache_hits':
+    _JAX_CACHE_HITS.count = getattr(_JAX_CACHE_HITS, 'count', 0) + 1
+
+
+_LISTENING = False
+
+
+def _jax_cache_hits() -> int:
+  """JAX persistent-cache hits on this thread so far (a jax.monitoring listener counts them)."""
+  global _LISTENING
+  if not _LISTENING:
+    jax.monitoring.register_event_listener(_count_jax_cache_hits)
+    _LISTENING = True
+  return getattr(_JAX_CACHE_HITS, 'count', 0)
+
+
 def load_or_compile(key: str, lower: Callable[[], jax.stages.Lowered]) -> jax.stages.Compiled:
   """The executable stored under `key` in the cache directory, else lower().compile() (stored).
 
@@ -110,7 +132,8 @@ def load_or_compile(key: str, lower: Callable[[], jax.stages.Lowered]) -> jax.st
   its lookup: for the d16 sampler those are ~5.5 s of CPU in every new process. Stored here
   is the whole `jax.stages.Compiled` (jax.experimental.serialize_executable), so a later
   process runs without tracing. Off when the persistent cache is off; a file that does not
-  load (truncated, another jaxlib) is replaced by a fresh compile.
+  load (truncated, another jaxlib) is replaced by a fresh compile. Only a real compile is
+  stored, not an executable JAX's own cache returned (see the comment below).
   """
   from jax.experimental import serialize_executable
   directory = jax.config.jax_compilation_cache_dir
@@ -126,7 +149,22 @@ def load_or_compile(key: str, lower: Callable[[], jax.stages.Lowered]) -> jax.st
     except Exception as e:  # noqa: BLE001  any unreadable file means: compile again
       logging.warning('compilation_cache: ignoring unreadable %s (%s: %s)', path,
                       type(e).__name__, e)
+  hits = _jax_cache_hits()
   compiled = lower().compile()
+  if path and _jax_cache_hits() != hits:
+    # JAX loaded this program from its own cache. On XLA:CPU (jaxlib 0.10) such an executable
+    # re-serialises without its kernels (30 kB compiled, 10 kB loaded and serialised again):
+    # stored, it fails in any later process with "Function ... not found". JAX's entry
+    # serves the next process instead (it traces and lowers again, as without this cache).
+    # This happened whenever our key changed and the program did not (an edited source, two
+    # configs differing in a field the program does not read).
+    logging.info('compilation_cache: %s came from JAX\'s cache; not stored again', key)
+    if os.path.exists(path):  # an unreadable file (loaded ones return above): drop it
+      try:
+        os.remove(path)
+      except OSError:
+        pass
+    return compiled
   if path:
     try:
       device_ids = [d.id for d in compiled.runtime_executable().local_devices()]
