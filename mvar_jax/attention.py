@@ -41,7 +41,7 @@ class AttentionConfig:
   # MVAR inference, one scale per call, with the Pallas kernel (GPU): one kernel reads the
   # qkv projection, adds its bias, l2-normalises q and k and attends (`from_qkv`), instead of
   # XLA passes that write q, k, v first and, below refine_step, several kernels of dense
-  # attention. Elsewhere (training, CPU/TPU, a mesh) it changes nothing.
+  # attention. Elsewhere (training, CPU/TPU) it changes nothing.
   fused_qkv: bool = True
 
   def validate(self, layout: ScaleLayout) -> None:
@@ -84,13 +84,11 @@ def block_mask(layout: ScaleLayout, first: int, last: int, mode: str) -> np.ndar
 def uses_fused_qkv(config: AttentionConfig, first: int, last: int, head_dim: int, dtype, *,
                    deterministic: bool) -> bool:
   """Whether this call's attention runs `from_qkv`: config.fused_qkv, MVAR inference on one
-  scale, the Pallas kernel (what 'auto' picks on GPU) for this head dim and dtype, and no
-  mesh (the kernel has no per-shard wrapper)."""
+  scale, the Pallas kernel (what 'auto' picks on GPU) for this head dim and dtype. Under a
+  mesh the kernel runs once per device on its maps (`per_shard.over_batch`)."""
   if not (config.fused_qkv and config.mode == 'mvar' and deterministic and first == last):
     return False
   if na_api.resolve_implementation(config.implementation) != 'pallas':
-    return False
-  if not jax.sharding.get_abstract_mesh().empty:
     return False
   from mvar_jax.kernels.neighborhood_attention import pallas_kernel
   return pallas_kernel.supports(head_dim, dtype)

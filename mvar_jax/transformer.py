@@ -199,7 +199,7 @@ def resolve_ffn_implementation(name: str, *, deterministic: bool) -> str:
   """'xla' or 'pallas' for the FFN's fc1 + GELU.
 
   'pallas' (`kernels.dense_gelu`: the bias and GELU in the matmul's epilogue) has no
-  backward and runs on one device: training, and any call traced under a mesh, use XLA.
+  backward: training uses XLA. Under a mesh it runs once per device on its rows.
   'auto' is XLA: on an H100 the kernel saves the GELU passes (4.5 ms per d16 batch-32
   sampler call) but its Triton matmul runs at ~60% of cuBLAS's rate (+6 ms), so the sampler
   took 0.094 s against XLA's 0.092 (launch/results/h100_2026-11-26.md).
@@ -209,7 +209,7 @@ def resolve_ffn_implementation(name: str, *, deterministic: bool) -> str:
   if not deterministic:
     raise ValueError("ffn_implementation='pallas' is inference only (no backward); "
                      "train with 'auto' or 'xla'")
-  return 'xla' if not jax.sharding.get_abstract_mesh().empty else 'pallas'
+  return 'pallas'
 
 
 class FFN(nn.Module):

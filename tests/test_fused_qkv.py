@@ -128,7 +128,7 @@ def test_only_mvar_inference_on_one_scale_with_the_pallas_kernel_fuses():
   assert AttentionConfig().fused_qkv  # the default: on wherever it applies (GPU inference)
   assert not fuses(AttentionConfig(refine_step=8, implementation='blocked', fused_qkv=True))
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ('data',))):
-    assert not fuses()
+    assert fuses()  # per device on its maps: tests/test_per_shard.py
   with pytest.raises(ValueError, match='fused_qkv'):
     AttentionConfig(fused_qkv='yes').validate(tiny_config().layout)
 

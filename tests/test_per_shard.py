@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mvar_jax import sharding
-from mvar_jax.kernels import per_shard, select_threshold
+from mvar_jax.kernels import dense_gelu, per_shard, select_threshold
 from mvar_jax.kernels.neighborhood_attention import pallas_kernel, reference
 
 from test_na_pallas import _TRITON_TARGETS, abstract_gpu_mesh
@@ -120,6 +120,40 @@ def test_selection_kernel_runs_per_row_shard():
   args = (jax.device_put(logits, sharded), jax.device_put(top_p, sharded))
   assert [call[0][0] for call in pallas_operand_shapes(fn.trace(*args).jaxpr)] == [4]
   np.testing.assert_array_equal(fn(*args), select(logits, top_p))
+
+
+def test_fused_qkv_kernel_runs_per_batch_shard_with_its_shared_operands_whole():
+  """The (B, N, 3, H, D) projection is split over the batch; the head scales and the bias
+  (no batch axis) reach every device whole."""
+  mesh = mesh_2x4()
+  rng = np.random.default_rng(1)
+  qkv = rng.normal(size=(16, H * W, 3, 2, 16)).astype(np.float32)
+  head_scale = np.exp(rng.normal(size=(2,))).astype(np.float32)
+  bias = rng.normal(size=(3, 2, 16)).astype(np.float32)
+  attend = lambda x, s, b: pallas_kernel.na2d_pallas_from_qkv(
+      x, s, height=H, width=W, kernel_size=KERNEL, bias_3HD=b, interpret=True)
+  fn = jax.jit(sharding.traced_on_mesh(attend, mesh))
+  args = (jax.device_put(qkv, NamedSharding(mesh, P(('data', 'fsdp')))), head_scale, bias)
+  shapes = pallas_operand_shapes(fn.trace(*args).jaxpr)
+  assert len(shapes) == 1 and shapes[0][0] == (2, H * W, 3, 2, 16)  # 16 maps over 8 devices
+  assert (3, 2, 16) in shapes[0]  # the whole bias on each
+  np.testing.assert_allclose(fn(*args), attend(qkv, head_scale, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_gelu_kernel_runs_per_row_shard_with_the_weights_whole():
+  mesh = mesh_2x4()
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(8 * 32, 64)).astype(np.float32)
+  w = (rng.normal(size=(64, 128)) / 8).astype(np.float32)
+  b = rng.normal(size=(128,)).astype(np.float32)
+  tiles = dense_gelu.Tiles(block_m=16, block_n=64, block_k=32)
+  fc1 = lambda x, w, b: dense_gelu.dense_gelu_pallas(x, w, b, tiles=tiles, interpret=True)
+  fn = jax.jit(sharding.traced_on_mesh(fc1, mesh))
+  args = (jax.device_put(x, NamedSharding(mesh, P(('data', 'fsdp')))), w, b)
+  shapes = pallas_operand_shapes(fn.trace(*args).jaxpr)
+  assert [call[0] for call in shapes] == [(32, 64)]  # 256 rows over 8 devices
+  assert (64, 128) in shapes[0]  # the whole weight on each
+  np.testing.assert_allclose(fn(*args), fc1(x, w, b), rtol=1e-5, atol=1e-5)
 
 
 def test_cuda_lowering_calls_the_triton_kernels_on_per_device_rows():

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from mvar_jax.kernels import per_shard
 from mvar_jax.kernels.neighborhood_attention import pallas_common as pc
 
 _SQRT_2_OVER_PI = 0.7978845608028654
@@ -89,7 +90,8 @@ def dense_gelu_pallas(x_MK, w_KN, b_N, *, tiles: Tiles | None = None,
 
   block_m shrinks to divide M (`Tiles.fit`); M that 16 does not divide is padded (the
   padded rows are sliced off). K and N must be multiples of block_k and block_n (`supports`).
-  interpret: run in Pallas' interpreter (None: the MVAR_PALLAS_INTERPRET env var).
+  interpret: run in Pallas' interpreter (None: the MVAR_PALLAS_INTERPRET env var). Under a
+  mesh, each device runs it on its rows (`per_shard.over_batch`).
   """
   m, k = x_MK.shape
   if w_KN.shape[0] != k or b_N.shape != (w_KN.shape[1],):
@@ -100,8 +102,11 @@ def dense_gelu_pallas(x_MK, w_KN, b_N, *, tiles: Tiles | None = None,
   if not supports(m, k, w_KN.shape[1], x_MK.dtype, tiles):
     raise ValueError(f'dense_gelu_pallas: K {k} and N {w_KN.shape[1]} must be multiples of '
                      f'{tiles.block_k} and {tiles.block_n} ({x_MK.dtype})')
-  return _call(x_MK, w_KN.astype(x_MK.dtype), b_N.astype(x_MK.dtype), tiles=tiles,
-               interpret=pc.resolve_interpret(interpret))
+  call = functools.partial(_call, tiles=tiles, interpret=pc.resolve_interpret(interpret))
+  # Under a mesh: once per device on its rows (a batch split over the leading axis stays so
+  # when (B, L, C) is flattened to rows), the weights whole on each device.
+  return per_shard.over_batch(call, x_MK,
+                              shared=(w_KN.astype(x_MK.dtype), b_N.astype(x_MK.dtype)))
 
 
 def _call(x_MK, w_KN, b_N, *, tiles: Tiles, interpret: bool):

@@ -1,6 +1,7 @@
 """Runs an opaque kernel once per shard of the batch under the ambient mesh.
 
     out = over_batch(kernel_fn, q_B..., k_B..., v_B...)   # arrays share their leading axis
+    out = over_batch(kernel_fn, x_B..., shared=(weight, bias))   # whole on every device
 
 XLA's SPMD partitioner cannot split a custom call such as a Pallas kernel: under `jax.jit`
 with batch-sharded operands it gathers them and runs the whole global batch on every
@@ -12,7 +13,8 @@ with none, or a batch no mesh axis divides, the kernel is called as it is.
 The batch is split over the mesh axes that flax's logical-axis rules in context give
 'activation_batch' (the trainer sets them: ('data', 'fsdp')), or with no rules over all the
 mesh's non-manual axes, in order, as long as their product divides it. Every array argument
-is split along its leading axis; results come back split the same way.
+is split along its leading axis; results come back split the same way. `shared` operands
+(weights, biases, per-head scales) reach every device whole, after `arrays`.
 """
 
 from __future__ import annotations
@@ -54,14 +56,15 @@ def batch_axes(mesh, batch_size: int) -> tuple[str, ...]:
   return tuple(axes)
 
 
-def over_batch(fn: Callable, *arrays):
-  """fn(*arrays), each device running it on its rows of every array's leading axis."""
+def over_batch(fn: Callable, *arrays, shared: tuple = ()):
+  """fn(*arrays, *shared), each device running it on its rows of every array's leading axis
+  and on the whole of each `shared` operand (gathered first if it is sharded)."""
   mesh = jax.sharding.get_abstract_mesh()
   axes = batch_axes(mesh, arrays[0].shape[0])
   if not axes:
-    return fn(*arrays)
+    return fn(*arrays, *shared)
   spec = P(axes)
-  # check_vma off: pallas_call has no rule for varying manual axes; every operand and
-  # result is split on the same axes, so there is nothing to check.
-  return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(arrays), out_specs=spec,
-                       check_vma=False)(*arrays)
+  # check_vma off: pallas_call has no rule for varying manual axes; every batch operand and
+  # result is split on the same axes and the shared ones on none: nothing to check.
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(arrays) + (P(),) * len(shared),
+                       out_specs=spec, check_vma=False)(*arrays, *shared)

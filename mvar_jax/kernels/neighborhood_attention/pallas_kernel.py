@@ -115,7 +115,8 @@ def na2d_pallas(q_BNHD, k_BNHD, v_BNHD, *, height: int, width: int, kernel_size:
 def na2d_pallas_from_qkv(qkv_BN3HD, head_scale_H, *, height: int, width: int,
                          kernel_size: int | None, scale: float = 1.0, bias_3HD=None,
                          block_sizes: BlockSizes | None = None, interpret: bool | None = None):
-  """Inference only (no VJP), one device: the model's attention from its qkv projection.
+  """Inference only (no VJP): the model's attention from its qkv projection; under a mesh,
+  once per device on its rows of the batch (`per_shard.over_batch`).
 
   With x = qkv + bias_3HD (zeros when None; rounded to qkv's dtype), equals
   `na2d_pallas(q, k, v)` with q = l2n(x[:, :, 0]) * head_scale and k = l2n(x[:, :, 1])
@@ -144,6 +145,9 @@ def na2d_pallas_from_qkv(qkv_BN3HD, head_scale_H, *, height: int, width: int,
                      f'{head_dim})')
   block_sizes = block_sizes or BlockSizes.get_default(head_dim, qkv_BN3HD.dtype)
   block_sizes.validate()
-  return pallas_forward.forward_from_qkv(
-      qkv_BN3HD, head_scale_H, bias_3HD.astype(qkv_BN3HD.dtype), geom=geom, scale=float(scale), block_sizes=block_sizes.fit(n),
-      interpret=pc.resolve_interpret(interpret))
+  forward = functools.partial(pallas_forward.forward_from_qkv, geom=geom, scale=float(scale),
+                              block_sizes=block_sizes.fit(n),
+                              interpret=pc.resolve_interpret(interpret))
+  # Under a mesh: once per device on its maps; the head scales and the bias whole on each.
+  return per_shard.over_batch(forward, qkv_BN3HD,
+                              shared=(head_scale_H, bias_3HD.astype(qkv_BN3HD.dtype)))
