@@ -162,7 +162,11 @@ class TestSample:
     """A per-program XLA option (here a GPU one, which XLA:CPU accepts and ignores) is its own
     executable and cache entry; an option XLA does not know is an error naming it."""
     kw = dict(labels=[0, 3, 4], cfg=2.0, top_p=0.9)
-    args = (pipe.transformer, pipe.transformer_params, pipe.tokenizer, pipe.tokenizer_params)
+    shapes = lambda tree: jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    # The signature the test above compiled (the same executable, from the process's cache).
+    args = (pipe.transformer, shapes(pipe.transformer_params), pipe.tokenizer,
+            shapes(pipe.tokenizer_params))
     plain = sampling.compile_sampler(*args, batch_size=3, cfg=2.0, top_k=8)
     opts = sampling.compile_sampler(*args, batch_size=3, cfg=2.0, top_k=8,
                                     xla_options={'xla_gpu_enable_triton_gemm': False})
