@@ -30,6 +30,11 @@ def tiny_demo_run(tmp_path_factory):
 # Test files that share a session fixture run on the same xdist worker (`-n 2 --dist loadfile`,
 # the README's command): the tiny demo run is trained once for the demo and notebook tests.
 _SAME_WORKER_AS = {'tests/test_notebook.py': 'tests/test_demo.py'}
+# Files whose few tests take minutes (end-to-end runs, kill -9 and resume), handed out first:
+# xdist orders files by test count, so these started last and one worker ran them alone for
+# the last ~2 minutes while the other idled (clean-clone CI at 903-911 s of its 900).
+_HEAVY_FIRST = ('tests/test_train_tokenizer.py', 'tests/test_train.py',
+                'tests/test_multiprocess.py', 'tests/test_demo.py', 'tests/test_sample_mode.py')
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -43,5 +48,11 @@ def pytest_xdist_make_scheduler(config, log):
     def _split_scope(self, nodeid):
       scope = super()._split_scope(nodeid)
       return _SAME_WORKER_AS.get(scope, scope)
+
+    def _assign_work_unit(self, node):
+      for scope in reversed(_HEAVY_FIRST):
+        if scope in self.workqueue:
+          self.workqueue.move_to_end(scope, last=False)
+      super()._assign_work_unit(node)
 
   return SharedFixtureFileScheduling(config, log)
