@@ -261,13 +261,11 @@ def phase_kernels(kernel_33IO):
   """(3, 3, Cin, Cout) -> (2, 2, Cin, 4 * Cout): phase (a, b)'s 2x2 kernel in output channels
   [(a * 2 + b) * Cout, ...). Sums of taps in the kernel's dtype: elementwise adds, not a
   contraction (as an einsum it was a (Cin * Cout * 9, 4) GEMM per decode chunk on the GPU)."""
-  rows = _phase_taps(kernel_33IO, 0)  # [a][u]: (3, Cin, Cout)
-  taps = [[[[_phase_taps(rows[a][u], 0)[b][v] for b in range(2)] for a in range(2)]
-           for v in range(2)] for u in range(2)]  # [u][v][a][b]: (Cin, Cout)
-  k_uvabIO = jnp.stack([jnp.stack([jnp.stack([jnp.stack(tb) for tb in ta]) for ta in tv])
-                        for tv in taps])
+  stack = lambda taps: jnp.stack([jnp.stack(t) for t in taps])
+  rows_au3IO = stack(_phase_taps(kernel_33IO, 0))
+  k_bvauIO = stack(_phase_taps(rows_au3IO, 2))  # the columns' taps of every row tap
   cin, cout = kernel_33IO.shape[2:]
-  return jnp.transpose(k_uvabIO, (0, 1, 4, 2, 3, 5)).reshape(2, 2, cin, 4 * cout)
+  return jnp.transpose(k_bvauIO, (3, 1, 4, 2, 0, 5)).reshape(2, 2, cin, 4 * cout)
 
 
 class UpsampleConv(nn.Module):
