@@ -182,7 +182,7 @@ class SelfAttention(nn.Module):
       # The kernel adds the bias as it loads q, k, v: no XLA pass over the whole projection.
       o_BLHD = attention.from_qkv(qkv.reshape(b, l, 3, h, hd).astype(dtype), head_scale_H,
                                   layout=cfg.layout, scale_index=first, config=cfg.attention,
-                                  bias_3HD=bias.reshape(3, h, hd).astype(dtype))
+                                  bias_3HD=bias.reshape(3, h, hd))
     else:
       qkv = qkv + bias
       q, k, v = jnp.split(qkv.reshape(b, l, 3, h, hd), 3, axis=2)
