@@ -87,8 +87,8 @@ def parse_args(argv=None):
                  help="official MVAR's na2d when natten cannot be imported (launch/natten_fallback.py)")
   p.add_argument('--implementation', default='auto', help='our neighbourhood op')
   p.add_argument('--param_dtype', choices=('float32', 'bfloat16'), default='float32',
-                 help="dtype of our sampler's transformer params (bfloat16: "
-                      'sampling.inference_params, half the argument memory, and the VQ-VAE '
+                 help="dtype of our sampler's transformer params (bfloat16: cast on the "
+                      'host as api.load_pretrained does, half the argument memory, and the VQ-VAE '
                       "decode's conv params in its dtype: Tokenizer.cast_for_decode)")
   p.add_argument('--decoder_dtype', choices=('auto', 'float32', 'bfloat16'), default='auto',
                  help="our VQ-VAE decode dtype (auto: bfloat16 on GPU, as the official code's "

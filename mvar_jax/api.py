@@ -258,8 +258,8 @@ def load_pretrained(directory: str, *, attention: AttentionConfig | None = None,
   `attention` overrides the stored attention settings (e.g. AttentionConfig(mode='var')
   to run a VAR checkpoint as VAR, or another neighbourhood implementation). `dtype`: the
   transformer's compute dtype; `decoder_dtype`: the VQ-VAE decoder's; `param_dtype`: a cast
-  copy of the transformer params for inference (`sampling.inference_params`: half their
-  memory), and of the decode's conv params in the decoder's dtype when that is 16-bit
+  copy of the transformer params for inference (half their memory; each tensor cast on the
+  host as it is read, `to_device`, rounded as `sampling.inference_params` rounds), and of the decode's conv params in the decoder's dtype when that is 16-bit
   (`Tokenizer.cast_for_decode`; the encoder keeps fp32). On a GPU, 'bfloat16' for all three
   is the fast setting. None keeps what the directory stores (fp32).
   """
