@@ -15,13 +15,16 @@ On CPU it runs too (no cuBLAS: the epilogue column is empty), which the smoke te
 from __future__ import annotations
 
 import argparse
+import os
 import re
-import statistics
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_fusions import per_call_ms  # noqa: E402  (launch/: the same timer)
 
 OPTION_SETS = {'default': {}, 'no triton gemm': {'xla_gpu_enable_triton_gemm': False}}
 
@@ -65,18 +68,6 @@ def kernels(hlo: str) -> int:
   return len(re.findall(r'= [^=]*\b(?:fusion|custom-call)\(', entry))
 
 
-def time_ms(fn, args, reps: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    for _ in range(10):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / 10 * 1e3)
-  return statistics.median(times)
-
-
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--tokens', type=int, default=16384, help='rows: 64 maps x 256 tokens')
@@ -99,7 +90,7 @@ def main(argv=None):
       reference = out if reference is None else reference
       if not np.allclose(out, reference, rtol=5e-2, atol=5e-2):
         raise AssertionError(f'{name} under {opt_name}: results differ from the default')
-      ms = time_ms(compiled, fargs, 3 if args.smoke else args.reps)
+      ms = per_call_ms(compiled, *fargs, reps=3 if args.smoke else args.reps, inner=10)
       rows.append((name, opt_name, epilogues(hlo), kernels(hlo), ms))
       print(f'{name:<46}{opt_name:<16}{epilogues(hlo):<22}{kernels(hlo):>8}{ms:>9.3f}',
             flush=True)
