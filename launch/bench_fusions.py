@@ -14,6 +14,10 @@ Parts (each prints rows "part | variant | ms | vs first | check"):
   nn.GroupNorm against ours (per-channel sums; two-pass, and single-pass with its pixel sums
   over rows of 1, 4 and GroupNorm.SUM_ROWS pixels). check: max |difference| of the images
   against flax's.
+- decode: the sampler's whole decode (`sampling.decode_in_chunks`: 32 images in chunks of 8,
+  bf16; 4 in chunks of 2 in smoke) with the leading small-map stages in chunks or on the
+  whole batch, and conv_out as a conv or as `vqvae.TapSumConv`. check: max |image diff|
+  against the first row.
 - gelu: fc1 + bias + tanh-GELU (x (M, 1024) @ (1024, 4096), bf16) at every scale's M
   (64 sequences x tokens): XLA's matmul and GELU fusion against the Pallas kernel with the
   bias and GELU in the matmul's epilogue (mvar_jax/kernels/dense_gelu.py), per tile; then
@@ -48,7 +52,7 @@ from mvar_jax import sampling, transformer, vqvae  # noqa: E402
 from mvar_jax.kernels import dense_gelu, select_threshold  # noqa: E402
 from mvar_jax.kernels.neighborhood_attention import pallas_common as pc  # noqa: E402
 
-PARTS = ('select', 'addln', 'gn', 'gelu', 'options')
+PARTS = ('select', 'addln', 'gn', 'decode', 'gelu', 'options')
 # XLA options that could move work into cuBLAS/cuDNN epilogues (each ';' is one compile).
 DEFAULT_OPTIONS = ('xla_gpu_enable_cublaslt=true;xla_gpu_cudnn_gemm_fusion_level=2;'
                    'xla_gpu_cudnn_gemm_fusion_level=3;xla_gpu_enable_triton_gemm=false')
@@ -162,8 +166,8 @@ def bench_addln(args, interpret):
 def _decode_chunk_input(smoke: bool):
   """(VQ-VAE config with a bf16 decoder, f_hat of one sampler chunk: 8 images, 2 in smoke)."""
   if smoke:
-    cfg = vqvae.VQVAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=64,
-                            patch_nums=(1, 2, 4), decoder_dtype='bfloat16')
+    cfg = vqvae.VQVAEConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=8,
+                            vocab_size=64, patch_nums=(1, 2, 4), decoder_dtype='bfloat16')
   else:
     cfg = vqvae.VQVAEConfig(decoder_dtype='bfloat16', precision='default')
   pn = cfg.patch_nums[-1]
@@ -201,6 +205,41 @@ def bench_gn(args, interpret):
       _row('gn', name, ms, base, f'max |image diff| {float(jnp.max(jnp.abs(out - ref))):.3g}')
   finally:
     vqvae._norm = original
+
+
+def _as_conv(cfg, dtype):
+  """conv_out as a conv in `dtype` (cuDNN's kernel on a GPU), as before TapSumConv."""
+  conv = vqvae._conv(cfg, cfg.in_channels, 3, 'conv_out', dtype=dtype)
+  return lambda x: conv(x).astype(jnp.float32)
+
+
+def bench_decode(args, interpret):
+  del interpret
+  cfg, _ = _decode_chunk_input(args.smoke)
+  b, chunk = (4, 2) if args.smoke else (32, sampling.DEFAULT_DECODE_BATCH)
+  pn = cfg.patch_nums[-1]
+  f = jax.random.normal(jax.random.key(3), (b, pn, pn, cfg.z_channels))
+  tok = vqvae.Tokenizer(cfg)
+  params = vqvae.random_params(cfg)
+  whole = sampling.whole_batch_decoder_stages(cfg)
+  original = vqvae._conv_out
+  variants = [('all stages in chunks, conv_out a conv (before)', 0, _as_conv),
+              ('all stages in chunks, conv_out as tap sums', 0, original),
+              (f'first {whole} stages whole, conv_out a conv', whole, _as_conv),
+              (f'first {whole} stages whole, conv_out as tap sums (default)', whole, original)]
+  ref, base = None, None
+  try:
+    for name, stages, conv_out in variants:
+      vqvae._conv_out = conv_out
+      jax.clear_caches()  # the Tokenizer's jitted methods would reuse the last variant's trace
+      fn = jax.jit(lambda p, f, s=stages: sampling.decode_in_chunks(tok, p, f, chunk, s))
+      out = fn(params, f)
+      ms = per_call_ms(fn, params, f, reps=args.reps, inner=max(1, args.inner // 4))
+      if ref is None:
+        ref, base = out, ms
+      _row('decode', name, ms, base, f'max |image diff| {float(jnp.max(jnp.abs(out - ref))):.3g}')
+  finally:
+    vqvae._conv_out = original
 
 
 def _our_norm(cfg, name, dtype=jnp.float32, *, single):

@@ -4,8 +4,9 @@
 #   OFFICIAL=/src bash launch/gpu_round.sh [OUT_DIR]     # /src/MVAR and /src/VAR checkouts
 #   bash launch/gpu_round.sh --sources                   # the hash its versions.txt records
 #
-# 0. PARTS=gelu,gn,...: bench_fusions.py on those parts first (none by default; SELECT=1 is
-#    PARTS=select): fc1 + GELU per scale against the Pallas kernel, GroupNorm statistics, ...
+# 0. PARTS=decode (default; PARTS= none): bench_fusions.py on those parts first: decode
+#    (the sampler's decode of 32 images: small-map stages whole or in chunks, conv_out as a
+#    conv or as tap sums), gelu, gn, ... (SELECT=1 adds select).
 # 1. bench_vs_official.py, d16, batch 32: official VAR (KV cache) against ours (MVAR, bf16
 #    transformer params, bf16 VQ-VAE decode), as it is and compiled without XLA's Triton
 #    GEMMs (cuBLAS then folds the FFN's GELU into fc1: step 2c; is the whole sampler faster?),
@@ -56,7 +57,7 @@ triton.__version__, jax.devices())'
   echo "sources: $(sources_hash)"
 } 2>&1 | tee "$OUT_DIR/versions.txt"
 
-PARTS=${PARTS:-}; [[ "${SELECT:-0}" == 1 ]] && PARTS=select${PARTS:+,$PARTS}
+PARTS=${PARTS-decode}; [[ "${SELECT:-0}" == 1 ]] && PARTS=select${PARTS:+,$PARTS}
 if [[ -n "$PARTS" ]]; then
   echo "=== 0. bench_fusions --parts=$PARTS ===" | tee -a "$OUT_DIR/log.txt"
   timeout ${FUSIONS_TIMEOUT:-150} $PY launch/bench_fusions.py --parts=$PARTS --reps=5 2>&1 \

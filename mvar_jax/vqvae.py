@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -368,23 +368,95 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-  """(B, h, w, z_channels) -> (B, h*d, w*d, in_channels), unclamped."""
+  """(B, h, w, z_channels) -> (B, h*d, w*d, in_channels), unclamped.
+
+  The decoder is a sequence of `num_decoder_stages(config)` stages: 0 is conv_in and mid,
+  1..n the up levels from the lowest resolution (up_{n-1}) to up_0, n+1 is norm_out and
+  conv_out. `begin`/`end` run stages begin..end-1 only (the input of stage `begin` is the
+  output of stage begin-1), so a batch can go through the small maps whole and through
+  the large ones in chunks (`sampling.decode_in_chunks`).
+  """
 
   config: VQVAEConfig
 
   @nn.compact
-  def __call__(self, z_BhwC):
+  def __call__(self, x_BhwC, *, begin: int = 0, end: int | None = None):
     cfg = self.config
     dt = jnp.dtype(cfg.decoder_dtype)
     n = len(cfg.ch_mult)
-    x = _conv(cfg, cfg.widths[-1], 3, 'conv_in', dtype=dt)(z_BhwC)
-    x = Mid(cfg, dt, name='mid')(x)
+    end = n + 2 if end is None else end
+    if not 0 <= begin < end <= n + 2:
+      raise ValueError(f'decoder stages must satisfy 0 <= begin < end <= {n + 2}, '
+                       f'got {begin}..{end}')
+    if begin <= 0 < end:
+      x_BhwC = _conv(cfg, cfg.widths[-1], 3, 'conv_in', dtype=dt)(x_BhwC)
+      x_BhwC = Mid(cfg, dt, name='mid')(x_BhwC)
     # Named as upstream: up_{n-1} (lowest resolution) runs first, up_0 last.
-    for i in reversed(range(n)):
-      x = Level(cfg, cfg.widths[i], cfg.num_res_blocks + 1, attn=i == n - 1 and cfg.using_sa,
-                resample='up' if i else None, dtype=dt, name=f'up_{i}')(x)
-    x = _conv(cfg, cfg.in_channels, 3, 'conv_out', dtype=dt)(nn.silu(_norm(cfg, 'norm_out', dt)(x)))
-    return x.astype(jnp.float32)
+    for stage, i in enumerate(reversed(range(n)), start=1):
+      if begin <= stage < end:
+        x_BhwC = Level(cfg, cfg.widths[i], cfg.num_res_blocks + 1,
+                       attn=i == n - 1 and cfg.using_sa, resample='up' if i else None,
+                       dtype=dt, name=f'up_{i}')(x_BhwC)
+    if end < n + 2:
+      return x_BhwC
+    return _conv_out(cfg, dt)(nn.silu(_norm(cfg, 'norm_out', dt)(x_BhwC)))
+
+
+def _conv_out(cfg: VQVAEConfig, dtype) -> Callable[[jax.Array], jax.Array]:
+  """The decoder's last conv (to in_channels), returning fp32; `TapSumConv` for 16-bit
+  activations (the GPU's decode), a conv as upstream's for fp32."""
+  if jnp.dtype(dtype).itemsize < 4:
+    return TapSumConv(cfg.in_channels, PRECISIONS[cfg.precision], dtype, name='conv_out')
+  conv = _conv(cfg, cfg.in_channels, 3, 'conv_out', dtype=dtype)
+  return lambda x: conv(x).astype(jnp.float32)
+
+
+def num_decoder_stages(config: VQVAEConfig) -> int:
+  """Stages of `Decoder`: conv_in + mid, one per up level, norm_out + conv_out."""
+  return len(config.ch_mult) + 2
+
+
+def decoder_stage_sides(config: VQVAEConfig) -> tuple[int, ...]:
+  """Side in pixels of each decoder stage's output (the last one is the image's)."""
+  side = config.resolution // config.downsample
+  sides = [side]
+  for i in reversed(range(len(config.ch_mult))):
+    side *= 2 if i else 1
+    sides.append(side)
+  return tuple(sides) + (side,)
+
+
+class TapSumConv(nn.Module):
+  """3x3 SAME conv (params as nn.Conv's) for few output channels: one matmul to every tap's
+  contribution, (B, H, W, Cin) @ (Cin, 9 * Cout) accumulated in fp32, then the nine maps
+  shifted and summed in fp32; returns fp32.
+
+  The decoder's conv_out (160 -> 3 channels at full resolution) as a convolution ran at ~20
+  TFLOP/s on an H100 in bf16: 225 us per 8 images at 256 px, plus ~25 us of cuDNN's channel
+  padding kernels (launch/results/h100_2026-11-26.md): tiles sized for many output channels
+  compute ~20x the useful work. The matmul here reads the input once and writes 9 * Cout
+  (padded to 16) fp32 values per pixel. Equal to the conv up to rounding: the taps' sums are
+  fp32, not the conv's bf16 output.
+  """
+
+  features: int
+  precision: Any
+  dtype: Any = jnp.float32  # the matmul's operands
+
+  @nn.compact
+  def __call__(self, x_BHWC):
+    b, h, w, cin = x_BHWC.shape
+    kernel = self.param('kernel', CONV_KERNEL_INIT, (3, 3, cin, self.features))
+    bias = self.param('bias', CONV_BIAS_INIT, (self.features,))
+    taps = 9 * self.features
+    k_IT = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(cin, taps).astype(self.dtype)
+    k_IT = jnp.pad(k_IT, ((0, 0), (0, -taps % 16)))  # an aligned GEMM width
+    t = jnp.dot(x_BHWC.astype(self.dtype), k_IT, precision=self.precision,
+                preferred_element_type=jnp.float32)[..., :taps]
+    t = jnp.pad(t.reshape(b, h, w, 3, 3, self.features), ((0, 0), (1, 1), (1, 1)) + ((0, 0),) * 3)
+    # Output (y, x) takes tap (i, j) of input pixel (y + i - 1, x + j - 1).
+    out = sum(t[:, i:i + h, j:j + w, i, j] for i in range(3) for j in range(3))
+    return out + bias.astype(jnp.float32)
 
 
 class PhiBank(nn.Module):
@@ -593,6 +665,13 @@ class VQVAE(nn.Module):
     """f_hat (B, pn_K, pn_K, Cvae) -> images (B, H, W, in_channels), unclamped."""
     return self.decoder(self.post_quant_conv(f_hat_BhwC))
 
+  def decode_stages(self, x, begin: int, end: int | None = None):
+    """Decoder stages begin..end-1 (see `Decoder`); stage 0 starts from f_hat (through
+    post_quant_conv), the last one ends in unclamped images."""
+    if begin == 0:
+      x = self.post_quant_conv(x)
+    return self.decoder(x, begin=begin, end=end)
+
   def img_to_ids(self, img_BHWC, return_fhat: bool = False):
     """K arrays (B, pn*pn) int32 (raster order); with return_fhat also f_hat (B, pn_K, pn_K, C)."""
     ids, f_hats = self.quantize.quantize(self.encode(img_BHWC))
@@ -686,6 +765,10 @@ class Tokenizer:
   @_jit_self
   def ids_to_fhat(self, params, ids):
     return self._apply(params, VQVAE.ids_to_fhat, ids)
+
+  @functools.partial(jax.jit, static_argnums=(0, 3, 4))
+  def decode_stages(self, params, x, begin: int, end: int | None = None):
+    return self._apply(params, VQVAE.decode_stages, x, begin, end)
 
   @_jit_self
   def fhat_to_img(self, params, f_hat_BhwC):

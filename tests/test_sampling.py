@@ -200,6 +200,17 @@ class TestSample:
     with pytest.raises(ValueError, match='decode_batch must be an integer >= 0'):
       sampling.sample(*args, decode_batch=-1, **kw)
 
+  def test_leading_decoder_stages_on_the_whole_batch_give_the_same_images(self, pipe):
+    tok, params = pipe.tokenizer, pipe.tokenizer_params
+    f_hat = jax.random.normal(jax.random.key(0), (5, PATCH_NUMS[-1], PATCH_NUMS[-1], 8))
+    whole = np.asarray(sampling.decode_in_chunks(tok, params, f_hat, 0))
+    assert np.abs(whole).max() <= 1.0
+    for stages in range(vqvae.num_decoder_stages(tok.config)):  # chunks of 2, the last padded
+      np.testing.assert_allclose(sampling.decode_in_chunks(tok, params, f_hat, 2, stages),
+                                 whole, rtol=0, atol=1e-5)  # fp32 rounding of other batch sizes
+    # 256 px: the 16, 32 and 64 px stages run whole, 128 px and up in chunks.
+    assert sampling.whole_batch_decoder_stages(vqvae.VQVAEConfig()) == 3
+
   def test_top_k_one_is_greedy_and_ignores_the_key(self, pipe):
     a = pipe.sample(jax.random.key(1), labels=[2], cfg=1.0, top_k=1)
     b = pipe.sample(jax.random.key(2), labels=[2], cfg=1.0, top_k=1)

@@ -523,6 +523,64 @@ def test_config_survives_a_json_round_trip():
   assert vqvae.VQVAEConfig(**d) == SMALL and hash(vqvae.VQVAEConfig(**d)) == hash(SMALL)
 
 
+class TestDecoderStages:
+  """The decoder as a sequence of stages (the sampler decodes small maps whole, large ones
+  in chunks)."""
+
+  def test_any_two_part_split_is_the_whole_decode(self):
+    r = tiny_run()
+    whole = np.asarray(TOK.decode(r['params'], r['f_hat']))
+    n, sides = vqvae.num_decoder_stages(TINY), vqvae.decoder_stage_sides(TINY)
+    assert len(sides) == n and sides[-1] == TINY.resolution
+    for k in range(1, n):
+      h = TOK.decode_stages(r['params'], r['f_hat'], 0, k)
+      assert h.shape[1:3] == (sides[k - 1],) * 2
+      np.testing.assert_allclose(TOK.decode_stages(r['params'], h, k), whole, rtol=1e-6,
+                                 atol=1e-6)
+
+  def test_stage_sides_of_the_256px_tokenizer(self):
+    # conv_in + mid at 16 px, up_4..up_1 each doubling, up_0 and conv_out at 256 px.
+    assert vqvae.decoder_stage_sides(vqvae.VQVAEConfig()) == (16, 32, 64, 128, 256, 256, 256)
+
+  @pytest.mark.parametrize('begin,end', [(0, 0), (2, 1), (0, 5), (-1, 2)])
+  def test_a_bad_stage_range_is_named(self, begin, end):
+    r = tiny_run()
+    with pytest.raises(ValueError, match='decoder stages must satisfy'):
+      TOK.decode_stages(r['params'], r['f_hat'], begin, end)
+
+
+def test_tap_sum_conv_is_a_3x3_same_conv_with_nn_conv_params():
+  """conv_out of 16-bit decoders: one matmul to the nine taps' maps, then shifted sums."""
+  x = jax.random.normal(jax.random.key(0), (2, 5, 6, 8))
+  module = vqvae.TapSumConv(3, jax.lax.Precision.HIGHEST)
+  params = nn.unbox(module.init(jax.random.key(1), x))
+  assert jax.tree_util.tree_map(jnp.shape, params) == jax.tree_util.tree_map(
+      jnp.shape, nn.Conv(3, (3, 3)).init(jax.random.key(1), x))
+  rng = np.random.default_rng(0)  # a nonzero bias, so the test sees it added once
+  params = jax.tree_util.tree_map(lambda p: p + 0.1 * rng.normal(size=p.shape), params)
+  kernel, bias = params['params']['kernel'], params['params']['bias']
+  direct = jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME',
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                        precision=jax.lax.Precision.HIGHEST) + bias
+  out = module.apply(params, x)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, direct, rtol=1e-5, atol=1e-5)
+  # bf16 operands, fp32 sums: bf16 rounding of the inputs only.
+  out16 = vqvae.TapSumConv(3, jax.lax.Precision.DEFAULT, jnp.bfloat16).apply(params, x)
+  assert out16.dtype == jnp.float32
+  np.testing.assert_allclose(out16, direct, rtol=0, atol=0.05)
+  assert 0 < float(jnp.abs(out16 - direct).max())
+
+
+def test_a_16_bit_decoder_ends_in_the_tap_sum_conv_an_fp32_one_in_a_conv():
+  f = jnp.zeros((1, 4, 4, TINY.z_channels))
+  convs = lambda cfg: str(jax.make_jaxpr(
+      lambda p, x: vqvae.Tokenizer(cfg).decode(p, x))(tiny_run()['params'], f)).count(
+          'conv_general_dilated')
+  bf16 = dataclasses.replace(TINY, decoder_dtype='bfloat16')
+  assert convs(bf16) == convs(TINY) - 1
+
+
 def test_upsample_conv_is_nearest_x2_then_a_3x3_same_conv():
   """The four output phases' 2x2 kernels (sums of the 3x3 taps) give the direct form."""
   x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
