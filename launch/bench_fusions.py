@@ -11,13 +11,14 @@ Parts (each prints rows "part | variant | ms | vs first | check"):
 - addln: x + y * gamma then LN * (1 + scale) + shift over (64, 256, 1024) bf16: XLA's
   fusions against a Pallas kernel that does both (defined below). check: max |difference|.
 - gn: one decoder chunk (8 images, 16x16 latents -> 256 px, bf16 activations), with flax's
-  nn.GroupNorm against ours (per-channel sums; two-pass, and single-pass with its pixel sums
-  over rows of 1, 4 and GroupNorm.SUM_ROWS pixels). check: max |difference| of the images
+  nn.GroupNorm against ours (per-channel sums; two-pass, single-pass with XLA's pixel sums
+  over rows of 1, 4 and GroupNorm.SUM_ROWS pixels, and single-pass with the sums' default:
+  the Pallas kernel `kernels.pixel_sums` on GPU). check: max |difference| of the images
   against flax's.
 - decode: the sampler's whole decode (`sampling.decode_in_chunks`: 32 images in chunks of 8,
   bf16; 4 in chunks of 2 in smoke) with the leading small-map stages in chunks or on the
-  whole batch, and conv_out as a conv or as `vqvae.TapSumConv`. check: max |image diff|
-  against the first row.
+  whole batch, and conv_out as a conv or as `vqvae.TapSumConv` (GroupNorm as by default in
+  every row). check: max |image diff| against the first row.
 - gelu: fc1 + bias + tanh-GELU (x (M, 1024) @ (1024, 4096), bf16) at every scale's M
   (64 sequences x tokens): XLA's matmul and GELU fusion against the Pallas kernel with the
   bias and GELU in the matmul's epilogue (mvar_jax/kernels/dense_gelu.py), per tile; then
@@ -187,11 +188,14 @@ def bench_gn(args, interpret):
   model = vqvae.VQVAE(cfg)
   decode = lambda p, f: model.apply({'params': p}, f, method=vqvae.VQVAE.fhat_to_img)
   original = vqvae._norm
-  variants = [('flax nn.GroupNorm (before)', _flax_norm),
+  rows = vqvae.GroupNorm.SUM_ROWS
+  variants = [('flax nn.GroupNorm', _flax_norm),
               ('ours, two-pass', functools.partial(_our_norm, single=False)),
-              ('single-pass, sums over C-wide rows (before)', functools.partial(_rows_norm, rows=1)),
-              ('single-pass, sums over rows of 4 pixels', functools.partial(_rows_norm, rows=4)),
-              (f'ours, single pass, rows of {vqvae.GroupNorm.SUM_ROWS} pixels (default, bf16)',
+              ('single pass, XLA sums over C-wide rows', functools.partial(_rows_norm, rows=1)),
+              ('single pass, XLA sums over rows of 4 pixels', functools.partial(_rows_norm, rows=4)),
+              (f'single pass, XLA sums over rows of {rows} pixels (before)',
+               functools.partial(_rows_norm, rows=rows)),
+              ('single pass, default sums (the Pallas kernel on GPU)',
                functools.partial(_our_norm, single=True))]
   ref, base = None, None
   try:
@@ -223,7 +227,7 @@ def bench_decode(args, interpret):
   params = vqvae.random_params(cfg)
   whole = sampling.whole_batch_decoder_stages(cfg)
   original = vqvae._conv_out
-  variants = [('all stages in chunks, conv_out a conv (before)', 0, _as_conv),
+  variants = [('all stages in chunks, conv_out a conv (as before)', 0, _as_conv),
               ('all stages in chunks, conv_out as tap sums', 0, original),
               (f'first {whole} stages whole, conv_out a conv', whole, _as_conv),
               (f'first {whole} stages whole, conv_out as tap sums (default)', whole, original)]
@@ -247,9 +251,9 @@ def _our_norm(cfg, name, dtype=jnp.float32, *, single):
 
 
 def _rows_norm(cfg, name, dtype=jnp.float32, *, rows):
-  """vqvae.GroupNorm, single pass, its pixel sums over rows of `rows` pixels (1: C wide)."""
+  """vqvae.GroupNorm, single pass, XLA's pixel sums over rows of `rows` pixels (1: C wide)."""
   cls = type(f'GroupNormRows{rows}', (vqvae.GroupNorm,), {'SUM_ROWS': rows})
-  return cls(cfg.norm_groups, 1e-6, dtype, single_pass=True, name=name)
+  return cls(cfg.norm_groups, 1e-6, dtype, single_pass=True, sums='xla', name=name)
 
 
 # fc1 + GELU: the FFN's hidden activation written once (mvar_jax/kernels/dense_gelu.py)

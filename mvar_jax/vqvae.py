@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mvar_jax.kernels import pixel_sums as pixel_sums_kernel
 from mvar_jax.layout import DEFAULT_PATCH_NUMS, ScaleLayout, phi_index
 from mvar_jax.resize import resize_area, resize_bicubic
 
@@ -145,7 +146,8 @@ class GroupNorm(nn.Module):
   cancellation: a bf16 decode chunk of 8 images at 256 px ran 4% faster (9.6 vs 10.0 ms,
   launch/bench_fusions.py --parts=gn). The single pass sums rows of `SUM_ROWS` pixels
   (a minor dimension of SUM_ROWS * C, not C = 160, for XLA's column reduction): 9.27 vs
-  9.54 ms on an H100 (launch/results/h100_2026-11-26.md).
+  9.54 ms on an H100 (launch/results/h100_2026-11-26.md). Even so XLA read the 256 px map
+  at ~0.9 TB/s: on a GPU the single pass's sums are one Pallas kernel (`sums`).
   """
 
   SUM_ROWS = 16  # pixels per row of the single pass's sums (when it divides the pixels)
@@ -154,6 +156,9 @@ class GroupNorm(nn.Module):
   epsilon: float = 1e-6
   dtype: Any = jnp.float32  # output
   single_pass: bool = False
+  # The single pass's sums: 'xla', 'pallas' (`kernels.pixel_sums`, one kernel reading the map
+  # at full width; maps it cannot take fall back to XLA) or 'auto' (pallas on GPU).
+  sums: str = 'auto'
 
   @nn.compact
   def __call__(self, x_BHWC):
@@ -171,7 +176,7 @@ class GroupNorm(nn.Module):
     per_group = lambda s_BC: jnp.repeat(s_BC.reshape(b, g, c // g).sum(-1) / n, c // g, axis=-1)
     expand = lambda s_BC: s_BC.reshape((b,) + (1,) * len(pixels) + (c,))
     if self.single_pass:
-      sum_BC, sumsq_BC = _pixel_sums(x32, self.SUM_ROWS)
+      sum_BC, sumsq_BC = pixel_sums(x_BHWC, self.SUM_ROWS, self.sums)
       mean_BC = per_group(sum_BC)
       var_BC = jnp.maximum(per_group(sumsq_BC) - mean_BC ** 2, 0.0)
     else:
@@ -179,6 +184,24 @@ class GroupNorm(nn.Module):
       var_BC = per_group(jnp.sum(jnp.square(x32 - expand(mean_BC)), axis=pixels))
     mul_BC = jax.lax.rsqrt(var_BC + self.epsilon) * scale
     return ((x32 - expand(mean_BC)) * expand(mul_BC) + bias).astype(self.dtype)
+
+
+PIXEL_SUMS = ('auto', 'xla', 'pallas')
+
+
+def pixel_sums(x_BHWC, rows: int, implementation: str = 'auto'):
+  """(sum, sum of squares) in fp32 over the pixels, per (image, channel): (B, C) each.
+
+  'xla': `_pixel_sums` over rows of `rows` pixels; 'pallas': `kernels.pixel_sums` where it
+  takes the shape, else XLA; 'auto': pallas on GPU.
+  """
+  if implementation not in PIXEL_SUMS:
+    raise ValueError(f'GroupNorm sums must be one of {PIXEL_SUMS}, got {implementation!r}')
+  if implementation == 'auto':
+    implementation = 'pallas' if jax.default_backend() == 'gpu' else 'xla'
+  if implementation == 'pallas' and pixel_sums_kernel.block_rows(x_BHWC.shape):
+    return pixel_sums_kernel.pixel_sums_pallas(x_BHWC)
+  return _pixel_sums(x_BHWC.astype(jnp.float32), rows)
 
 
 def _pixel_sums(x_BHWC, rows: int):
