@@ -18,7 +18,9 @@ Parts (each prints rows "part | variant | ms | vs first | check"):
 - decode: the sampler's whole decode (`sampling.decode_in_chunks`: 32 images in chunks of 8,
   bf16; 4 in chunks of 2 in smoke) with the leading small-map stages in chunks or on the
   whole batch, and conv_out as a conv or as `vqvae.TapSumConv` (GroupNorm as by default in
-  every row). check: max |image diff| against the first row.
+  every row); then the default with SiLU through tanh, and with the upsampling's bias in its
+  conv and its phase interleave on 32-bit words. check: max |image diff| against the first
+  row.
 - gelu: fc1 + bias + tanh-GELU (x (M, 1024) @ (1024, 4096), bf16) at every scale's M
   (64 sequences x tokens): XLA's matmul and GELU fusion against the Pallas kernel with the
   bias and GELU in the matmul's epilogue (mvar_jax/kernels/dense_gelu.py), per tile; then
@@ -217,6 +219,25 @@ def _as_conv(cfg, dtype):
   return lambda x: conv(x).astype(jnp.float32)
 
 
+def _silu_tanh(x):
+  """x * sigmoid(x) as x * (1 + tanh(x / 2)) / 2 in fp32: no exp and no division by a
+  computed value (XLA's fp32 division is IEEE's, many instructions)."""
+  x32 = x.astype(jnp.float32)
+  return (0.5 * x32 * (1.0 + jnp.tanh(0.5 * x32))).astype(x.dtype)
+
+
+def _phases_as_words(y_BhwabC, bias_C):
+  """The bias added to the phases (where cuDNN can take it into the conv), then the
+  interleave moving pairs of 16-bit values as 32-bit words: half the elements to index."""
+  y = y_BhwabC + bias_C
+  c = y.shape[-1]
+  if jnp.dtype(y.dtype).itemsize != 2 or c % 2:
+    return vqvae._interleave_phases(y)
+  words = jax.lax.bitcast_convert_type(y.reshape(*y.shape[:-1], c // 2, 2), jnp.uint32)
+  out = jax.lax.bitcast_convert_type(vqvae._interleave_phases(words), y.dtype)
+  return out.reshape(*out.shape[:-2], c)
+
+
 def bench_decode(args, interpret):
   del interpret
   cfg, _ = _decode_chunk_input(args.smoke)
@@ -226,15 +247,20 @@ def bench_decode(args, interpret):
   tok = vqvae.Tokenizer(cfg)
   params = vqvae.random_params(cfg)
   whole = sampling.whole_batch_decoder_stages(cfg)
-  original = vqvae._conv_out
-  variants = [('all stages in chunks, conv_out a conv (as before)', 0, _as_conv),
-              ('all stages in chunks, conv_out as tap sums', 0, original),
-              (f'first {whole} stages whole, conv_out a conv', whole, _as_conv),
-              (f'first {whole} stages whole, conv_out as tap sums (default)', whole, original)]
+  conv = {'_conv_out': _as_conv}
+  variants = [('all stages in chunks, conv_out a conv (as before)', 0, conv),
+              ('all stages in chunks, conv_out as tap sums', 0, {}),
+              (f'first {whole} stages whole, conv_out a conv', whole, conv),
+              (f'first {whole} stages whole, conv_out as tap sums (default)', whole, {}),
+              ('default, SiLU as x * (1 + tanh(x / 2)) / 2', whole, {'_silu': _silu_tanh}),
+              ('default, upsampling: bias in the conv, bf16 pairs as words', whole,
+               {'_phases_to_image': _phases_as_words})]
+  originals = {name: getattr(vqvae, name) for name in ('_conv_out', '_silu', '_phases_to_image')}
   ref, base = None, None
   try:
-    for name, stages, conv_out in variants:
-      vqvae._conv_out = conv_out
+    for name, stages, hooks in variants:
+      for hook, fn in {**originals, **hooks}.items():
+        setattr(vqvae, hook, fn)
       jax.clear_caches()  # the Tokenizer's jitted methods would reuse the last variant's trace
       fn = jax.jit(lambda p, f, s=stages: sampling.decode_in_chunks(tok, p, f, chunk, s))
       out = fn(params, f)
@@ -243,7 +269,8 @@ def bench_decode(args, interpret):
         ref, base = out, ms
       _row('decode', name, ms, base, f'max |image diff| {float(jnp.max(jnp.abs(out - ref))):.3g}')
   finally:
-    vqvae._conv_out = original
+    for hook, fn in originals.items():
+      setattr(vqvae, hook, fn)
 
 
 def _our_norm(cfg, name, dtype=jnp.float32, *, single):

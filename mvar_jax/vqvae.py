@@ -221,6 +221,12 @@ def _norm(cfg: VQVAEConfig, name: str, dtype: Any = jnp.float32) -> GroupNorm:
                    name=name)
 
 
+def _silu(x):
+  """x * sigmoid(x), torch's SiLU (a module-level hook: launch/bench_fusions.py times other
+  forms of it in the decoder)."""
+  return nn.silu(x)
+
+
 class ResnetBlock(nn.Module):
   """GN, SiLU, conv3, GN, SiLU, conv3; 1x1 `nin_shortcut` when the width changes."""
 
@@ -231,8 +237,8 @@ class ResnetBlock(nn.Module):
   @nn.compact
   def __call__(self, x_BHWC):
     cfg, dt = self.config, self.dtype
-    h = _conv(cfg, self.features, 3, 'conv1', dtype=dt)(nn.silu(_norm(cfg, 'norm1', dt)(x_BHWC)))
-    h = _conv(cfg, self.features, 3, 'conv2', dtype=dt)(nn.silu(_norm(cfg, 'norm2', dt)(h)))
+    h = _conv(cfg, self.features, 3, 'conv1', dtype=dt)(_silu(_norm(cfg, 'norm1', dt)(x_BHWC)))
+    h = _conv(cfg, self.features, 3, 'conv2', dtype=dt)(_silu(_norm(cfg, 'norm2', dt)(h)))
     if x_BHWC.shape[-1] != self.features:
       x_BHWC = _conv(cfg, self.features, 1, 'nin_shortcut', dtype=dt)(x_BHWC)
     return x_BHWC.astype(dt) + h
@@ -315,10 +321,22 @@ class UpsampleConv(nn.Module):
         jnp.pad(x_BHWC, ((0, 0), (1, 1), (1, 1), (0, 0))), k_phases, (1, 1), 'VALID',
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=self.precision)
     y = y.reshape(b, h + 1, w + 1, 2, 2, self.features)  # (B, H+1, W+1, a, b, C)
-    # Phase (a, b) of output (i, j) is y[i + a, j + b, a, b].
-    rows = jnp.stack([y[:, a:a + h, :, a] for a in range(2)], axis=2)  # (B, H, 2, W+1, 2, C)
-    out = jnp.stack([rows[:, :, :, bb:bb + w, bb] for bb in range(2)], axis=4)  # (B, H, 2, W, 2, C)
-    return out.reshape(b, 2 * h, 2 * w, self.features) + bias.astype(self.dtype)
+    return _phases_to_image(y, bias.astype(self.dtype))
+
+
+def _interleave_phases(y_BhwabC):
+  """(B, H+1, W+1, 2, 2, C) phase outputs -> (B, 2H, 2W, C): output (2i + a, 2j + b) is
+  y[i + a, j + b, a, b]."""
+  b, h, w, c = y_BhwabC.shape[0], y_BhwabC.shape[1] - 1, y_BhwabC.shape[2] - 1, y_BhwabC.shape[-1]
+  rows = jnp.stack([y_BhwabC[:, a:a + h, :, a] for a in range(2)], axis=2)  # (B, H, 2, W+1, 2, C)
+  out = jnp.stack([rows[:, :, :, bb:bb + w, bb] for bb in range(2)], axis=4)  # (B, H, 2, W, 2, C)
+  return out.reshape(b, 2 * h, 2 * w, c)
+
+
+def _phases_to_image(y_BhwabC, bias_C):
+  """The upsampling conv's image from its phase outputs, plus the bias (a module-level hook:
+  launch/bench_fusions.py times other forms)."""
+  return _interleave_phases(y_BhwabC) + bias_C
 
 
 class Upsample(nn.Module):
@@ -422,7 +440,7 @@ class Decoder(nn.Module):
                        dtype=dt, name=f'up_{i}')(x_BhwC)
     if end < n + 2:
       return x_BhwC
-    return _conv_out(cfg, dt)(nn.silu(_norm(cfg, 'norm_out', dt)(x_BhwC)))
+    return _conv_out(cfg, dt)(_silu(_norm(cfg, 'norm_out', dt)(x_BhwC)))
 
 
 def _conv_out(cfg: VQVAEConfig, dtype) -> Callable[[jax.Array], jax.Array]:

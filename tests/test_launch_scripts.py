@@ -226,10 +226,25 @@ def test_bench_fusions_decode_smoke_times_each_decode_variant(capsys):
   bench = _load('bench_fusions')
   bench.main(['--smoke', '--parts=decode', '--reps=1', '--inner=1'])
   rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith('decode')]
-  assert len(rows) == 4 and '(as before)' in rows[0] and '(default)' in rows[3], rows
+  assert len(rows) == 6 and '(as before)' in rows[0] and '(default)' in rows[3], rows
   assert 'first 1 stages whole' in rows[3]  # the smoke tokenizer's 4 px stage
   diffs = [float(r.split('max |image diff| ')[1]) for r in rows]
   assert diffs[0] == 0 and 0 < max(diffs) < 0.1  # other variants: bf16 rounding
+
+
+def test_the_decode_benchmarks_candidate_forms_compute_the_same_functions():
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from mvar_jax import vqvae
+  bench = _load('bench_fusions')
+  k1, k2 = jax.random.split(jax.random.key(0))
+  y = jax.random.normal(k1, (2, 4, 5, 2, 2, 6)).astype(jnp.bfloat16)
+  bias = jax.random.normal(k2, (6,)).astype(jnp.bfloat16)
+  # A permutation of the same bf16 sums: bit for bit.
+  np.testing.assert_array_equal(bench._phases_as_words(y, bias), vqvae._phases_to_image(y, bias))
+  x = jnp.linspace(-8, 8, 101)
+  np.testing.assert_allclose(bench._silu_tanh(x), jax.nn.silu(x), rtol=1e-5, atol=1e-6)
 
 
 def test_every_benchmarked_fc1_gelu_tile_lowers_for_cuda():
