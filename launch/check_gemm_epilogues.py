@@ -49,6 +49,9 @@ def forms(tokens: int, width: int, dtype):
       'fc1 + bias + GELU (the model)': (
           lambda x, w, b: jax.nn.gelu(jnp.dot(x, w) + b, approximate=True), (x, w1, b1)),
       'fc1 fp32 out + bias + GELU, one rounding': (_gelu_f32_out, (x, w1, b1)),
+      'fc1 + bias, GELU in fp32 of the bf16 output': (
+          lambda x, w, b: jax.nn.gelu((jnp.dot(x, w) + b).astype(jnp.float32),
+                                      approximate=True).astype(x.dtype), (x, w1, b1)),
       'qkv + concat(q_bias, 0, v_bias) (the model)': (
           lambda x, w, q, v: jnp.dot(x, w) + jnp.concatenate([q, jnp.zeros_like(q), v]),
           (x, wq, qb, vb)),
