@@ -61,7 +61,11 @@ VARIANTS = {'ours MVAR (XLA FFN)': dict(ffn_implementation='xla'),
             'ours MVAR (Pallas FFN)': dict(ffn_implementation='pallas'),
             'ours MVAR (unfused qkv)': dict(fused_qkv=False),
             'ours MVAR (no Triton GEMM)': dict(
-                xla_options={'xla_gpu_enable_triton_gemm': False})}
+                xla_options={'xla_gpu_enable_triton_gemm': False}),
+            # Two programs: scales 0..6 as by default, 7..9 and the decode without Triton GEMMs
+            # (if only the large scales gain from cuBLAS's GELU epilogue).
+            'ours MVAR (no Triton GEMM from scale 7)': dict(
+                split_at_scale=7, late_xla_options={'xla_gpu_enable_triton_gemm': False})}
 
 
 def parse_args(argv=None):
@@ -289,15 +293,38 @@ def our_sampler(setup: Setup, official, mode: str, overrides: dict | None = None
   # Compiled once per process (or loaded from the compilation cache), as sampling.sample does.
   sampler = lambda: sampling.compile_sampler(
       model, t_params, tok, v_params, batch_size=args.batch, cfg=args.cfg, top_k=args.top_k,
-      key=key, xla_options=(overrides or {}).get('xla_options'))
+      key=key, **{k: v for k, v in (overrides or {}).items()
+                  if k in ('xla_options', 'split_at_scale', 'late_xla_options')})
 
   def run():
     out = sampler()(t_params, v_params, key=key, labels=labels, cfg=args.cfg, top_p=args.top_p)
     return jax.block_until_ready(out.images_BHW3)
 
-  # The executable `run` calls (loaded, not compiled again): its memory and cost analyses.
-  run.executable = lambda: sampler().executable
+  # The program(s) `run` calls (loaded, not compiled again): memory and cost analyses, HLO.
+  run.executable = lambda: _Programs(sampler())
   return run
+
+
+class _Programs:
+  """A CompiledSampler's programs as one for the probes: the larger memory analysis, the
+  summed FLOPs, the HLO texts one after the other (a split sampler has two)."""
+
+  def __init__(self, sampler):
+    self._sampler = sampler
+
+  def memory_analysis(self):
+    return self._sampler.memory_analysis()
+
+  def cost_analysis(self):
+    flops = 0.0
+    for program in self._sampler.programs:
+      cost = program.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+      flops += float((cost or {}).get('flops', 0.0))
+    return {'flops': flops}
+
+  def as_text(self):
+    return '\n'.join(program.as_text() or '' for program in self._sampler.programs)
 
 
 def segments(setup: Setup, which: str):

@@ -12,7 +12,11 @@
 #    transformer params, bf16 VQ-VAE decode), as it is and compiled without XLA's Triton
 #    GEMMs (cuBLAS then folds the FFN's GELU into fc1: step 2c; is the whole sampler faster?),
 #    same weights, interleaved ($SAMPLERS picks others: official MVAR, 'ours MVAR (unfused
-#    qkv)', 'ours MVAR (Pallas FFN)', ...);
+#    qkv)', 'ours MVAR (Pallas FFN)', 'ours MVAR (no Triton GEMM from scale 7)': two
+#    programs, the large scales and the decode without Triton GEMMs; a second call if the
+#    first's traces show the small scales losing without them:
+#      SAMPLERS="official VAR,ours MVAR,ours MVAR (no Triton GEMM from scale 7)" PARTS= \
+#        EPILOGUES=0 bash launch/gpu_round.sh $OUT);
 #    then per-contender memory probes in fresh processes (ours: loaded from the compilation
 #    cache this run fills, XLA memory/cost analysis, and a jax.profiler trace of one call ->
 #    OUT_DIR/*.trace.json.gz, summarised here with launch/trace_summary.py).

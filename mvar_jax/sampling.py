@@ -172,38 +172,43 @@ def decode_in_chunks(vqvae, v_params, f_hat_BhwC, decode_batch: int,
   return img.reshape(-1, *img.shape[2:])[:b]
 
 
-def _scale_loop(t_params, v_params, labels_B, key, cfg, top_p, *, transformer, vqvae, top_k,
-                more_smooth, use_cfg, decode_batch=DEFAULT_DECODE_BATCH, loop_blocks=False):
-  """The traced body: returns (ids per scale, images in [0, 1]).
+def _scales(t_params, v_params, labels_B, key, cfg, top_p, carry, *, first: int, stop: int,
+            transformer, vqvae, top_k, more_smooth, use_cfg, loop_blocks=False):
+  """Scales first..stop-1 of the loop: returns (their ids, carry).
 
+  carry: (f_hat (B, pn_K, pn_K, C) fp32 after scale first-1, the teacher inputs the next
+  scale reads: MVAR the last one, VAR all of them), or None at scale 0.
   loop_blocks: the transformer's blocks as a loop (see `loops_blocks`).
   """
   tcfg = transformer.config
   layout = tcfg.layout
   k_scales = layout.num_scales
+  var_mode = tcfg.attention.mode == 'var'
   b = labels_B.shape[0]
   null = jnp.full_like(labels_B, tcfg.num_classes)
   model_labels = jnp.concatenate([labels_B, null]) if use_cfg else labels_B
   codebook_VC = vqvae.codebook(v_params)
-  pn_last = layout.patch_nums[-1]
-  f_hat = jnp.zeros((b, pn_last, pn_last, tcfg.cvae), jnp.float32)
-  next_BlC = None  # teacher input of the current scale (None at scale 0)
-  prefix = []  # 'var' mode recomputes the prefix
+  if carry is None:
+    pn_last = layout.patch_nums[-1]
+    carry = (jnp.zeros((b, pn_last, pn_last, tcfg.cvae), jnp.float32), ())
+  f_hat, prefix = carry
+  prefix = list(prefix)  # teacher inputs of the scales before (MVAR: the last only)
   ids = []
   # The caller's key: its first half draws random labels (`sample`), the second drives the
   # scales. Split here, not eagerly: an eager split compiles a program of its own in every
   # new process.
   keys = jax.random.split(jax.random.split(key)[1], 2 * k_scales)
-  for si, pn in enumerate(layout.patch_nums):
+  for si in range(first, stop):
+    pn = layout.patch_nums[si]
     ratio = si / (k_scales - 1) if k_scales > 1 else 0.0
-    if tcfg.attention.mode == 'var':
+    if var_mode:
       x = jnp.concatenate(prefix, axis=1) if prefix else None
-      first = 0
+      scale_first = 0
     else:
-      x, first = next_BlC, si
+      x, scale_first = (prefix[-1] if prefix else None), si
     if x is not None and use_cfg:
       x = jnp.concatenate([x, x])
-    logits = transformer.apply(t_params, model_labels, x, first=first, last=si,
+    logits = transformer.apply(t_params, model_labels, x, first=scale_first, last=si,
                                loop_blocks=loop_blocks)
     logits = logits[:, -pn * pn:]
     if use_cfg:
@@ -222,8 +227,32 @@ def _scale_loop(t_params, v_params, labels_B, key, cfg, top_p, *, transformer, v
     f_hat, next_map = vqvae.next_input(v_params, si, f_hat, h_BhwC)
     if si + 1 < k_scales:
       next_BlC = next_map.reshape(b, -1, next_map.shape[-1])
-      prefix.append(next_BlC)
+      prefix = prefix + [next_BlC] if var_mode else [next_BlC]
+  return ids, (f_hat, tuple(prefix))
+
+
+def _scale_loop(t_params, v_params, labels_B, key, cfg, top_p, *, transformer, vqvae, top_k,
+                more_smooth, use_cfg, decode_batch=DEFAULT_DECODE_BATCH, loop_blocks=False):
+  """The traced body: returns (ids per scale, images in [0, 1])."""
+  ids, (f_hat, _) = _scales(
+      t_params, v_params, labels_B, key, cfg, top_p, None, first=0,
+      stop=transformer.config.layout.num_scales, transformer=transformer, vqvae=vqvae,
+      top_k=top_k, more_smooth=more_smooth, use_cfg=use_cfg, loop_blocks=loop_blocks)
   images = (decode_in_chunks(vqvae, v_params, f_hat, decode_batch) + 1.0) * 0.5
+  return ids, images
+
+
+def _scale_loop_head(t_params, v_params, labels_B, key, cfg, top_p, *, split: int, **kw):
+  """A split sampler's first program: scales 0..split-1 -> (ids, carry)."""
+  return _scales(t_params, v_params, labels_B, key, cfg, top_p, None, first=0, stop=split, **kw)
+
+
+def _scale_loop_tail(t_params, v_params, labels_B, key, cfg, top_p, carry, *, split: int,
+                     decode_batch=DEFAULT_DECODE_BATCH, **kw):
+  """A split sampler's second program: scales split..K-1 and the decode -> (ids, images)."""
+  ids, (f_hat, _) = _scales(t_params, v_params, labels_B, key, cfg, top_p, carry, first=split,
+                            stop=kw['transformer'].config.layout.num_scales, **kw)
+  images = (decode_in_chunks(kw['vqvae'], v_params, f_hat, decode_batch) + 1.0) * 0.5
   return ids, images
 
 
@@ -276,12 +305,19 @@ def loops_blocks(backend: str | None = None) -> bool:
 
 @functools.lru_cache(maxsize=64)
 def _compiled(transformer, vqvae, batch_size: int, top_k: int, more_smooth: bool, use_cfg: bool,
-              decode_batch: int, loop_blocks: bool, xla_options: tuple = ()):
+              decode_batch: int, loop_blocks: bool, xla_options: tuple = (), part: str = 'all',
+              split: int = 0):
+  """The jitted program: the whole loop ('all'), or a split sampler's 'head' or 'tail'."""
   del batch_size  # part of the cache key: one executable per batch size
-  return jax.jit(functools.partial(_scale_loop, transformer=transformer, vqvae=vqvae, top_k=top_k,
-                                   more_smooth=more_smooth, use_cfg=use_cfg,
-                                   decode_batch=decode_batch, loop_blocks=loop_blocks),
-                 compiler_options=dict(compiler_options() + xla_options) or None)
+  kw = dict(transformer=transformer, vqvae=vqvae, top_k=top_k, more_smooth=more_smooth,
+            use_cfg=use_cfg, loop_blocks=loop_blocks)
+  if part == 'all':
+    fn = functools.partial(_scale_loop, decode_batch=decode_batch, **kw)
+  elif part == 'head':
+    fn = functools.partial(_scale_loop_head, split=split, **kw)
+  else:
+    fn = functools.partial(_scale_loop_tail, split=split, decode_batch=decode_batch, **kw)
+  return jax.jit(fn, compiler_options=dict(compiler_options() + xla_options) or None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,14 +327,26 @@ class CompiledSampler:
   `executable` is the jax.stages.Compiled that `__call__` runs: its `memory_analysis()` and
   `cost_analysis()` describe exactly the program being timed.
   """
-  executable: jax.stages.Compiled
+  executable: jax.stages.Compiled  # the whole loop, or a split sampler's scales before `split`
   num_classes: int
   batch_size: int
   top_k: int
   use_cfg: bool
+  tail: jax.stages.Compiled | None = None  # a split sampler's later scales and the decode
+
+  @property
+  def programs(self) -> tuple:
+    """The executables one call runs, in order."""
+    return (self.executable,) if self.tail is None else (self.executable, self.tail)
 
   def memory_analysis(self):
-    return self.executable.memory_analysis()
+    """XLA's memory analysis of the program (of a split sampler: the larger of its two)."""
+    analyses = [p.memory_analysis() for p in self.programs]
+    if None in analyses:
+      return None
+    peak = lambda m: (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                      - m.alias_size_in_bytes)
+    return max(analyses, key=peak)
 
   def __call__(self, t_params, v_params, *, key, labels, cfg: float = 1.5,
                top_p: float = 1.0) -> SampleOutput:
@@ -315,8 +363,13 @@ class CompiledSampler:
                           'without guidance (cfg == 1)'))
     # numpy scalars and arrays go to the executable as they are: jnp conversions would each
     # compile a small program in a fresh process before the sampler's first call.
-    ids, images = self.executable(_variables(t_params), v_params, labels, key, np.float32(cfg),
-                                  np.float32(top_p))
+    args = (_variables(t_params), v_params, labels, key, np.float32(cfg), np.float32(top_p))
+    if self.tail is None:
+      ids, images = self.executable(*args)
+    else:
+      ids, carry = self.executable(*args)
+      later_ids, images = self.tail(*args, carry)
+      ids = list(ids) + list(later_ids)
     return SampleOutput(ids=ids, images_BHW3=images, labels_B=jax.device_put(labels))
 
 
@@ -342,35 +395,47 @@ def _abstract(sig):
 @functools.lru_cache(maxsize=64)
 def _sampler(transformer, vqvae, batch_size: int, top_k: int, more_smooth: bool, use_cfg: bool,
              decode_batch: int, t_sig, v_sig, key_aval, loop_blocks: bool,
-             xla_options: tuple = ()) -> CompiledSampler:
+             xla_options: tuple = (), split: int = 0,
+             tail_xla_options: tuple = ()) -> CompiledSampler:
   """One CompiledSampler per process and signature, kept on disk across processes
   (compilation_cache.load_or_compile: a new process skips tracing and lowering)."""
-  fn = _compiled(transformer, vqvae, batch_size, top_k, more_smooth, use_cfg, decode_batch,
-                 loop_blocks, xla_options)
   sds = jax.ShapeDtypeStruct
-  lower = lambda: fn.lower(_abstract(t_sig), _abstract(v_sig), sds((batch_size,), jnp.int32),
-                           key_aval, sds((), jnp.float32), sds((), jnp.float32))
+  args = (_abstract(t_sig), _abstract(v_sig), sds((batch_size,), jnp.int32), key_aval,
+          sds((), jnp.float32), sds((), jnp.float32))
   devices = {d for _, _, sharding in (*t_sig[1], *v_sig[1]) if sharding is not None
              for d in sharding.device_set}
-  if len(devices) > 1:
-    # Params sharded over a mesh (the trainer's preview grid, possibly across processes): an
-    # executable of several devices is compiled here and kept in memory only; reloading one
-    # from disk would place it on this process's devices alone.
-    executable = lower().compile()
-  else:
+  static = (transformer, vqvae, batch_size, top_k, more_smooth, use_cfg, decode_batch,
+            loop_blocks)
+
+  def build(part: str, options: tuple, *extra):
+    fn = _compiled(*static, options, part, split)
+    lower = lambda: fn.lower(*args, *extra)
+    if len(devices) > 1:
+      # Params sharded over a mesh (the trainer's preview grid, possibly across processes): an
+      # executable of several devices is compiled here and kept in memory only; reloading one
+      # from disk would place it on this process's devices alone.
+      return lower().compile()
+    name = 'sampling._scale_loop' + ('' if part == 'all' else f'_{part}')
     key = compilation_cache.executable_key(
-        'sampling._scale_loop', repr(transformer.config), repr(vqvae.config), batch_size, top_k,
-        more_smooth, use_cfg, decode_batch, str(t_sig), str(v_sig), str(key_aval),
-        compiler_options(), loop_blocks, xla_options)
-    executable = compilation_cache.load_or_compile(key, lower)
-  return CompiledSampler(executable, transformer.config.num_classes, batch_size, top_k, use_cfg)
+        name, repr(transformer.config), repr(vqvae.config), batch_size, top_k, more_smooth,
+        use_cfg, decode_batch, str(t_sig), str(v_sig), str(key_aval), compiler_options(),
+        loop_blocks, options, *((split,) if split else ()))
+    return compilation_cache.load_or_compile(key, lower)
+
+  meta = (transformer.config.num_classes, batch_size, top_k, use_cfg)
+  if not split:
+    return CompiledSampler(build('all', xla_options), *meta)
+  head = build('head', xla_options)
+  carry = jax.eval_shape(_compiled(*static, xla_options, 'head', split), *args)[1]
+  return CompiledSampler(head, *meta, tail=build('tail', tail_xla_options, carry))
 
 
 def compile_sampler(transformer, t_params, vqvae, v_params, *, batch_size: int,
                     cfg: float = 1.5, top_k: int = 0, more_smooth: bool = False,
                     decode_batch: int = DEFAULT_DECODE_BATCH, key=None,
                     loop_blocks: bool | None = None,
-                    xla_options: dict | None = None) -> CompiledSampler:
+                    xla_options: dict | None = None, split_at_scale: int | None = None,
+                    late_xla_options: dict | None = None) -> CompiledSampler:
   """Lowers and compiles the sampling loop now (or loads it from the compilation cache).
 
   t_params / v_params: arrays or jax.ShapeDtypeStruct trees of the same structure (nothing
@@ -380,18 +445,32 @@ def compile_sampler(transformer, t_params, vqvae, v_params, *, batch_size: int,
   blocks as a loop (None: `loops_blocks()`, the backend's default); same samples either way.
   xla_options: XLA debug options for this program on top of `compiler_options()` (e.g.
   {'xla_gpu_enable_triton_gemm': False}); part of the cache key, unlike XLA_FLAGS per call.
+  split_at_scale: compile two programs instead of one, the scales before it with
+  `xla_options` and the rest, with the decode, with `late_xla_options` (XLA options hold for
+  a whole program; e.g. the large scales without Triton GEMMs, for cuBLAS's GELU epilogue,
+  and the small ones with). Same samples: the second program continues from the first's
+  f_hat and teacher input.
   """
   validate_sampling_args(num_classes=transformer.config.num_classes, labels=None, cfg=cfg,
                          top_k=top_k, top_p=1.0)
   if int(batch_size) != batch_size or batch_size < 1:
     raise ValueError(f'batch_size must be an integer >= 1, got {batch_size}')
   _check_decode_batch(decode_batch)
+  k_scales = transformer.config.layout.num_scales
+  if split_at_scale is not None and (int(split_at_scale) != split_at_scale
+                                     or not 1 <= split_at_scale < k_scales):
+    raise ValueError(f'split_at_scale must be an integer in [1, {k_scales - 1}] (the scales '
+                     f'after it form the second program), got {split_at_scale}')
+  if late_xla_options is not None and split_at_scale is None:
+    raise ValueError('late_xla_options applies to the second program: give split_at_scale too')
   key = jax.eval_shape(lambda: jax.random.key(0)) if key is None else key
+  options = lambda d: tuple(sorted((d or {}).items()))
   return _sampler(transformer, vqvae, int(batch_size), int(top_k), bool(more_smooth),
                   bool(cfg != 1.0), int(decode_batch), _signature(_variables(t_params)),
                   _signature(v_params), jax.ShapeDtypeStruct(key.shape, key.dtype),
                   loops_blocks() if loop_blocks is None else bool(loop_blocks),
-                  tuple(sorted((xla_options or {}).items())))
+                  options(xla_options), int(split_at_scale or 0),
+                  options(late_xla_options if late_xla_options is not None else xla_options))
 
 
 def _check_decode_batch(decode_batch) -> None:

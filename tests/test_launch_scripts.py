@@ -82,6 +82,32 @@ def test_each_of_our_rows_is_compared_with_its_official_twin():
   assert bench.official_twin('ours MVAR (unfused qkv)') == 'official MVAR'
 
 
+def test_the_probes_see_both_programs_of_a_split_sampler():
+  bench = _load('bench_vs_official')
+
+  class Program:
+    def __init__(self, flops, text):
+      self.flops, self.text = flops, text
+
+    def cost_analysis(self):
+      return [{'flops': self.flops}]
+
+    def as_text(self):
+      return self.text
+
+  class Sampler:
+    programs = (Program(2.0, 'HloModule head'), Program(3.0, 'HloModule tail'))
+
+    def memory_analysis(self):
+      return 'the larger one'
+
+  probes = bench._Programs(Sampler())
+  assert probes.cost_analysis() == {'flops': 5.0}
+  assert probes.as_text() == 'HloModule head\nHloModule tail'
+  assert probes.memory_analysis() == 'the larger one'
+  assert bench.VARIANTS['ours MVAR (no Triton GEMM from scale 7)']['split_at_scale'] == 7
+
+
 def test_the_official_vqvae_is_filled_deterministically():
   bench = _load('bench_vs_official')
   vae = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8),

@@ -180,6 +180,33 @@ class TestSample:
       sampling.compile_sampler(*args, batch_size=3, cfg=2.0, top_k=8,
                                xla_options={'xla_no_such_option': True})
 
+  @pytest.mark.parametrize('mode', ['mvar', 'var'])
+  def test_a_split_sampler_is_two_programs_with_the_same_samples(self, pipe, mode):
+    """The scales from split_at_scale on and the decode as a second program (its own XLA
+    options), continuing from the first's f_hat and teacher inputs."""
+    import dataclasses
+    t_cfg = dataclasses.replace(pipe.transformer_config, attention=dataclasses.replace(
+        pipe.transformer_config.attention, mode=mode))
+    model = transformer.MVARTransformer(t_cfg)
+    args = (model, pipe.transformer_params, pipe.tokenizer, pipe.tokenizer_params)
+    kw = dict(key=jax.random.key(7), labels=[0, 3, 4], cfg=2.0, top_p=0.9)
+    whole = sampling.compile_sampler(*args, batch_size=3, cfg=2.0, top_k=8)
+    split = sampling.compile_sampler(*args, batch_size=3, cfg=2.0, top_k=8, split_at_scale=3,
+                                     late_xla_options={'xla_gpu_enable_triton_gemm': False})
+    assert len(whole.programs) == 1 and len(split.programs) == 2
+    assert split.memory_analysis() is not None
+    a = whole(pipe.transformer_params, pipe.tokenizer_params, **kw)
+    b = split(pipe.transformer_params, pipe.tokenizer_params, **kw)
+    assert len(b.ids) == len(PATCH_NUMS)
+    for x, y in zip(a.ids, b.ids):
+      np.testing.assert_array_equal(x, y)
+    np.testing.assert_allclose(b.images_BHW3, a.images_BHW3, atol=1e-6)
+    for bad in (0, len(PATCH_NUMS), 1.5):
+      with pytest.raises(ValueError, match='split_at_scale must be an integer in'):
+        sampling.compile_sampler(*args, batch_size=3, cfg=2.0, top_k=8, split_at_scale=bad)
+    with pytest.raises(ValueError, match='give split_at_scale too'):
+      sampling.compile_sampler(*args, batch_size=3, cfg=2.0, top_k=8, late_xla_options={})
+
   def test_shapes_ranges_and_consistency_with_the_tokenizer(self, pipe):
     out = pipe.sample(jax.random.key(0), labels=[1, 2], cfg=1.5, top_k=0, top_p=1.0)
     assert out.images_BHW3.shape == (2, pipe.image_size, pipe.image_size, 3)
