@@ -238,13 +238,30 @@ def _phases_as_words(y_BhwabC, bias_C):
   return out.reshape(*out.shape[:-2], c)
 
 
+class _TracedTokenizer:
+  """The Tokenizer methods `sampling.decode_in_chunks` calls, without their own jit (whose
+  cache would hand every variant the first one's trace)."""
+
+  def __init__(self, tok):
+    self.config, self._tok = tok.config, tok
+
+  def cast_for_decode(self, params):
+    return self._tok.cast_for_decode(params)
+
+  def fhat_to_img(self, params, f_hat):
+    return self._tok._apply(params, vqvae.VQVAE.fhat_to_img, f_hat)
+
+  def decode_stages(self, params, x, begin, end=None):
+    return self._tok._apply(params, vqvae.VQVAE.decode_stages, x, begin, end)
+
+
 def bench_decode(args, interpret):
   del interpret
   cfg, _ = _decode_chunk_input(args.smoke)
   b, chunk = (4, 2) if args.smoke else (32, sampling.DEFAULT_DECODE_BATCH)
   pn = cfg.patch_nums[-1]
   f = jax.random.normal(jax.random.key(3), (b, pn, pn, cfg.z_channels))
-  tok = vqvae.Tokenizer(cfg)
+  tok = _TracedTokenizer(vqvae.Tokenizer(cfg))
   params = vqvae.random_params(cfg)
   whole = sampling.whole_batch_decoder_stages(cfg)
   conv = {'_conv_out': _as_conv}
@@ -261,7 +278,6 @@ def bench_decode(args, interpret):
     for name, stages, hooks in variants:
       for hook, fn in {**originals, **hooks}.items():
         setattr(vqvae, hook, fn)
-      jax.clear_caches()  # the Tokenizer's jitted methods would reuse the last variant's trace
       fn = jax.jit(lambda p, f, s=stages: sampling.decode_in_chunks(tok, p, f, chunk, s))
       out = fn(params, f)
       ms = per_call_ms(fn, params, f, reps=args.reps, inner=max(1, args.inner // 4))
