@@ -10,6 +10,10 @@ Parts (each prints rows "part | variant | ms | vs first | check"):
   (rows per program x warps). check: rows whose threshold differs from the sort's.
 - addln: x + y * gamma then LN * (1 + scale) + shift over (64, 256, 1024) bf16: XLA's
   fusions against a Pallas kernel that does both (defined below). check: max |difference|.
+- naqkv: the default attention kernel of MVAR sampling (`na2d_pallas_from_qkv`: the bias,
+  q/k normalisation and the 7x7 window from the (B, N, 3, heads, D) projection) at the
+  large scales' maps (64 maps = 32 images with CFG, 16 heads, D 64, bf16), per tile
+  (query rows x key rows, warps, stages). check: max |difference| against the default tiles.
 - gn: one decoder chunk (8 images, 16x16 latents -> 256 px, bf16 activations), with flax's
   nn.GroupNorm against ours (per-channel sums; two-pass, single-pass with XLA's pixel sums
   over rows of 1, 4 and GroupNorm.SUM_ROWS pixels, and single-pass with the sums' default:
@@ -54,8 +58,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mvar_jax import sampling, transformer, vqvae  # noqa: E402
 from mvar_jax.kernels import dense_gelu, select_threshold  # noqa: E402
 from mvar_jax.kernels.neighborhood_attention import pallas_common as pc  # noqa: E402
+from mvar_jax.kernels.neighborhood_attention import pallas_kernel  # noqa: E402
 
-PARTS = ('select', 'addln', 'gn', 'decode', 'gelu', 'options')
+PARTS = ('select', 'addln', 'naqkv', 'gn', 'decode', 'gelu', 'options')
 # XLA options that could move work into cuBLAS/cuDNN epilogues (each ';' is one compile).
 DEFAULT_OPTIONS = ('xla_gpu_enable_cublaslt=true;xla_gpu_cudnn_gemm_fusion_level=2;'
                    'xla_gpu_cudnn_gemm_fusion_level=3;xla_gpu_enable_triton_gemm=false')
@@ -164,6 +169,37 @@ def bench_addln(args, interpret):
     err = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - r.astype(jnp.float32))))
               for a, r in zip(got, ref))
     _row('addln', f'pallas rows={block_rows} warps={warps}', ms, base, f'max diff {err:.3g}')
+
+
+# (block_q, block_k, num_warps, num_stages) of the forward; the first is the default.
+NAQKV_TILES = ((64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 3),
+               (128, 128, 8, 2), (32, 64, 4, 2))
+
+
+def bench_naqkv(args, interpret):
+  sides, batch, heads = ((8,), 2, 2) if args.smoke else ((13, 16), 64, 16)
+  for side in sides:
+    key = jax.random.split(jax.random.key(side), 3)
+    qkv = jax.random.normal(key[0], (batch, side * side, 3, heads, 64)).astype(jnp.bfloat16)
+    head_scale = jnp.exp(jax.random.normal(key[1], (heads,)))
+    bias = (0.1 * jax.random.normal(key[2], (3, heads, 64))).astype(jnp.bfloat16)
+    ref, base = None, None
+    for block_q, block_k, warps, stages in NAQKV_TILES:
+      tiles = pc.BlockSizes(block_q=block_q, block_k=block_k, num_warps=warps,
+                            num_stages=stages)
+      fn = jax.jit(lambda x, s, b, tiles=tiles, side=side: pallas_kernel.na2d_pallas_from_qkv(
+          x, s, height=side, width=side, kernel_size=7, bias_3HD=b, block_sizes=tiles,
+          interpret=interpret))
+      name = f'{side}x{side}, q {block_q} k {block_k} w{warps} s{stages}'
+      try:
+        out = fn(qkv, head_scale, bias).astype(jnp.float32)
+        ms = per_call_ms(fn, qkv, head_scale, bias, reps=args.reps, inner=args.inner)
+      except Exception as e:  # noqa: BLE001  (a tile Triton cannot take is a row too)
+        print(f'naqkv    | {name}: failed: {str(e).splitlines()[0][:200]}')
+        continue
+      if ref is None:
+        ref, base = out, ms
+      _row('naqkv', name, ms, base, f'max diff {float(jnp.max(jnp.abs(out - ref))):.3g}')
 
 
 def _decode_chunk_input(smoke: bool):

@@ -4,10 +4,11 @@
 #   OFFICIAL=/src bash launch/gpu_round.sh [OUT_DIR]     # /src/MVAR and /src/VAR checkouts
 #   bash launch/gpu_round.sh --sources                   # the hash its versions.txt records
 #
-# 0. PARTS=gn,decode (default; PARTS= none): bench_fusions.py on those parts first: gn (a
-#    decode chunk with each GroupNorm: XLA's sums or the Pallas kernel), decode (the sampler's
-#    decode of 32 images: small-map stages whole or in chunks, conv_out as a conv or as tap
-#    sums), gelu, ... (SELECT=1 adds select).
+# 0. PARTS=gn,decode,naqkv (default; PARTS= none): bench_fusions.py on those parts first: gn
+#    (a decode chunk with each GroupNorm: XLA's sums or the Pallas kernel), decode (the
+#    sampler's decode of 32 images: small-map stages whole or in chunks, conv_out as a conv
+#    or as tap sums), naqkv (the fused qkv attention kernel's tiles at 13x13 and 16x16; all
+#    compile for sm_90 without spills), gelu, ... (SELECT=1 adds select).
 # 1. bench_vs_official.py, d16, batch 32: official VAR (KV cache) against ours (MVAR, bf16
 #    transformer params, bf16 VQ-VAE decode), as it is and compiled without XLA's Triton
 #    GEMMs (cuBLAS then folds the FFN's GELU into fc1: step 2c; is the whole sampler faster?),
@@ -63,7 +64,7 @@ triton.__version__, jax.devices())'
   echo "sources: $(sources_hash)"
 } 2>&1 | tee "$OUT_DIR/versions.txt"
 
-PARTS=${PARTS-gn,decode}; [[ "${SELECT:-0}" == 1 ]] && PARTS=select${PARTS:+,$PARTS}
+PARTS=${PARTS-gn,decode,naqkv}; [[ "${SELECT:-0}" == 1 ]] && PARTS=select${PARTS:+,$PARTS}
 if [[ -n "$PARTS" ]]; then
   echo "=== 0. bench_fusions --parts=$PARTS ===" | tee -a "$OUT_DIR/log.txt"
   timeout ${FUSIONS_TIMEOUT:-200} $PY launch/bench_fusions.py --parts=$PARTS --reps=5 2>&1 \

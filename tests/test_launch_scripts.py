@@ -273,6 +273,35 @@ def test_the_decode_benchmarks_candidate_forms_compute_the_same_functions():
   np.testing.assert_allclose(bench._silu_tanh(x), jax.nn.silu(x), rtol=1e-5, atol=1e-6)
 
 
+def test_bench_fusions_times_the_fused_qkv_kernel_per_tile(capsys):
+  bench = _load('bench_fusions')
+  bench.main(['--smoke', '--parts=naqkv', '--reps=1', '--inner=1'])
+  rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith('naqkv')]
+  assert len(rows) == len(bench.NAQKV_TILES) and all('failed' not in r for r in rows), rows
+  assert max(float(r.split('max diff ')[1]) for r in rows) < 0.05  # bf16 rounding orders
+
+
+def test_every_benchmarked_fused_qkv_tile_lowers_for_cuda():
+  import jax
+  import jax.numpy as jnp
+  from mvar_jax.kernels.neighborhood_attention import pallas_common as pc
+  from mvar_jax.kernels.neighborhood_attention import pallas_kernel
+  from test_na_pallas import _TRITON_TARGETS, _gpu_target
+  bench = _load('bench_fusions')
+  checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in _TRITON_TARGETS]
+  sds = jax.ShapeDtypeStruct
+  for block_q, block_k, warps, stages in bench.NAQKV_TILES:
+    tiles = pc.BlockSizes(block_q=block_q, block_k=block_k, num_warps=warps, num_stages=stages)
+    fn = lambda x, s, b, tiles=tiles: pallas_kernel.na2d_pallas_from_qkv(
+        x, s, height=16, width=16, kernel_size=7, bias_3HD=b, block_sizes=tiles,
+        interpret=False)
+    with _gpu_target():
+      text = jax.export.export(jax.jit(fn), platforms=('cuda',), disabled_checks=checks)(
+          sds((64, 256, 3, 16, 64), jnp.bfloat16), sds((16,), jnp.float32),
+          sds((3, 16, 64), jnp.bfloat16)).mlir_module()
+    assert sum(text.count(f'@{t}(') for t in _TRITON_TARGETS) == 1
+
+
 def test_every_benchmarked_fc1_gelu_tile_lowers_for_cuda():
   """A tile the GPU lease would time that Triton cannot take must fail here first."""
   import functools
