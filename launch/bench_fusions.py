@@ -22,9 +22,9 @@ Parts (each prints rows "part | variant | ms | vs first | check"):
 - decode: the sampler's whole decode (`sampling.decode_in_chunks`: 32 images in chunks of 8,
   bf16; 4 in chunks of 2 in smoke) with the leading small-map stages in chunks or on the
   whole batch, and conv_out as a conv or as `vqvae.TapSumConv` (GroupNorm as by default in
-  every row); then the default with SiLU through tanh, and with the upsampling's bias in its
-  conv and its phase interleave on 32-bit words. check: max |image diff| against the first
-  row.
+  every row); then the default with SiLU through tanh, with the upsampling's bias in its
+  conv and its phase interleave on 32-bit words, and with GroupNorm's sums by XLA instead
+  of the Pallas kernel (GPU). check: max |image diff| against the first row.
 - gelu: fc1 + bias + tanh-GELU (x (M, 1024) @ (1024, 4096), bf16) at every scale's M
   (64 sequences x tokens): XLA's matmul and GELU fusion against the Pallas kernel with the
   bias and GELU in the matmul's epilogue (mvar_jax/kernels/dense_gelu.py), per tile; then
@@ -255,6 +255,12 @@ def _as_conv(cfg, dtype):
   return lambda x: conv(x).astype(jnp.float32)
 
 
+def _xla_sums_norm(cfg, name, dtype=jnp.float32):
+  """vqvae._norm with the single pass's sums by XLA, as before the Pallas kernel."""
+  return vqvae.GroupNorm(cfg.norm_groups, 1e-6, dtype, single_pass=jnp.dtype(dtype).itemsize < 4,
+                         sums='xla', name=name)
+
+
 def _silu_tanh(x):
   """x * sigmoid(x) as x * (1 + tanh(x / 2)) / 2 in fp32: no exp and no division by a
   computed value (XLA's fp32 division is IEEE's, many instructions)."""
@@ -307,8 +313,10 @@ def bench_decode(args, interpret):
               (f'first {whole} stages whole, conv_out as tap sums (default)', whole, {}),
               ('default, SiLU as x * (1 + tanh(x / 2)) / 2', whole, {'_silu': _silu_tanh}),
               ('default, upsampling: bias in the conv, bf16 pairs as words', whole,
-               {'_phases_to_image': _phases_as_words})]
-  originals = {name: getattr(vqvae, name) for name in ('_conv_out', '_silu', '_phases_to_image')}
+               {'_phases_to_image': _phases_as_words}),
+              ('default, GroupNorm sums by XLA (as before)', whole, {'_norm': _xla_sums_norm})]
+  originals = {name: getattr(vqvae, name)
+               for name in ('_conv_out', '_silu', '_phases_to_image', '_norm')}
   ref, base = None, None
   try:
     for name, stages, hooks in variants:

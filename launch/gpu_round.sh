@@ -4,11 +4,11 @@
 #   OFFICIAL=/src bash launch/gpu_round.sh [OUT_DIR]     # /src/MVAR and /src/VAR checkouts
 #   bash launch/gpu_round.sh --sources                   # the hash its versions.txt records
 #
-# 0. PARTS=gn,decode,naqkv (default; PARTS= none): bench_fusions.py on those parts first: gn
-#    (a decode chunk with each GroupNorm: XLA's sums or the Pallas kernel), decode (the
-#    sampler's decode of 32 images: small-map stages whole or in chunks, conv_out as a conv
-#    or as tap sums), naqkv (the fused qkv attention kernel's tiles at 13x13 and 16x16; all
-#    compile for sm_90 without spills), gelu, ... (SELECT=1 adds select).
+# 0. PARTS=decode,naqkv (default; PARTS= none): bench_fusions.py on those parts first:
+#    decode (the sampler's decode of 32 images: small-map stages whole or in chunks, conv_out
+#    as a conv or as tap sums, GroupNorm's sums by XLA or the Pallas kernel, ...), naqkv (the
+#    fused qkv attention kernel's tiles at 13x13 and 16x16; all compile for sm_90 without
+#    spills), gn (a decode chunk with each GroupNorm form), gelu, ... (SELECT=1 adds select).
 # 1. bench_vs_official.py, d16, batch 32: official VAR (KV cache) against ours (MVAR, bf16
 #    transformer params, bf16 VQ-VAE decode), as it is and compiled without XLA's Triton
 #    GEMMs (cuBLAS then folds the FFN's GELU into fc1: step 2c; is the whole sampler faster?),
@@ -33,8 +33,9 @@
 #    Tuned on 2026-11-26 (defaults kept): only with TILES=1.
 # Each step has its own time limit so that a stall costs one step, not the lease. On an H100
 # (2026-11-26) step 1 with two of ours took ~3.5 min (each of ours compiles for 65-80 s), the
-# default round then ~4.5 min; XLA_AB adds ~2.5 min, OPTIONS ~2 min, PARTS=gn ~20 s (6 GroupNorm
-# variants now; with decode's 4 whole decodes, step 0 is estimated at 1-2 min, capped at 200 s).
+# default round then ~4.5 min; XLA_AB adds ~2.5 min, OPTIONS ~2 min, PARTS=gn ~20 s. Step 0's
+# default (7 whole 32-image decodes, 14 small kernels) is estimated at 2-3 min, capped at 200 s:
+# with step 1 and EPILOGUES the round is near the 10-minute call limit (EPILOGUES=0 saves ~1 min).
 # Logs and tables go to OUT_DIR (default $OUT, the device tool's return folder, else /tmp/gpu_round).
 
 set -uo pipefail
@@ -64,7 +65,7 @@ triton.__version__, jax.devices())'
   echo "sources: $(sources_hash)"
 } 2>&1 | tee "$OUT_DIR/versions.txt"
 
-PARTS=${PARTS-gn,decode,naqkv}; [[ "${SELECT:-0}" == 1 ]] && PARTS=select${PARTS:+,$PARTS}
+PARTS=${PARTS-decode,naqkv}; [[ "${SELECT:-0}" == 1 ]] && PARTS=select${PARTS:+,$PARTS}
 if [[ -n "$PARTS" ]]; then
   echo "=== 0. bench_fusions --parts=$PARTS ===" | tee -a "$OUT_DIR/log.txt"
   timeout ${FUSIONS_TIMEOUT:-200} $PY launch/bench_fusions.py --parts=$PARTS --reps=5 2>&1 \

@@ -252,7 +252,7 @@ def test_bench_fusions_decode_smoke_times_each_decode_variant(capsys):
   bench = _load('bench_fusions')
   bench.main(['--smoke', '--parts=decode', '--reps=1', '--inner=1'])
   rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith('decode')]
-  assert len(rows) == 6 and '(as before)' in rows[0] and '(default)' in rows[3], rows
+  assert len(rows) == 7 and '(as before)' in rows[0] and '(default)' in rows[3], rows
   assert 'first 1 stages whole' in rows[3]  # the smoke tokenizer's 4 px stage
   diffs = [float(r.split('max |image diff| ')[1]) for r in rows]
   assert diffs[0] == 0 and 0 < max(diffs) < 0.1  # other variants: bf16 rounding
