@@ -163,9 +163,15 @@ def test_local_launcher_dry_run_gives_each_process_its_start_up():
   assert 'LOCAL_DEVICE_IDS=4,5,6,7' in gpu.stdout.splitlines()[1]
 
 
-def test_local_launcher_prefixes_output_and_stops_the_others_when_one_fails():
-  code = ('import os, sys, time; i = int(os.environ["PROCESS_ID"]); print("hello", i, flush=True);'
-          ' sys.exit(7) if i == 1 else time.sleep(300)')
+def test_local_launcher_prefixes_output_and_stops_the_others_when_one_fails(tmp_path):
+  # Process 1 fails only once process 0 has printed: on a busy machine process 0's start-up
+  # could otherwise outlast process 1 and the launcher's grace period.
+  flag = str(tmp_path / 'p0_printed')
+  code = ('import os, sys, time; i = int(os.environ["PROCESS_ID"]); print("hello", i, flush=True)\n'
+          f'if i == 0:\n  open({flag!r}, "w").close(); time.sleep(300)\n'
+          f'deadline = time.time() + 60\n'
+          f'while not os.path.exists({flag!r}) and time.time() < deadline: time.sleep(0.05)\n'
+          'sys.exit(7)')
   out = run(launcher('--num_processes=2', '--grace_s=1', '--', sys.executable, '-c', code))
   assert out.returncode == 7  # well before process 0's 300 s sleep would end (timeout=120)
   assert '[p0] hello 0' in out.stdout and '[p1] hello 1' in out.stdout
