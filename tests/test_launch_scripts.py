@@ -277,7 +277,7 @@ def test_bench_fusions_times_the_fused_qkv_kernel_per_tile(capsys):
   bench = _load('bench_fusions')
   bench.main(['--smoke', '--parts=naqkv', '--reps=1', '--inner=1'])
   rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith('naqkv')]
-  assert len(rows) == len(bench.NAQKV_TILES) and all('failed' not in r for r in rows), rows
+  assert len(rows) == 3 and all('failed' not in r for r in rows), rows  # smoke: 3 tiles
   assert max(float(r.split('max diff ')[1]) for r in rows) < 0.05  # bf16 rounding orders
 
 
