@@ -225,7 +225,6 @@ def bench_gn(args, interpret):
   params = vqvae.random_params(cfg)
   model = vqvae.VQVAE(cfg)
   decode = lambda p, f: model.apply({'params': p}, f, method=vqvae.VQVAE.fhat_to_img)
-  original = vqvae._norm
   rows = vqvae.GroupNorm.SUM_ROWS
   variants = [('flax nn.GroupNorm', _flax_norm),
               ('ours, two-pass', functools.partial(_our_norm, single=False)),
@@ -235,18 +234,31 @@ def bench_gn(args, interpret):
                functools.partial(_rows_norm, rows=rows)),
               ('single pass, default sums (the Pallas kernel on GPU)',
                functools.partial(_our_norm, single=True))]
+  _time_with_hooks('gn', [(name, {'_norm': norm}, decode) for name, norm in variants],
+                   (params, f), args)
+
+
+def _time_with_hooks(part, variants, fn_args, args):
+  """A row per (name, hooks, fn): fn(*fn_args) traced anew with `vqvae`'s module-level hooks
+  (`_norm`, `_conv_out`, ...) set as `hooks` says (the others as they are), then timed;
+  check: max |difference| against the first row's output. The hooks are restored after."""
+  originals = {hook: getattr(vqvae, hook) for _, hooks, _ in variants for hook in hooks}
   ref, base = None, None
   try:
-    for name, norm in variants:
-      vqvae._norm = norm
-      fn = jax.jit(lambda p, f: decode(p, f))  # a new function: traced now, with this norm
-      out = fn(params, f)
-      ms = per_call_ms(fn, params, f, reps=args.reps, inner=max(1, args.inner // 4))
+    for name, hooks, body in variants:
+      for hook, value in {**originals, **hooks}.items():
+        setattr(vqvae, hook, value)
+      # A new function, traced now with these hooks (`body` must not be jitted itself: its
+      # cache would hand every row the first one's trace).
+      fn = jax.jit(lambda *a, body=body: body(*a))
+      out = fn(*fn_args)
+      ms = per_call_ms(fn, *fn_args, reps=args.reps, inner=max(1, args.inner // 4))
       if ref is None:
         ref, base = out, ms
-      _row('gn', name, ms, base, f'max |image diff| {float(jnp.max(jnp.abs(out - ref))):.3g}')
+      _row(part, name, ms, base, f'max |image diff| {float(jnp.max(jnp.abs(out - ref))):.3g}')
   finally:
-    vqvae._norm = original
+    for hook, value in originals.items():
+      setattr(vqvae, hook, value)
 
 
 def _as_conv(cfg, dtype):
@@ -315,22 +327,9 @@ def bench_decode(args, interpret):
               ('default, upsampling: bias in the conv, bf16 pairs as words', whole,
                {'_phases_to_image': _phases_as_words}),
               ('default, GroupNorm sums by XLA (as before)', whole, {'_norm': _xla_sums_norm})]
-  originals = {name: getattr(vqvae, name)
-               for name in ('_conv_out', '_silu', '_phases_to_image', '_norm')}
-  ref, base = None, None
-  try:
-    for name, stages, hooks in variants:
-      for hook, fn in {**originals, **hooks}.items():
-        setattr(vqvae, hook, fn)
-      fn = jax.jit(lambda p, f, s=stages: sampling.decode_in_chunks(tok, p, f, chunk, s))
-      out = fn(params, f)
-      ms = per_call_ms(fn, params, f, reps=args.reps, inner=max(1, args.inner // 4))
-      if ref is None:
-        ref, base = out, ms
-      _row('decode', name, ms, base, f'max |image diff| {float(jnp.max(jnp.abs(out - ref))):.3g}')
-  finally:
-    for hook, fn in originals.items():
-      setattr(vqvae, hook, fn)
+  decode = lambda stages: lambda p, f: sampling.decode_in_chunks(tok, p, f, chunk, stages)
+  _time_with_hooks('decode', [(name, hooks, decode(stages)) for name, stages, hooks in variants],
+                   (params, f), args)
 
 
 def _our_norm(cfg, name, dtype=jnp.float32, *, single):
