@@ -231,13 +231,14 @@ def _scales(t_params, v_params, labels_B, key, cfg, top_p, carry, *, first: int,
   return ids, (f_hat, tuple(prefix))
 
 
-def _scale_loop(t_params, v_params, labels_B, key, cfg, top_p, *, transformer, vqvae, top_k,
-                more_smooth, use_cfg, decode_batch=DEFAULT_DECODE_BATCH, loop_blocks=False):
-  """The traced body: returns (ids per scale, images in [0, 1])."""
-  ids, (f_hat, _) = _scales(
-      t_params, v_params, labels_B, key, cfg, top_p, None, first=0,
-      stop=transformer.config.layout.num_scales, transformer=transformer, vqvae=vqvae,
-      top_k=top_k, more_smooth=more_smooth, use_cfg=use_cfg, loop_blocks=loop_blocks)
+def _scale_loop(t_params, v_params, labels_B, key, cfg, top_p, carry=None, *, first: int = 0,
+                transformer, vqvae, decode_batch=DEFAULT_DECODE_BATCH, **kw):
+  """The traced body: scales first..K-1 from `carry` (None: the whole loop), then the decode;
+  returns (ids of those scales, images in [0, 1]). A split sampler's second program is this
+  with first = split and the first program's carry."""
+  ids, (f_hat, _) = _scales(t_params, v_params, labels_B, key, cfg, top_p, carry, first=first,
+                            stop=transformer.config.layout.num_scales, transformer=transformer,
+                            vqvae=vqvae, **kw)
   images = (decode_in_chunks(vqvae, v_params, f_hat, decode_batch) + 1.0) * 0.5
   return ids, images
 
@@ -245,15 +246,6 @@ def _scale_loop(t_params, v_params, labels_B, key, cfg, top_p, *, transformer, v
 def _scale_loop_head(t_params, v_params, labels_B, key, cfg, top_p, *, split: int, **kw):
   """A split sampler's first program: scales 0..split-1 -> (ids, carry)."""
   return _scales(t_params, v_params, labels_B, key, cfg, top_p, None, first=0, stop=split, **kw)
-
-
-def _scale_loop_tail(t_params, v_params, labels_B, key, cfg, top_p, carry, *, split: int,
-                     decode_batch=DEFAULT_DECODE_BATCH, **kw):
-  """A split sampler's second program: scales split..K-1 and the decode -> (ids, images)."""
-  ids, (f_hat, _) = _scales(t_params, v_params, labels_B, key, cfg, top_p, carry, first=split,
-                            stop=kw['transformer'].config.layout.num_scales, **kw)
-  images = (decode_in_chunks(kw['vqvae'], v_params, f_hat, decode_batch) + 1.0) * 0.5
-  return ids, images
 
 
 def _variables(params):
@@ -316,7 +308,7 @@ def _compiled(transformer, vqvae, batch_size: int, top_k: int, more_smooth: bool
   elif part == 'head':
     fn = functools.partial(_scale_loop_head, split=split, **kw)
   else:
-    fn = functools.partial(_scale_loop_tail, split=split, decode_batch=decode_batch, **kw)
+    fn = functools.partial(_scale_loop, first=split, decode_batch=decode_batch, **kw)
   return jax.jit(fn, compiler_options=dict(compiler_options() + xla_options) or None)
 
 
