@@ -93,6 +93,26 @@ def fingerprint(tree) -> dict[str, str]:
           for i, v in sorted(sums.items())}
 
 
+# Orbax's replica-parallel saving splits an array held by several replicas (the 'data' axis)
+# so that each replica writes a part. Every part is a `shard[slice]` that XLA compiles once
+# per shape, slice and device: the first save of a process compiled 128 such programs for a
+# one-block model on 8 CPU devices (5.7 of its 7 s), and as many for the biases and norms of
+# a real model, whose parts are a few KiB. Arrays whose part would be under this size are
+# written whole by one replica; the large matrices are still split.
+MIN_REPLICA_PARALLEL_SLICE_BYTES = 1 << 20
+
+
+def _type_handlers():
+  """Orbax's standard handlers, the jax.Array one with the threshold above."""
+  th = ocp.type_handlers
+  return th.create_type_handler_registry(
+      (int, th.ScalarHandler()), (float, th.ScalarHandler()), (bytes, th.ScalarHandler()),
+      (np.number, th.ScalarHandler()), (np.ndarray, th.NumpyHandler()),
+      (jax.Array, th.ArrayHandler(
+          min_slice_bytes_for_replica_parallel=MIN_REPLICA_PARALLEL_SLICE_BYTES)),
+      (str, th.StringHandler()))
+
+
 class Checkpointer:
   """A small Orbax CheckpointManager wrapper: one pytree state plus JSON metadata per step."""
 
@@ -105,7 +125,8 @@ class Checkpointer:
     # Handlers named up front, so that a fresh manager can read a step's tree metadata.
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
-        item_handlers={STATE: ocp.PyTreeCheckpointHandler(), META: ocp.JsonCheckpointHandler()})
+        item_handlers={STATE: ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers()),
+                       META: ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     """Newest finished step, or None."""

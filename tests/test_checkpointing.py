@@ -44,6 +44,27 @@ def test_round_trip_restores_values_shardings_and_meta(tmp_path):
   ckpt.close()
 
 
+@pytest.mark.parametrize('min_slice_bytes', [0, None])
+def test_replicated_leaves_round_trip_whether_or_not_replicas_split_them(
+    tmp_path, monkeypatch, min_slice_bytes):
+  """Orbax splits a leaf held by the 4 'data' replicas among them when each part reaches
+  MIN_REPLICA_PARALLEL_SLICE_BYTES (0: every leaf; default: only the 8 MiB one)."""
+  if min_slice_bytes is not None:
+    monkeypatch.setattr(checkpointing, 'MIN_REPLICA_PARALLEL_SLICE_BYTES', min_slice_bytes)
+  mesh = _mesh()
+  big = np.random.default_rng(1).normal(size=(1024, 2048)).astype(np.float32)  # 1 MiB parts
+  state = dict(_state(mesh, 2), big=jax.device_put(big, NamedSharding(mesh, P('fsdp', None))),
+               bias=jax.device_put(np.arange(12, dtype=np.float32), NamedSharding(mesh, P())))
+  ckpt = checkpointing.Checkpointer(str(tmp_path / 'ckpt'), async_save=False)
+  ckpt.save(1, state)
+  restored, _ = ckpt.restore(_abstract(state))
+  ckpt.close()
+  for name in ('big', 'bias'):
+    np.testing.assert_array_equal(restored[name], state[name])
+    assert restored[name].sharding == state[name].sharding
+  np.testing.assert_array_equal(restored['params']['w'], state['params']['w'])
+
+
 def test_keeps_the_last_n(tmp_path):
   mesh = _mesh()
   ckpt = checkpointing.Checkpointer(str(tmp_path / 'ckpt'), max_to_keep=2, async_save=False)

@@ -321,3 +321,18 @@ def test_every_benchmarked_fc1_gelu_tile_lowers_for_cuda():
           sds((10816, 1024), jnp.bfloat16), sds((1024, 4096), jnp.bfloat16),
           sds((4096,), jnp.bfloat16)).mlir_module()  # 10816 rows: scale 8, padded
     assert sum(text.count(f'@{t}(') for t in _TRITON_TARGETS) == 1 and 'dense_gelu' in text
+
+
+def test_bench_checkpoint_runs_from_the_repository_root_on_a_replicated_state(tmp_path):
+  import subprocess
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES='2', JAX_PLATFORMS='cpu')
+  res = subprocess.run([sys.executable, 'launch/bench_checkpoint.py', '--data=2', '--repeats=1'],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert 'on 2 x cpu' in res.stdout
+  rows = [r for r in res.stdout.splitlines() if r.startswith('| ') and 'ms' not in r]
+  assert [r.split('|')[1].strip() for r in rows] == [
+      'fingerprint (save and restore, each)', 'all_finite guard (save)',
+      'first Orbax save of the process', 'Orbax save (incl. fingerprint)',
+      'Orbax restore (incl. verify)']
+  assert all(float(r.split('|')[2]) > 0 for r in rows)
