@@ -1,4 +1,4 @@
-"""Test set-up: JAX on CPU with 8 simulated devices, TensorFlow kept off any GPU."""
+"""Test set-up: JAX on CPU with 8 simulated devices, LLVM at -O1, TensorFlow kept off any GPU."""
 
 import os
 
@@ -7,6 +7,11 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 # Hermetic tests: no executables from earlier runs (tests that exercise the cache set their own).
 os.environ.setdefault('MVAR_COMPILATION_CACHE_DIR', 'none')
+
+from main_process import TEST_XLA_FLAGS  # noqa: E402  (this directory is on sys.path)
+
+# Before JAX starts; inherited by the processes tests launch. Why: see TEST_XLA_FLAGS.
+os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 import jax  # noqa: E402
 
