@@ -19,7 +19,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # XLA flags of every test process (conftest.py) and of the main.py processes started here.
 # The tests' programs are small and run for moments, so compiling them is most of the
 # suite's time; LLVM at -O1 without its expensive passes compiles the tiny demo's programs
-# in 33 instead of 61 s, and the demo still computes the same losses bit for bit.
+# in 44 instead of 60 s (runs interleaved on a 2-core CPU), and the demo still computes the
+# same losses bit for bit.
 TEST_XLA_FLAGS = '--xla_backend_optimization_level=1 --xla_llvm_disable_expensive_passes=true'
 
 _CONFIG_PY = '''import json
