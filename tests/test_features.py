@@ -19,9 +19,15 @@ def test_eight_device_mesh_equals_one_device_and_keeps_order(params):
   one = features.FeatureExtractor(params, per_device_batch=5,
                                   mesh=features.data_mesh(jax.devices()[:1]))
   want = one.of_array(images, progress=False)
-  eight = features.FeatureExtractor(params, per_device_batch=1)  # 5 images + 3 padding rows
-  assert eight.mesh.size == 8 and eight.global_batch == 8
+  eight = features.FeatureExtractor(params, per_device_batch=4)
+  assert eight.mesh.size == 8 and eight.global_batch == 32
+  rows = []
+  run = eight._fn
+  eight._fn = lambda p, x: rows.append(x.shape[0]) or run(p, x)
   got = eight.of_array(images, progress=False)
+  # Fewer images than one global batch: one batch of a row per device (5 images + 3 padding
+  # rows), not 32 rows.
+  assert rows == [8]
 
   for k, dim in (('pool', 2048), ('spatial', 2023), ('logits', 1008)):
     assert got[k].shape == (5, dim)
@@ -32,9 +38,10 @@ def test_eight_device_mesh_equals_one_device_and_keeps_order(params):
   np.testing.assert_allclose(got['logits'], got['pool'] @ np.asarray(params['fc']['kernel']),
                              rtol=1e-4, atol=1e-4 * np.abs(got['logits']).max())
 
-  # A stream of uneven batches gives the same rows.
-  streamed = eight.of_batches([images[:2], images[2:]], progress=False)
+  # A stream of uneven batches of a known total gives the same rows.
+  streamed = eight.of_batches([images[:2], images[2:]], total=5, progress=False)
   np.testing.assert_allclose(streamed['pool'], got['pool'], rtol=1e-6, atol=1e-6)
+  assert rows == [8, 8, 8]  # one step per batch of the stream, each of 8 rows
 
 
 def test_bad_images_are_named():

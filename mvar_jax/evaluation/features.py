@@ -53,11 +53,23 @@ class FeatureExtractor:
                        in_shardings=(replicated, self.batch_sharding),
                        out_shardings=self.batch_sharding)
 
+  def _local_batch_for(self, total: int | None) -> int:
+    """Rows per process and step for a set of `total` images (None: unknown).
+
+    A set smaller than one global batch runs as one batch of the fewest rows per device that
+    hold it, not padded to the full batch: 16 held-out images on 8 devices with 32 per
+    device would otherwise cost 256 images' compute. (A new size compiles once more.)
+    """
+    if total is None or total >= self.global_batch:
+      return self.local_batch
+    per_device = -(-total // self.mesh.size)
+    return per_device * self.mesh.size // jax.process_count()
+
   def _step(self, local_images: np.ndarray, local_valid: int) -> dict[str, np.ndarray]:
-    """Features of one global batch; local_images has self.local_batch rows (padded)."""
+    """Features of one global batch; local_images holds this process's rows (padded)."""
     x = jax.make_array_from_process_local_data(self.batch_sharding, local_images)
     valid = jax.make_array_from_process_local_data(
-        self.batch_sharding, (np.arange(self.local_batch) < local_valid))
+        self.batch_sharding, (np.arange(len(local_images)) < local_valid))
     out = self._fn(self.params, x)
     gathered = multihost_utils.process_allgather({**out, 'valid': valid}, tiled=True)
     keep = np.asarray(gathered.pop('valid'))
@@ -71,6 +83,7 @@ class FeatureExtractor:
     padding until every process has (one small all-gather per batch decides).
     """
     it: Iterator[np.ndarray] = iter(local_batches)
+    local_batch = self._local_batch_for(total)
     chunks = {k: [] for k in OUTPUTS}
     bar = _progress(total, progress)
     pending: np.ndarray | None = None
@@ -85,7 +98,7 @@ class FeatureExtractor:
           shape, dtype = shape or pending.shape[1:], dtype or pending.dtype
           if pending.shape[1:] != shape:
             raise ValueError(f'all images must share one size: {pending.shape[1:]} vs {shape}')
-      take = pending[:self.local_batch] if pending is not None else None
+      take = pending[:local_batch] if pending is not None else None
       n_local = 0 if take is None else len(take)
       counts = multihost_utils.process_allgather(np.int32(n_local)) if jax.process_count() > 1 \
           else np.asarray([n_local])
@@ -93,14 +106,14 @@ class FeatureExtractor:
         break
       if shape is None:  # this process never had data: pad in the others' image size
         raise ValueError('a process has no images at all; give every process at least one batch')
-      local = np.zeros((self.local_batch,) + tuple(shape), dtype)
+      local = np.zeros((local_batch,) + tuple(shape), dtype)
       if n_local:
         local[:n_local] = take
       for k, v in self._step(local, n_local).items():
         chunks[k].append(v)
       bar.update(int(np.sum(counts)))
-      pending = None if pending is None or len(pending) <= self.local_batch \
-          else pending[self.local_batch:]
+      pending = None if pending is None or len(pending) <= local_batch \
+          else pending[local_batch:]
     bar.close()
     if not chunks['pool']:
       raise ValueError('no images to extract features from')
@@ -111,10 +124,10 @@ class FeatureExtractor:
     n = len(images_NHW3)
     if n == 0:
       raise ValueError('no images to extract features from')
-    p, b = jax.process_index(), self.local_batch
+    p, b = jax.process_index(), self._local_batch_for(n)
 
     def mine():
-      for lo in range(0, n, self.global_batch):
+      for lo in range(0, n, b * jax.process_count()):
         yield np.asarray(images_NHW3[lo + p * b:min(lo + (p + 1) * b, n)])
 
     return self.of_batches(_skip_empty_tail(mine()), total=n, progress=progress)
