@@ -80,10 +80,19 @@ class FeatureExtractor:
     """Features of every process's stream of (b, H, W, 3) batches (b <= local batch).
 
     Streams may hold different numbers of images: a process that ran out contributes
-    padding until every process has (one small all-gather per batch decides).
+    padding until every process has (one small all-gather per batch decides). With one
+    process, a `total` below one global batch runs as a smaller batch (`_local_batch_for`);
+    with several, the batch stays whole, so that each step still takes one batch of every
+    stream and the rows keep their order.
     """
+    one_process = jax.process_count() == 1
+    local_batch = self._local_batch_for(total) if one_process else self.local_batch
+    return self._features(local_batches, local_batch, total=total, progress=progress)
+
+  def _features(self, local_batches: Iterable[np.ndarray], local_batch: int, *,
+                total: int | None, progress: bool) -> dict[str, np.ndarray]:
+    """of_batches with `local_batch` rows per process and step."""
     it: Iterator[np.ndarray] = iter(local_batches)
-    local_batch = self._local_batch_for(total)
     chunks = {k: [] for k in OUTPUTS}
     bar = _progress(total, progress)
     pending: np.ndarray | None = None
@@ -130,7 +139,7 @@ class FeatureExtractor:
       for lo in range(0, n, b * jax.process_count()):
         yield np.asarray(images_NHW3[lo + p * b:min(lo + (p + 1) * b, n)])
 
-    return self.of_batches(_skip_empty_tail(mine()), total=n, progress=progress)
+    return self._features(_skip_empty_tail(mine()), b, total=n, progress=progress)
 
 
 class NpzImages:
