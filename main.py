@@ -65,6 +65,10 @@ def main(argv):
   logging.info('JAX %s: process %d of %d (%s), %d local / %d global devices (%s)', jax.__version__,
                jax.process_index(), jax.process_count(), how, jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform)
+  # Before the first compile: a rerun (a resumed job, sampling after training) loads the
+  # executables of the run before it instead of compiling them again.
+  cache_dir = compilation_cache.enable(FLAGS.compilation_cache_dir)
+  logging.info('persistent compilation cache: %s', cache_dir or 'off')
 
   from mvar_jax import lifecycle
   try:

@@ -144,8 +144,10 @@ def load_or_compile(key: str, lower: Callable[[], jax.stages.Lowered]) -> jax.st
         payload, in_tree, out_tree, device_ids = pickle.load(f)
       by_id = {d.id: d for d in jax.devices()}
       # The devices it was compiled for: by default it would be loaded onto all of them.
-      return serialize_executable.deserialize_and_load(
+      compiled = serialize_executable.deserialize_and_load(
           payload, in_tree, out_tree, execution_devices=[by_id[i] for i in device_ids])
+      logging.info('compilation_cache: loaded %s', path)
+      return compiled
     except Exception as e:  # noqa: BLE001  any unreadable file means: compile again
       logging.warning('compilation_cache: ignoring unreadable %s (%s: %s)', path,
                       type(e).__name__, e)

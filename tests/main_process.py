@@ -53,8 +53,10 @@ class MainProcess:
     env = dict(os.environ, JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='', TF_CPP_MIN_LOG_LEVEL='2',
                PYTHONPATH=REPO)
     env['XLA_FLAGS'] = TEST_XLA_FLAGS  # not the caller's (e.g. a forced device count)
+    # Off unless asked for (the CLI's default is a cache in the user's home).
+    extra_args = (f"--compilation_cache_dir={cache_dir or 'none'}", *extra_args)
     if cache_dir:  # later runs of one test reuse the executables of the first (same numbers)
-      env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+      env.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
     self.log_path = log_path
     self._log = open(log_path, 'w')

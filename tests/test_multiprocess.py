@@ -35,9 +35,8 @@ def launch(*command, cpu_devices=4):
   """The launcher running `command` in 2 processes (a process group of their own); the Popen."""
   cmd = [sys.executable, LAUNCHER, '--num_processes=2', f'--cpu_devices={cpu_devices}',
          '--grace_s=5', '--', sys.executable, *command]
-  # No persistent compilation cache here: with one (jax 0.10.2, CPU, gloo) the resumed
-  # 2-process run hung once, both processes idle after start-up; not investigated further.
-  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2')
+  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2',
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   env.pop('JAX_NUM_CPU_DEVICES', None)
   return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, cwd=ROOT, start_new_session=True)
@@ -101,8 +100,11 @@ def make_config(assets, **extra):
 
 
 def flags(assets, workdir, mode='train', **extra):
+  # The CLI's persistent compilation cache, shared by the processes of every launch here: the
+  # resumed run loads what the killed one compiled, as a resumed job on a cluster does.
   return [os.path.join(ROOT, 'main.py'), f'--mode={mode}',
           '--config=' + os.path.join(ROOT, 'configs', 'demo.py'), f'--workdir={workdir}',
+          f"--compilation_cache_dir={assets / 'xla_cache'}",
           *(f'--config.{k}={v}' for k, v in {**overrides(assets), **extra}.items())]
 
 

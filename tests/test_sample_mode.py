@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from mvar_jax import convert, sample_mode
+from mvar_jax import compilation_cache, convert, sample_mode
 from mvar_jax import transformer as tfm
 from mvar_jax import vqvae as vq
 from mvar_jax.attention import AttentionConfig
@@ -95,15 +95,14 @@ def test_another_seed_gives_other_images_and_refuses_to_mix(weights, on_eight_de
     sample_mode.run(config, str(out))
 
 
-def _main_sample(weights, out_dir, *extra, wrap=()):
+def _main_sample(weights, out_dir, *extra, wrap=(), cache_dir='none'):
   cmd = [*wrap, sys.executable, os.path.join(ROOT, 'main.py'), '--mode=sample',
          '--config=' + os.path.join(ROOT, 'configs', 'demo.py'), f'--workdir={out_dir}',
          f'--config.tokenizer.checkpoint={weights}', f'--config.sample.checkpoint={weights}',
          f'--config.sample.output_dir={out_dir}', '--config.seed=3', '--config.sample.cfg=2.0',
-         '--config.sample.top_k=8', '--config.sample.top_p=0.9', *extra]
+         '--config.sample.top_k=8', '--config.sample.top_p=0.9',
+         f'--compilation_cache_dir={cache_dir}', *extra]
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='1', PYTHONPATH=ROOT,
-             # The rerun loads the first run's executable instead of compiling it again.
-             JAX_COMPILATION_CACHE_DIR=weights.rstrip('/') + '_xla_cache',
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -113,7 +112,8 @@ def _main_sample(weights, out_dir, *extra, wrap=()):
 def test_kill_9_mid_sampling_then_resume_gives_the_same_npz(weights, tmp_path):
   """A run killed with SIGKILL after its first shards resumes from them; the npz is the same."""
   extra = ('--config.sample.num_images=240', '--config.sample.batch_size=4')
-  proc = _main_sample(weights, tmp_path, *extra)
+  cache = tmp_path / 'xla_cache'  # main.py's own flag: the rerun loads the first run's sampler
+  proc = _main_sample(weights, tmp_path, *extra, cache_dir=cache)
   shards = tmp_path / 'shards'
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
@@ -126,11 +126,13 @@ def test_kill_9_mid_sampling_then_resume_gives_the_same_npz(weights, tmp_path):
   assert not (tmp_path / 'samples.npz').exists()
   survived = {p.name: p.stat().st_mtime_ns for p in shards.glob('chunk_*.npz')}
   assert 4 <= len(survived) < 60
+  assert len(os.listdir(cache / compilation_cache.EXECUTABLES_SUBDIR)) == 1  # the sampler
 
-  proc = _main_sample(weights, tmp_path, *extra)
+  proc = _main_sample(weights, tmp_path, *extra, cache_dir=cache)
   log = proc.communicate()[0]
   assert proc.returncode == 0, log
   assert f'({len(survived)} already written)' in log
+  assert 'compilation_cache: loaded' in log, log  # not traced, not compiled again
   for name, mtime in survived.items():  # skipped, not sampled again
     assert (shards / name).stat().st_mtime_ns == mtime
 
