@@ -111,7 +111,7 @@ def _run_two_steps(config, mesh, jaxprs=None, run=True):
   vcfg = vq.VQVAEConfig(ch=16, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=4,
                         vocab_size=16, patch_nums=PATCH_NUMS, norm_groups=8, using_sa=False,
                         using_mid_sa=False)
-  vparams = nn.unbox(vq.init_params(vcfg, jax.random.key(1))['params'])
+  vparams = vq.random_params(vcfg, seed=1)  # nothing compiled (VQVAE.init: ~8 s per call)
   tok_params = jax.device_put({'quantize': vparams['quantize']}, setup.replicated)
   tok_sh = jax.tree_util.tree_map(lambda _: setup.replicated, tok_params)
   rng = np.random.default_rng(0)
