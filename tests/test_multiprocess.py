@@ -100,8 +100,8 @@ def make_config(assets, **extra):
 
 
 def flags(assets, workdir, mode='train', **extra):
-  # The CLI's persistent compilation cache, shared by the processes of every launch here: the
-  # resumed run loads what the killed one compiled, as a resumed job on a cluster does.
+  # The CLI's persistent compilation cache, on as a user's job has it and shared by every
+  # launch here. (On CPU JAX's keys differ per process, so only process 0 loads from it.)
   return [os.path.join(ROOT, 'main.py'), f'--mode={mode}',
           '--config=' + os.path.join(ROOT, 'configs', 'demo.py'), f'--workdir={workdir}',
           f"--compilation_cache_dir={assets / 'xla_cache'}",
