@@ -53,7 +53,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  _hide_gpus_from_tensorflow()
+  if FLAGS.mode != 'sample':  # sampling never starts TensorFlow: skip its 3 s import
+    _hide_gpus_from_tensorflow()
 
   import jax  # after TF has been told to keep off the GPUs
   from mvar_jax import compilation_cache

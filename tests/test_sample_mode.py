@@ -98,7 +98,7 @@ def test_another_seed_gives_other_images_and_refuses_to_mix(weights, on_three_de
     sample_mode.run(config, str(out))
 
 
-def _main_sample(weights, out_dir, *extra, wrap=(), cache_dir='none'):
+def _main_sample(weights, out_dir, *extra, wrap=(), cache_dir='none', extra_env=None):
   cmd = [*wrap, sys.executable, os.path.join(ROOT, 'main.py'), '--mode=sample',
          '--config=' + os.path.join(ROOT, 'configs', 'demo.py'), f'--workdir={out_dir}',
          f'--config.tokenizer.checkpoint={weights}', f'--config.sample.checkpoint={weights}',
@@ -107,7 +107,7 @@ def _main_sample(weights, out_dir, *extra, wrap=(), cache_dir='none'):
          f'--compilation_cache_dir={cache_dir}', *extra]
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='1', PYTHONPATH=ROOT,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', **(extra_env or {}))
   return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, cwd=ROOT)
 
@@ -131,11 +131,17 @@ def test_kill_9_mid_sampling_then_resume_gives_the_same_npz(weights, tmp_path):
   assert 4 <= len(survived) < 60
   assert len(os.listdir(cache / compilation_cache.EXECUTABLES_SUBDIR)) == 1  # the sampler
 
-  proc = _main_sample(weights, tmp_path, *extra, cache_dir=cache)
+  # The rerun also lists its imports: sampling never starts TensorFlow (3 s, and it must
+  # never claim a GPU), so main.py does not import it to hide the GPUs from it.
+  proc = _main_sample(weights, tmp_path, *extra, cache_dir=cache,
+                      extra_env={'PYTHONPROFILEIMPORTTIME': '1'})
   log = proc.communicate()[0]
   assert proc.returncode == 0, log
   assert f'({len(survived)} already written)' in log
   assert 'compilation_cache: loaded' in log, log  # not traced, not compiled again
+  imports = [line.rsplit('|', 1)[-1].strip() for line in log.splitlines()
+             if line.startswith('import time:')]
+  assert 'jax' in imports and 'tensorflow' not in imports
   for name, mtime in survived.items():  # skipped, not sampled again
     assert (shards / name).stat().st_mtime_ns == mtime
 
