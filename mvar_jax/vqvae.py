@@ -842,12 +842,15 @@ class Tokenizer:
     return self._apply(params, VQVAE.__call__, img_BHWC)
 
 
+# jit: eager flax init dispatches op by op (tens of seconds on CPU for a tiny model). One
+# jitted function for every config: a jit of a bound method made per call compiled again on
+# every call (~3 s each for a test-size tokenizer).
+@functools.partial(jax.jit, static_argnums=(0, 2))
 def init_params(config: VQVAEConfig, rng, batch_size: int = 1):
   """Freshly initialised variables {'params': ...} (boxed with logical axis names)."""
   s = config.resolution
   img = jnp.zeros((batch_size, s, s, config.in_channels), jnp.float32)
-  # jit: eager flax init dispatches op by op (tens of seconds on CPU for a tiny model).
-  return jax.jit(VQVAE(config).init)({'params': rng}, img)
+  return VQVAE(config).init({'params': rng}, img)
 
 
 def random_params(config: VQVAEConfig, seed: int = 0):
