@@ -13,7 +13,8 @@ HELD_OUT_SEED = 77
 
 @pytest.fixture(scope='module')
 def trained():
-  params = cc.train_classifier(image_size=32, num_classes=10, steps=200, seed=0)
+  # 100 steps: 0.996 and 1.0 held out for seeds 0 and 1 (the test asks 0.95).
+  params = cc.train_classifier(image_size=32, num_classes=10, steps=100, seed=0)
   return params, None
 
 
