@@ -45,19 +45,20 @@ def resolve_directory(directory: str | None = None) -> str | None:
 
 
 def enable(directory: str | None = None) -> str | None:
-  """Points JAX's persistent cache at the resolved directory; returns it (None: off).
+  """Points JAX's persistent cache at the resolved directory; returns it (None: off, and
+  JAX's own cache off too, wherever it pointed).
 
   Idempotent. Programs that compile in under JAX's threshold
   (`jax_persistent_cache_min_compile_time_secs`, 1 s unless the user set it) are not
   written, so small helpers do not fill the disk.
   """
   path = resolve_directory(directory)
-  if path is None:
-    return None
   if jax.config.jax_compilation_cache_dir != path:
-    os.makedirs(path, exist_ok=True)
+    if path is not None:
+      os.makedirs(path, exist_ok=True)
     if jax.config.jax_compilation_cache_dir:
       # JAX opens its cache once, at the first compile: re-point an open one explicitly.
+      # Off means off: a directory JAX had from $JAX_COMPILATION_CACHE_DIR is dropped too.
       from jax.experimental.compilation_cache import compilation_cache
       compilation_cache.reset_cache()
     jax.config.update('jax_compilation_cache_dir', path)

@@ -50,6 +50,19 @@ class TestResolveDirectory:
     assert compilation_cache.enable() is None
     assert compilation_cache.resolve_directory('none') is None
 
+  def test_off_also_turns_off_a_cache_jax_was_given(self, tmp_path, restore_jax_cache_dir):
+    """--compilation_cache_dir=none with $JAX_COMPILATION_CACHE_DIR set: nothing is written."""
+    jax.config.update('jax_compilation_cache_dir', str(tmp_path))
+    assert compilation_cache.enable('none') is None
+    assert not jax.config.jax_compilation_cache_dir
+    before = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+    try:
+      jax.jit(lambda x: x * 3 + 1).lower(1.0).compile()
+    finally:
+      jax.config.update('jax_persistent_cache_min_compile_time_secs', before)
+    assert os.listdir(tmp_path) == []
+
 
 _SAMPLE_SCRIPT = textwrap.dedent('''
     import json, sys
