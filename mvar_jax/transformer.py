@@ -71,6 +71,11 @@ class TransformerConfig:
   init_adaln_gamma: float = 1e-5  # multiplier of the AdaLN gamma rows at init
   init_head: float = 0.02  # multiplier of the head weight at init
 
+  def __post_init__(self):
+    # A list (JSON, a user's literal) would make the config unhashable, and it is a jit
+    # static argument (`init_params`, the sampler's cache).
+    object.__setattr__(self, 'patch_nums', tuple(int(p) for p in self.patch_nums))
+
   @property
   def layout(self) -> ScaleLayout:
     return ScaleLayout(self.patch_nums)

@@ -377,13 +377,21 @@ def test_drop_path_is_random_in_training_and_off_in_inference():
 # ----------------------------------------------------------------------------------------
 # Initialisation (training from scratch).
 
+def test_a_config_with_a_list_of_patch_nums_is_the_tuple_config():
+  """JSON and user literals give lists; the config stays hashable (a jit static argument)."""
+  listed = tfm.TransformerConfig(depth=1, width=32, num_heads=2, patch_nums=[1, 2, 3])
+  tupled = tfm.TransformerConfig(depth=1, width=32, num_heads=2, patch_nums=(1, 2, 3))
+  assert listed == tupled and hash(listed) == hash(tupled)
+  shapes = jax.eval_shape(lambda: tfm.init_params(listed, jax.random.key(0)))
+  assert nn.unbox(shapes)['params']['pos_1LC'].shape == (1, 14, 32)
+
+
 def test_init_statistics_follow_the_official_recipe():
   depth, width, vocab = 3, 256, 1024
   config = tiny_config(depth=depth, width=width, num_heads=4, vocab_size=vocab,
                        num_classes=100)
   # The 'rbg' generator compiles much faster than threefry; the statistics are the same.
-  init = jax.jit(tfm.init_params, static_argnums=0)
-  params = nn.unbox(init(config, jax.random.key(25, impl='rbg'))['params'])
+  params = nn.unbox(tfm.init_params(config, jax.random.key(25, impl='rbg'))['params'])
   std = math.sqrt(1 / (3 * width))
   close = lambda x, target, rel=0.05: abs(float(np.std(x)) - target) < rel * target
 
