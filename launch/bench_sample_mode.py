@@ -4,7 +4,7 @@
     python launch/bench_sample_mode.py --config=configs/mvar_d16.py --batch_size=64 --num_images=2048
 
 Runs `mvar_jax.sample_mode.run` (shards, npz and all) into a temporary directory twice per device
-count: the first run compiles (one executable per device), the second is timed steady state.
+count: the first run compiles (one executable per host), the second is timed steady state.
 Prints one table row per device count.
 """
 

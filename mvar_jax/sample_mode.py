@@ -7,15 +7,18 @@
 Which image is which. Image i (0 <= i < N = sample.num_images) has label
 i % num_classes (50 per class for N = 50,000 and 1000 classes). The images are
 cut into chunks of b = sample.batch_size (images per device per call); chunk
-c = i // b is sampled in ONE call of `sampling.sample` with the key
-fold_in(key(seed), c), and image i is row i % b of it. So image i is a function of
+c = i // b is sampled on one device, in one call, with the key fold_in(key(seed), c),
+and image i is row i % b of it. So image i is a function of
 (seed, b, i) and the weights alone: the number of processes and devices, which
-device drew the chunk, and any restart change nothing. (Every chunk runs the
-same b-row executable on one device, so the numbers are bit-identical too.)
+device drew the chunk, and any restart change nothing. (Each device runs the one-chunk
+sampler on its chunk. In one process the bytes are identical for any number of devices and
+across kill -9 and resume; between processes of a multi-process job a float can differ in
+its last bit, so one uint8 value in ~25,000 has come out one level apart.)
 
-Work. Process p of P samples the chunks c with c % P == p; its local devices each
-run one thread that takes every D-th of those chunks, so every device of every
-process is busy and no process holds more than D chunks at once.
+Work. Process p of P samples the chunks c with c % P == p, D at a time on its D local
+devices: one SPMD program (`sampling.compile_chunk_sampler`; compiled once per host, not
+once per device), chunk d of a call on device d. A call's images are written while the
+next call runs.
 
 On disk, in sample.output_dir (default <workdir>/samples; shared by all processes):
   shards/chunk_0000123.npz   images uint8 (b, H, W, 3), labels int64 (b,), fingerprint
@@ -30,7 +33,6 @@ The directory is checked writable before any weight is loaded.
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import json
 import math
@@ -169,27 +171,55 @@ def load_params(config, workdir: str):
 
 # ----------------------------------------------------------------------------- sampling
 
-def _sample_chunks(chunks, device, *, model, params, tokenizer, tok_params, labels_N, config,
+def _groups(todo: list[int], d: int) -> list[list[int]]:
+  """todo in groups of d, one per call; the last group padded with repeats of its last chunk
+  (computed, never written)."""
+  groups = [todo[i:i + d] for i in range(0, len(todo), d)]
+  if groups:
+    groups[-1] = groups[-1] + [groups[-1][-1]] * (d - len(groups[-1]))
+  return groups
+
+
+def _sample_groups(todo, devices, *, model, params, tokenizer, tok_params, labels_N, config,
                    out_dir, fp, progress):
-  """One device's share: samples and writes each chunk in turn (one b-row call each)."""
+  """Samples and writes the chunks in `todo`, len(devices) per call (chunk d on device d).
+
+  One SPMD program for all the devices (compiled once, not once per device); the next
+  call is dispatched before the previous one's images are fetched and written.
+  """
   from mvar_jax import sampling  # the sampler's public entry point
   s = config.sample
   b, n = int(s.batch_size), int(s.num_images)
-  params = jax.device_put(params, device)
-  tok_params = jax.device_put(tok_params, device)
-  for c in chunks:
-    lo, hi = c * b, min((c + 1) * b, n)
-    lab = labels_N[lo:hi]
-    padded = np.concatenate([lab, np.repeat(lab[-1:], b - len(lab))])  # one compiled shape
-    out = sampling.sample(model, {'params': params}, tokenizer, tok_params,
-                          key=jax.device_put(chunk_key(int(config.seed), c), device),
-                          labels=jax.device_put(padded.astype(np.int32), device), cfg=s.cfg,
-                          top_k=s.top_k, top_p=s.top_p, more_smooth=s.more_smooth)
-    imgs = np.asarray(jax.device_get(out.images_BHW3))[:hi - lo]
-    arrays = dict(images=np.clip(np.round(imgs * 255), 0, 255).astype(np.uint8),
-                  labels=lab.astype(np.int64), fingerprint=np.asarray(fp))
-    atomic_file.write_atomically(shard_path(out_dir, c), lambda f: np.savez(f, **arrays))
-    progress(hi - lo)
+  sampler = sampling.compile_chunk_sampler(
+      model, params, tokenizer, tok_params, devices=devices, chunk_size=b, cfg=s.cfg,
+      top_k=s.top_k, more_smooth=s.more_smooth)
+  params, tok_params = sampler.replicate({'params': params}), sampler.replicate(tok_params)
+
+  def labels_of(c):
+    lab = labels_N[c * b:min((c + 1) * b, n)]
+    return np.concatenate([lab, np.repeat(lab[-1:], b - len(lab))])  # one compiled shape
+
+  def write(group, images_DBHW3):
+    imgs = np.asarray(jax.device_get(images_DBHW3))
+    for c in dict.fromkeys(group):  # a padded group repeats its last chunk
+      lo, hi = c * b, min((c + 1) * b, n)
+      arrays = dict(images=np.clip(np.round(imgs[group.index(c)][:hi - lo] * 255), 0, 255)
+                    .astype(np.uint8), labels=labels_N[lo:hi].astype(np.int64),
+                    fingerprint=np.asarray(fp))
+      atomic_file.write_atomically(shard_path(out_dir, c), lambda f: np.savez(f, **arrays))
+      progress(hi - lo)
+
+  pending = None
+  for group in _groups(todo, len(devices)):
+    keys = jax.numpy.stack([chunk_key(int(config.seed), c) for c in group])
+    _, images = sampler(params, tok_params, keys=keys,
+                        labels=np.stack([labels_of(c) for c in group]), cfg=s.cfg,
+                        top_p=s.top_p)
+    if pending is not None:
+      write(*pending)
+    pending = (group, images)
+  if pending is not None:
+    write(*pending)
 
 
 def _write_npz_streaming(out_dir: str, total_chunks: int, fp: str, num_images: int) -> str:
@@ -289,27 +319,20 @@ def _run_locked(config, workdir: str, out_dir: str, devices) -> str:
   fp = fingerprint_of(config, weights)
   mine = chunks_of(jax.process_index(), jax.process_count(), total)
   todo = [c for c in mine if read_shard(shard_path(out_dir, c), fp) is None]
-  devices = list(devices or jax.local_devices())
+  # No more devices than this process has chunks: the program's width is fixed by the run's
+  # settings, not by how many chunks a restart finds left (its executable is reused).
+  devices = list(devices or jax.local_devices())[:max(1, len(mine))]
   logging.info('sample mode: %d images in %d chunks of %d; process %d of %d samples %d chunks '
                '(%d already written) on %d devices into %s', n, total, b, jax.process_index(),
                jax.process_count(), len(todo), len(mine) - len(todo), len(devices), out_dir)
 
   bar = tqdm.tqdm(total=sum(min(b, n - c * b) for c in todo), desc='sampling', unit='img',
                   disable=jax.process_index() > 0)
-  lock = threading.Lock()
   start = time.time()
-
-  def progress(k):
-    with lock:
-      bar.update(k)
-
-  kw = dict(model=model, params=params, tokenizer=tokenizer, tok_params=tok_host,
-            labels_N=labels_N, config=config, out_dir=out_dir, fp=fp, progress=progress)
-  with concurrent.futures.ThreadPoolExecutor(len(devices)) as pool:
-    futures = [pool.submit(_sample_chunks, todo[i::len(devices)], d, **kw)
-               for i, d in enumerate(devices) if todo[i::len(devices)]]
-    for f in futures:
-      f.result()  # re-raises a device thread's error
+  if todo:
+    _sample_groups(todo, devices, model=model, params=params, tokenizer=tokenizer,
+                   tok_params=tok_host, labels_N=labels_N, config=config, out_dir=out_dir,
+                   fp=fp, progress=bar.update)
   bar.close()
   if todo:
     dt = time.time() - start

