@@ -349,10 +349,7 @@ class CompiledSampler:
     if labels.shape != (self.batch_size,):
       raise ValueError(f'labels must have shape ({self.batch_size},) for this compiled sampler, '
                        f'got {labels.shape}')
-    if bool(cfg != 1.0) != self.use_cfg:
-      raise ValueError(f'cfg={cfg}: this sampler was compiled '
-                       + ('with guidance (cfg != 1)' if self.use_cfg else
-                          'without guidance (cfg == 1)'))
+    _check_guidance(cfg, self.use_cfg)
     # numpy scalars and arrays go to the executable as they are: jnp conversions would each
     # compile a small program in a fresh process before the sampler's first call.
     args = (_variables(t_params), v_params, labels, key, np.float32(cfg), np.float32(top_p))
@@ -363,6 +360,13 @@ class CompiledSampler:
       later_ids, images = self.tail(*args, carry)
       ids = list(ids) + list(later_ids)
     return SampleOutput(ids=ids, images_BHW3=images, labels_B=jax.device_put(labels))
+
+
+def _check_guidance(cfg, use_cfg: bool) -> None:
+  """A compiled sampler serves guided (cfg != 1) or unguided calls, not both."""
+  if bool(cfg != 1.0) != use_cfg:
+    raise ValueError(f'cfg={cfg}: this sampler was compiled '
+                     + ('with guidance (cfg != 1)' if use_cfg else 'without guidance (cfg == 1)'))
 
 
 def _signature(tree) -> tuple:
@@ -502,10 +506,7 @@ class ChunkSampler:
       raise ValueError(f'labels must have shape {want} for this chunk sampler, got {labels.shape}')
     validate_sampling_args(num_classes=self.num_classes, labels=labels.reshape(-1), cfg=cfg,
                            top_k=self.top_k, top_p=top_p)
-    if bool(cfg != 1.0) != self.use_cfg:
-      raise ValueError(f'cfg={cfg}: this sampler was compiled '
-                       + ('with guidance (cfg != 1)' if self.use_cfg else
-                          'without guidance (cfg == 1)'))
+    _check_guidance(cfg, self.use_cfg)
     keys = jax.device_put(keys, jax.sharding.NamedSharding(
         self.mesh, jax.sharding.PartitionSpec(CHUNK_AXIS)))
     return self.executable(_variables(t_params), v_params, labels, keys, np.float32(cfg),
@@ -516,14 +517,14 @@ class ChunkSampler:
 def _chunk_sampler(transformer, vqvae, device_ids: tuple, chunk_size: int, top_k: int,
                    more_smooth: bool, use_cfg: bool, decode_batch: int, t_sig, v_sig, key_aval,
                    loop_blocks: bool) -> ChunkSampler:
+  P = jax.sharding.PartitionSpec
   by_id = {d.id: d for d in jax.local_devices()}
   mesh = jax.sharding.Mesh(np.array([by_id[i] for i in device_ids]), (CHUNK_AXIS,))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(CHUNK_AXIS))
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  split = jax.sharding.NamedSharding(mesh, P(CHUNK_AXIS))
   body = functools.partial(_scale_loop, transformer=transformer, vqvae=vqvae, top_k=top_k,
                            more_smooth=more_smooth, use_cfg=use_cfg, loop_blocks=loop_blocks,
                            decode_batch=decode_batch)
-  P = jax.sharding.PartitionSpec
 
   def per_device(t_params, v_params, labels_1B, keys_1, cfg, top_p):
     # Device d runs the one-chunk program on its chunk as written (no vmap for XLA's

@@ -292,6 +292,8 @@ class TestSample:
         np.testing.assert_array_equal(x[d], y)
     with pytest.raises(ValueError, match=r'labels must have shape \(2, 3\)'):
       sampler(pipe.transformer_params, pipe.tokenizer_params, keys=keys, labels=labels[:1])
+    with pytest.raises(ValueError, match='cfg=1.0: this sampler was compiled with guidance'):
+      sampler(pipe.transformer_params, pipe.tokenizer_params, keys=keys, labels=labels, cfg=1.0)
 
   @pytest.mark.parametrize('kwargs,field', [
       (dict(labels=[0, 6]), 'labels'), (dict(labels=[-1]), 'labels'), (dict(cfg=-1.0), 'cfg'),
