@@ -185,6 +185,23 @@ def test_params_after_kill_and_resume_match_one_process(one_process, two_process
                          mp, ref)
 
 
+def test_sampling_on_two_processes_equals_one_device_at_four_per_chunk(
+    assets, one_process, two_processes, tmp_path):
+  """2 chunks of 4 images, one per process: the same bytes as one device in this process."""
+  config, _ = one_process
+  mp_dir, _ = two_processes
+  out_mp, out_one = tmp_path / 'mp', tmp_path / 'one'
+  proc = launch(*flags(assets, mp_dir, mode='sample', **{'sample.output_dir': out_mp}))
+  log = finish(proc)
+  assert proc.returncode == 0, log
+  config.sample.output_dir, config.sample.batch_size = str(out_one), 4
+  sample_mode.run(config, mp_dir, devices=jax.local_devices()[:1])
+  with np.load(out_mp / 'samples.npz') as a, np.load(out_one / 'samples.npz') as b:
+    assert a['arr_0'].shape == (8, 32, 32, 3)
+    np.testing.assert_array_equal(a['arr_0'], b['arr_0'])
+    np.testing.assert_array_equal(a['arr_1'], b['arr_1'])
+
+
 def test_sampling_on_two_processes_matches_one_device(assets, one_process, two_processes,
                                                       tmp_path):
   config, _ = one_process
