@@ -11,9 +11,11 @@ c = i // b is sampled on one device, in one call, with the key fold_in(key(seed)
 and image i is row i % b of it. So image i is a function of
 (seed, b, i) and the weights alone: the number of processes and devices, which
 device drew the chunk, and any restart change nothing. (Each device runs the one-chunk
-sampler on its chunk. In one process the bytes are identical for any number of devices and
-across kill -9 and resume; between processes of a multi-process job a float can differ in
-its last bit, so one uint8 value in ~25,000 has come out one level apart.)
+sampler on its chunk. Tested on CPU: the bytes are identical for any number of processes
+and devices used, and across kill -9 and resume, given the same number of CPU devices per
+process. XLA:CPU sizes its thread pool by that number and splits loops by the pool, so a
+process with 4 CPU devices and one with 8 can differ in a float's last bit: one uint8 value
+in ~25,000 came out one level apart.)
 
 Work. Process p of P samples the chunks c with c % P == p, D at a time on its D local
 devices: one SPMD program (`sampling.compile_chunk_sampler`; compiled once per host, not

@@ -2,8 +2,8 @@
 
 2 processes x 4 CPU devices (gloo collectives), mesh (data=4, fsdp=2) across both: a one-block
 model in the demo's layout trains from a token cache, is killed with SIGKILL, resumes, and must
-give the losses and params of one process with 8 devices; sampling from it gives the same images; the data sources
-give each process disjoint examples.
+give the losses and params of one process with 8 devices; sampling from it on 2 processes gives
+the bytes of one device; the data sources give each process disjoint examples.
 """
 
 import glob
@@ -185,31 +185,18 @@ def test_params_after_kill_and_resume_match_one_process(one_process, two_process
                          mp, ref)
 
 
-def test_sampling_on_two_processes_equals_one_device_at_four_per_chunk(
-    assets, one_process, two_processes, tmp_path):
-  """2 chunks of 4 images, one per process: the same bytes as one device in this process."""
+def test_sampling_on_two_processes_equals_one_device(assets, one_process, two_processes,
+                                                     tmp_path):
+  """4 chunks of 2 images, each process sampling 2 on 2 of its devices: the bytes of one device
+  in this process."""
   config, _ = one_process
   mp_dir, _ = two_processes
   out_mp, out_one = tmp_path / 'mp', tmp_path / 'one'
-  proc = launch(*flags(assets, mp_dir, mode='sample', **{'sample.output_dir': out_mp}))
-  log = finish(proc)
-  assert proc.returncode == 0, log
-  config.sample.output_dir, config.sample.batch_size = str(out_one), 4
-  sample_mode.run(config, mp_dir, devices=jax.local_devices()[:1])
-  with np.load(out_mp / 'samples.npz') as a, np.load(out_one / 'samples.npz') as b:
-    assert a['arr_0'].shape == (8, 32, 32, 3)
-    np.testing.assert_array_equal(a['arr_0'], b['arr_0'])
-    np.testing.assert_array_equal(a['arr_1'], b['arr_1'])
-
-
-def test_sampling_on_two_processes_matches_one_device(assets, one_process, two_processes,
-                                                      tmp_path):
-  config, _ = one_process
-  mp_dir, _ = two_processes
-  out_mp, out_one = tmp_path / 'mp', tmp_path / 'one'
-  # 4 chunks of 2 images: each process samples 2 of them, one on each of 2 of its devices.
+  # 8 CPU devices per process, as this process has: XLA:CPU sizes its thread pool by the
+  # process's device count and splits loops by it, so processes with 4 devices compile code
+  # whose floats can differ from ours in the last bit (one uint8 value in 24576 had).
   proc = launch(*flags(assets, mp_dir, mode='sample',
-                       **{'sample.output_dir': out_mp, 'sample.batch_size': 2}))
+                       **{'sample.output_dir': out_mp, 'sample.batch_size': 2}), cpu_devices=8)
   log = finish(proc)
   assert proc.returncode == 0, log
   assert 'samples 2 chunks (0 already written) on 2 devices' in log, log
@@ -217,13 +204,8 @@ def test_sampling_on_two_processes_matches_one_device(assets, one_process, two_p
   sample_mode.run(config, mp_dir, devices=jax.local_devices()[:1])
   with np.load(out_mp / 'samples.npz') as a, np.load(out_one / 'samples.npz') as b:
     assert a['arr_0'].shape == (8, 32, 32, 3)
+    np.testing.assert_array_equal(a['arr_0'], b['arr_0'])
     np.testing.assert_array_equal(a['arr_1'], b['arr_1'])
-    # Across processes the same chunk's floats can differ in the last bit: at 2 images per
-    # chunk one of the 24576 uint8 values came out 104 here and 105 in this process, with
-    # the per-device sampler as with the 2-device program (chunks of 4 had matched). Within
-    # a process any number of devices gives identical bytes (test_sample_mode.py).
-    diff = np.abs(a['arr_0'].astype(int) - b['arr_0'])
-    assert diff.max() <= 1 and np.count_nonzero(diff) <= 4, np.argwhere(diff)
 
 
 def test_token_cache_and_folder_give_each_process_disjoint_examples(assets, tmp_path):
