@@ -1,4 +1,4 @@
-"""Test set-up: JAX on CPU with 8 simulated devices, LLVM at -O0, TensorFlow kept off any GPU."""
+"""Test set-up: JAX on CPU with 8 simulated devices, fast-compiling XLA flags, TensorFlow kept off any GPU."""
 
 import os
 
