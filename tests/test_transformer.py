@@ -216,19 +216,19 @@ def test_model_logits_equal_torch(mode, scales, torch_diffs):
     assert float(np.std(np.asarray(out))) > 0.1  # logits of O(1), not a near-constant
 
 
-@pytest.mark.filterwarnings('ignore')  # natten's CPU path warns about torch's flex attention
-def test_torch_neighbourhood_mask_is_natten():
-  """The reference's window rule agrees with NATTEN's na2d (skipped where natten is absent)."""
-  natten = pytest.importorskip('natten')
-  n, kernel_size, heads, head_dim = 6, 3, 2, 8
-  gen = torch.Generator().manual_seed(0)
-  q, k, v = (torch.randn(1, n, n, heads, head_dim, generator=gen) for _ in range(3))
-  out = natten.na2d(q, k, v, kernel_size=kernel_size, scale=1.0)
-  flat_BHND = lambda t: t.reshape(1, n * n, heads, head_dim).transpose(1, 2)
-  logits = flat_BHND(q) @ flat_BHND(k).transpose(-1, -2)
+@pytest.mark.parametrize('case', ['7x7_k7', '13x13_k7', '16x16_k7', '6x6_k5'])
+def test_torch_neighbourhood_mask_is_natten(case):
+  """The torch reference's window rule gives NATTEN's na2d outputs (recorded in
+  tests/fixtures/natten_na2d.npz by tests/make_natten_fixtures.py)."""
+  with np.load(os.path.join(os.path.dirname(__file__), 'fixtures', 'natten_na2d.npz')) as f:
+    q, k, v, out = (torch.from_numpy(f[f'{case}__{x}']) for x in ('q', 'k', 'v', 'out'))
+    kernel_size, scale = int(f[f'{case}__kernel_size']), float(f[f'{case}__scale'])
+  batch, n, _, heads, head_dim = q.shape
+  flat_BhND = lambda t: t.reshape(batch, n * n, heads, head_dim).transpose(1, 2)
+  logits = scale * flat_BhND(q) @ flat_BhND(k).transpose(-1, -2)
   logits = logits.masked_fill(~torch_mvar.neighborhood_mask(n, kernel_size), float('-inf'))
-  expected = (torch.softmax(logits, -1) @ flat_BHND(v)).transpose(1, 2)
-  assert max_abs_diff(out.reshape(1, n * n, heads, head_dim), expected) < 1e-5
+  expected = (torch.softmax(logits, -1) @ flat_BhND(v)).transpose(1, 2)
+  assert max_abs_diff(out.reshape(batch, n * n, heads, head_dim), expected) < 1e-5
 
 
 # ----------------------------------------------------------------------------------------
