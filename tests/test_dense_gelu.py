@@ -11,7 +11,7 @@ import pytest
 from mvar_jax import transformer as tfm
 from mvar_jax.kernels import dense_gelu
 
-from test_na_pallas import _TRITON_TARGETS, _gpu_target, abstract_gpu_mesh
+from cuda_lowering import compile_for_sm90, export_for_cuda, triton_calls
 from test_transformer import labels, logits, random_params, teacher_input, tiny_config
 
 SMALL_TILES = dense_gelu.Tiles(block_m=32, block_n=64, block_k=32)
@@ -97,14 +97,19 @@ def test_lowers_for_cuda_at_the_sampler_shapes():
   x = jax.ShapeDtypeStruct((64 * 256, 1024), jnp.bfloat16)
   w = jax.ShapeDtypeStruct((1024, 4096), jnp.bfloat16)
   b = jax.ShapeDtypeStruct((4096,), jnp.bfloat16)
-  checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in _TRITON_TARGETS]
   fn = lambda x, w, b: dense_gelu.dense_gelu_pallas(x, w, b, interpret=False)
-  with _gpu_target():
-    text = jax.export.export(jax.jit(fn), platforms=('cuda',), disabled_checks=checks)(
-        x, w, b).mlir_module()
-  assert sum(text.count(f'@{t}(') for t in _TRITON_TARGETS) == 1
+  text = export_for_cuda(fn, x, w, b)
+  assert len(triton_calls(text)) == 1
   assert 'dense_gelu' in text
-  assert abstract_gpu_mesh is not None  # (the helper the other kernels' tests share)
+
+
+def test_triton_compiles_for_sm90_at_the_sampler_shapes(tmp_path):
+  x = jax.ShapeDtypeStruct((64 * 256, 1024), jnp.bfloat16)
+  w = jax.ShapeDtypeStruct((1024, 4096), jnp.bfloat16)
+  b = jax.ShapeDtypeStruct((4096,), jnp.bfloat16)
+  fn = lambda x, w, b: dense_gelu.dense_gelu_pallas(x, w, b, interpret=False)
+  (name, kernel), = compile_for_sm90(fn, x, w, b, workdir=tmp_path).items()
+  assert name.startswith('dense_gelu') and 'wgmma' in kernel.asm['ptx']
 
 
 def test_row_tiles_shrink_to_divide_the_rows_instead_of_padding():

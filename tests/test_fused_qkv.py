@@ -16,7 +16,7 @@ from mvar_jax import transformer as tfm
 from mvar_jax.attention import AttentionConfig
 from mvar_jax.kernels.neighborhood_attention import pallas_kernel, reference
 
-from test_na_pallas import _TRITON_TARGETS, _gpu_target
+from cuda_lowering import compile_for_sm90, export_for_cuda, triton_calls
 from test_transformer import MEDIUM, labels, logits, random_params, teacher_input, tiny_config
 
 
@@ -141,12 +141,20 @@ def test_lowers_for_cuda_at_the_sampler_shapes(side, kernel_size):
   head_scale = jax.ShapeDtypeStruct((16,), jnp.float32)
   fn = lambda qkv, s: pallas_kernel.na2d_pallas_from_qkv(
       qkv, s, height=side, width=side, kernel_size=kernel_size, interpret=False)
-  checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in _TRITON_TARGETS]
-  with _gpu_target():
-    text = jax.export.export(jax.jit(fn), platforms=('cuda',), disabled_checks=checks)(
-        qkv, head_scale).mlir_module()
-  assert sum(text.count(f'@{t}(') for t in _TRITON_TARGETS) == 1
+  text = export_for_cuda(fn, qkv, head_scale)
+  assert len(triton_calls(text)) == 1
   assert 'na2d_fwd_qkv' in text
+
+
+@pytest.mark.parametrize('side,kernel_size', [(16, 7), (10, None)])
+def test_triton_compiles_for_sm90_at_the_sampler_shapes(tmp_path, side, kernel_size):
+  qkv = jax.ShapeDtypeStruct((64, side * side, 3, 16, 64), jnp.bfloat16)
+  head_scale = jax.ShapeDtypeStruct((16,), jnp.float32)
+  fn = lambda qkv, s: pallas_kernel.na2d_pallas_from_qkv(
+      qkv, s, height=side, width=side, kernel_size=kernel_size, interpret=False)
+  kernels = compile_for_sm90(fn, qkv, head_scale, workdir=tmp_path)
+  assert list(kernels) == ['na2d_fwd_qkv']
+  assert 'wgmma' in kernels['na2d_fwd_qkv'].asm['ptx']  # Hopper's bf16 matrix instructions
 
 
 def test_the_sampler_draws_the_same_tokens(monkeypatch):

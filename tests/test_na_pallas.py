@@ -7,7 +7,6 @@ outputs start as NaN: every padded-size case is also a poison test, and an unwri
 element would show as NaN.
 """
 
-import contextlib
 import functools
 
 import jax
@@ -22,6 +21,8 @@ from mvar_jax.kernels.neighborhood_attention import pallas_common as pc
 from mvar_jax.kernels.neighborhood_attention import pallas_kernel
 from mvar_jax.kernels.neighborhood_attention import reference
 from mvar_jax.kernels.neighborhood_attention.pallas_kernel import BlockSizes
+
+from cuda_lowering import compile_for_sm90, export_for_cuda, triton_calls
 
 SMALL = BlockSizes(block_q=16, block_k=16, block_q_dq=16, block_k_dq=16,
                    block_q_dkv=16, block_k_dkv=16)
@@ -194,31 +195,9 @@ def test_rejects_bad_inputs(shape, dtype, block_sizes, match):
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA lowering on CPU: jaxpr -> Triton IR for every kernel, exported as StableHLO.
+# CUDA lowering on CPU: jaxpr -> Triton IR for every kernel, exported as StableHLO; then each
+# kernel's Triton IR compiled to sm_90 PTX and cubin, as XLA would on an H100 (tests/cuda_lowering.py).
 # ---------------------------------------------------------------------------------------------
-def abstract_gpu_mesh(axis_sizes=(), axis_names=()):
-  """An abstract mesh of H100s (None where this jax has no abstract devices)."""
-  try:
-    device = jax.sharding.AbstractDevice(device_kind='NVIDIA H100 80GB HBM3', platform='gpu',
-                                         num_cores=132)
-    return jax.sharding.AbstractMesh(axis_sizes, axis_names, abstract_device=device,
-                                     axis_types=(jax.sharding.AxisType.Auto,) * len(axis_sizes))
-  except (AttributeError, TypeError):
-    return None
-
-
-def _gpu_target():
-  """JAX >= 0.11 needs a GPU to pick the Triton target; on a CPU host we name an abstract H100
-  (0.10 falls back to sm_90 by itself and accepts the same context)."""
-  mesh = abstract_gpu_mesh()
-  return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh)
-
-
-# Triton kernels are opaque custom calls with no export-compatibility guarantee; export
-# refuses them unless told (both names: the target changed across JAX versions).
-_TRITON_TARGETS = ('__gpu$xla.gpu.triton', 'triton_kernel_call_ffi')
-
-
 @pytest.mark.parametrize('height,width', [(16, 16), (13, 13)])
 @pytest.mark.parametrize('with_backward', [False, True])
 def test_lowers_for_cuda(height, width, with_backward):
@@ -229,61 +208,26 @@ def test_lowers_for_cuda(height, width, with_backward):
     fn = lambda q, k, v: jax.vjp(attend, q, k, v)[1](q)
   else:
     fn = attend
-  checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in _TRITON_TARGETS]
-  with _gpu_target():
-    exported = jax.export.export(jax.jit(fn), platforms=('cuda',), disabled_checks=checks)(
-        shape, shape, shape)
-  text = exported.mlir_module()
-  calls = sum(text.count(f'@{t}(') for t in _TRITON_TARGETS)
+  text = export_for_cuda(fn, shape, shape, shape)
   # Forward: one kernel. Forward + backward: forward, dQ and dK/dV.
-  assert calls == (3 if with_backward else 1), text[:2000]
+  assert len(triton_calls(text)) == (3 if with_backward else 1), text[:2000]
   for name in ('na2d_fwd',) + (('na2d_bwd_dq', 'na2d_bwd_dkdv') if with_backward else ()):
     assert name in text
 
 
-# ---------------------------------------------------------------------------------------------
-# Optional, where the `triton` package is installed (the GPU images): compile every kernel's
-# Triton IR to sm_90 PTX and cubin, as XLA would on an H100. Needs no GPU.
-# ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('height,width,head_dim,dtype', [
     (16, 16, 64, jnp.bfloat16), (13, 13, 64, jnp.bfloat16), (32, 32, 128, jnp.bfloat16),
     (13, 16, 64, jnp.float16), (16, 16, 64, jnp.float32)])
-def test_triton_compiles_for_sm90(monkeypatch, tmp_path, height, width, head_dim, dtype):
-  triton = pytest.importorskip('triton')
-  from triton.backends.compiler import GPUTarget
-  # Private hook: the Triton IR exists only inside the lowering (the export carries bytecode).
-  from jax._src.pallas.triton import lowering
-  modules = []
-  lower = lowering.lower_jaxpr_to_triton_module
-
-  def capture(*args, **kwargs):
-    result = lower(*args, **kwargs)
-    modules.append(result.module.operation.get_asm(enable_debug_info=False))
-    return result
-
-  monkeypatch.setattr(lowering, 'lower_jaxpr_to_triton_module', capture)
+def test_triton_compiles_for_sm90(tmp_path, height, width, head_dim, dtype):
   shape = jax.ShapeDtypeStruct((2, height * width, 4, head_dim), dtype)
   attend = functools.partial(pallas_kernel.na2d_pallas, height=height, width=width,
                              kernel_size=7, interpret=False)
-  checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in _TRITON_TARGETS]
-  with _gpu_target():
-    jax.export.export(jax.jit(lambda q, k, v: jax.vjp(attend, q, k, v)[1](q)),
-                      platforms=('cuda',), disabled_checks=checks)(shape, shape, shape)
-  assert len(modules) == 3
+  kernels = compile_for_sm90(lambda q, k, v: jax.vjp(attend, q, k, v)[1](q),
+                             shape, shape, shape, workdir=tmp_path)
+  assert sorted(kernels) == ['na2d_bwd_dkdv', 'na2d_bwd_dq', 'na2d_fwd']
   block_sizes = BlockSizes.get_default(head_dim, dtype)
-  for text in modules:
-    name = 'na2d_fwd' if 'na2d_fwd' in text.split('\n', 1)[0] else 'bwd'
-    warps, stages = ((block_sizes.num_warps, block_sizes.num_stages) if name == 'na2d_fwd'
-                     else (block_sizes.num_warps_bwd, block_sizes.num_stages_bwd))
-    path = tmp_path / f'kernel_{len(list(tmp_path.iterdir()))}.ttir'
-    path.write_text(text)
-    try:
-      compiled = triton.compile(str(path), target=GPUTarget('cuda', 90, 32),
-                                options=dict(num_warps=warps, num_stages=stages))
-    except Exception as e:  # noqa: BLE001
-      if 'pars' in str(e).lower():  # IR from JAX's bundled Triton that this Triton can't read
-        pytest.skip(f'triton {triton.__version__} cannot parse this JAX\'s Triton IR: {e}')
-      raise
-    assert compiled.asm.get('cubin'), 'ptxas produced no cubin'
-    if dtype != jnp.float32:  # fp32 is IEEE (FMA units) by design
-      assert 'wgmma' in compiled.asm['ptx'], 'expected Hopper wgmma matrix instructions'
+  assert kernels['na2d_fwd'].metadata.num_warps == block_sizes.num_warps
+  assert kernels['na2d_bwd_dq'].metadata.num_warps == block_sizes.num_warps_bwd
+  if dtype != jnp.float32:  # fp32 is IEEE (FMA units) by design
+    for name, kernel in kernels.items():
+      assert 'wgmma' in kernel.asm['ptx'], f'{name}: expected Hopper wgmma matrix instructions'

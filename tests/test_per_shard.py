@@ -19,7 +19,7 @@ from mvar_jax import sharding
 from mvar_jax.kernels import dense_gelu, per_shard, select_threshold
 from mvar_jax.kernels.neighborhood_attention import pallas_kernel, reference
 
-from test_na_pallas import _TRITON_TARGETS, abstract_gpu_mesh
+from cuda_lowering import abstract_gpu_mesh, export_for_cuda, triton_calls
 
 H = W = 8
 KERNEL = 5
@@ -161,15 +161,10 @@ def test_cuda_lowering_calls_the_triton_kernels_on_per_device_rows():
   attend = functools.partial(pallas_kernel.na2d_pallas, height=16, width=16, kernel_size=7,
                              interpret=False)
   fn = lambda q, k, v: jax.vjp(attend, q, k, v)[1](q)
-  checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in _TRITON_TARGETS]
   mesh = abstract_gpu_mesh((2, 4), ('data', 'fsdp'))
   if mesh is None:
     pytest.skip('this jax has no abstract devices (needed to lower for CUDA under a mesh)')
-  with jax.sharding.use_abstract_mesh(mesh):
-    text = jax.export.export(jax.jit(fn), platforms=('cuda',), disabled_checks=checks)(
-        shape, shape, shape).mlir_module()
-  calls = [line for line in text.splitlines()
-           if any(f'@{t}(' in line for t in _TRITON_TARGETS)]
+  calls = triton_calls(export_for_cuda(fn, shape, shape, shape, mesh=mesh))
   assert len(calls) == 3  # forward, dQ, dK/dV
   for line in calls:
     assert 'tensor<2x256x4x64xbf16>' in line and 'tensor<16x256' not in line, line

@@ -15,7 +15,7 @@ import pytest
 from mvar_jax import sampling
 from mvar_jax.kernels import select_threshold
 
-from test_na_pallas import _TRITON_TARGETS, _gpu_target
+from cuda_lowering import compile_for_sm90, export_for_cuda, triton_calls
 
 
 def test_ordered_keys_sort_as_the_floats_and_invert():
@@ -101,13 +101,21 @@ def test_auto_is_the_sort_off_gpu():
   assert 'pallas_call' not in jaxpr and 'sort' in jaxpr
 
 
+def _kept_threshold_cuda(x, p):
+  return select_threshold.kept_threshold_pallas(x, top_k=900, top_p=p)
+
+
+# The sampler's last scale at d16, batch 32 with CFG: 64 x 256 rows of the 4096 logits.
+_SAMPLER_ROWS = (jax.ShapeDtypeStruct((8192, 4096), jnp.float32),
+                 jax.ShapeDtypeStruct((), jnp.float32))
+
+
 def test_lowers_for_cuda():
-  fn = functools.partial(select_threshold.kept_threshold_pallas, top_k=900)
-  checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in _TRITON_TARGETS]
-  with _gpu_target():
-    exported = jax.export.export(jax.jit(lambda x, p: fn(x, top_p=p)), platforms=('cuda',),
-                                 disabled_checks=checks)(
-        jax.ShapeDtypeStruct((8192, 4096), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32))
-  text = exported.mlir_module()
-  assert sum(text.count(f'@{t}(') for t in _TRITON_TARGETS) == 1
+  text = export_for_cuda(_kept_threshold_cuda, *_SAMPLER_ROWS)
+  assert len(triton_calls(text)) == 1
   assert 'kept_threshold' in text
+
+
+def test_triton_compiles_for_sm90(tmp_path):
+  kernels = compile_for_sm90(_kept_threshold_cuda, *_SAMPLER_ROWS, workdir=tmp_path)
+  assert len(kernels) == 1 and next(iter(kernels)).startswith('kept_threshold')

@@ -1,0 +1,106 @@
+"""Our Pallas GPU kernels lowered for CUDA, and compiled for an H100, on a machine without a GPU.
+
+    text = export_for_cuda(fn, *shape_dtype_structs)        # the StableHLO a GPU would compile
+    kernels = compile_for_sm90(fn, *shape_dtype_structs, workdir=tmp_path)
+    kernels['na2d_fwd'].asm['ptx'], kernels['na2d_fwd'].asm['cubin']
+
+`compile_for_sm90` hands each Pallas kernel's Triton IR to the `triton` package
+(requirements-test.txt; the test skips where it is absent), which compiles it to PTX and cubin
+for sm_90 with the kernel's own num_warps and num_stages, as XLA does on an H100: a kernel that
+needs more shared memory or registers than the chip has, or IR that ptxas rejects, fails here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import re
+
+import jax
+import pytest
+
+# Triton kernels are opaque custom calls with no export-compatibility guarantee; export
+# refuses them unless told (both names: the target changed across JAX versions).
+TRITON_TARGETS = ('__gpu$xla.gpu.triton', 'triton_kernel_call_ffi')
+
+
+# The most shared memory one block may have on an H100 (227 KiB, opted in): a kernel that
+# asks for more compiles but fails at launch.
+H100_SHARED_BYTES = 227 * 1024
+
+
+def abstract_gpu_mesh(axis_sizes=(), axis_names=()):
+  """An abstract mesh of H100s (None where this jax has no abstract devices)."""
+  try:
+    device = jax.sharding.AbstractDevice(device_kind='NVIDIA H100 80GB HBM3', platform='gpu',
+                                         num_cores=132)
+    return jax.sharding.AbstractMesh(axis_sizes, axis_names, abstract_device=device,
+                                     axis_types=(jax.sharding.AxisType.Auto,) * len(axis_sizes))
+  except (AttributeError, TypeError):
+    return None
+
+
+def gpu_target():
+  """JAX >= 0.11 needs a GPU to pick the Triton target; on a CPU host we name an abstract H100
+  (0.10 falls back to sm_90 by itself and accepts the same context)."""
+  mesh = abstract_gpu_mesh()
+  return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh)
+
+
+def triton_calls(text: str) -> list[str]:
+  """The lines of an exported module that call a Triton kernel."""
+  return [line for line in text.splitlines() if any(f'@{t}(' in line for t in TRITON_TARGETS)]
+
+
+def export_for_cuda(fn, *args, mesh=None) -> str:
+  """StableHLO text of jit(fn)(*args) lowered for CUDA (under `mesh`, else an abstract H100)."""
+  checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in TRITON_TARGETS]
+  with gpu_target() if mesh is None else jax.sharding.use_abstract_mesh(mesh):
+    return jax.export.export(jax.jit(fn), platforms=('cuda',), disabled_checks=checks)(
+        *args).mlir_module()
+
+
+def compile_for_sm90(fn, *args, workdir) -> dict:
+  """{kernel name: triton CompiledKernel (.asm['ptx'], .asm['cubin'])} for every Pallas kernel
+  of jit(fn)(*args), compiled for sm_90 with the launch settings of its custom call."""
+  triton = pytest.importorskip('triton')
+  from triton.backends.compiler import GPUTarget
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  # Private hook: the Triton IR exists only inside the lowering (the export carries bytecode).
+  from jax._src.pallas.triton import lowering
+  modules, lower = [], lowering.lower_jaxpr_to_triton_module
+
+  def capture(*a, **kw):
+    result = lower(*a, **kw)
+    modules.append(result.module.operation.get_asm(enable_debug_info=False))
+    return result
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv('TRITON_CACHE_DIR', str(workdir / 'triton_cache'))  # not the user's ~/.triton
+    patch.setattr(lowering, 'lower_jaxpr_to_triton_module', capture)
+    # A new function: a lowering cached by an earlier export of `fn` would skip the hook.
+    text = export_for_cuda(lambda *a: fn(*a), *args)
+  settings = [re.search(r'name = "(\w+)", num_stages = (\d+) : i32, num_warps = (\d+) : i32', c)
+              for c in triton_calls(text)]
+  assert settings and all(settings), f'no launch settings in the Triton calls of:\n{text[:3000]}'
+  assert len(modules) == len(settings), (len(modules), len(settings))
+  compiled = {}
+  for ir, (name, stages, warps) in zip(modules, (s.groups() for s in settings)):
+    assert ir.startswith(f'module @{name} '), (name, ir[:200])
+    path = workdir / f'{name}.ttir'
+    path.write_text(ir)
+    try:
+      compiled[name] = triton.compile(
+          str(path), target=GPUTarget('cuda', 90, 32),
+          # enable_fp_fusion: Triton's default (a mul and an add may become one FMA).
+          options=dict(num_warps=int(warps), num_stages=int(stages), enable_fp_fusion=True))
+    except Exception as e:  # noqa: BLE001
+      if 'pars' in str(e).lower():  # IR from JAX's bundled Triton that this Triton can't read
+        pytest.skip(f'triton {triton.__version__} cannot parse this JAX\'s Triton IR: {e}')
+      raise
+    assert compiled[name].asm.get('cubin'), f'ptxas produced no cubin for {name}'
+    shared = compiled[name].metadata.shared
+    assert shared <= H100_SHARED_BYTES, f'{name} needs {shared} bytes of shared memory per block'
+    print(f'{name}: {shared} bytes of shared memory, {warps} warps, {stages} stages')
+  return compiled
