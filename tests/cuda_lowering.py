@@ -2,19 +2,26 @@
 
     text = export_for_cuda(fn, *shape_dtype_structs)        # the StableHLO a GPU would compile
     kernels = compile_for_sm90(fn, *shape_dtype_structs, workdir=tmp_path)
-    kernels['na2d_fwd'].asm['ptx'], kernels['na2d_fwd'].asm['cubin']
+    kernels['na2d_fwd'].ptx, kernels['na2d_fwd'].shared   # PTX text; shared memory bytes
 
-`compile_for_sm90` hands each Pallas kernel's Triton IR to the `triton` package
-(requirements-test.txt; the test skips where it is absent), which compiles it to PTX and cubin
-for sm_90 with the kernel's own num_warps and num_stages, as XLA does on an H100: a kernel that
-needs more shared memory or registers than the chip has, or IR that ptxas rejects, fails here.
+`compile_for_sm90` hands each Pallas kernel's Triton IR to the `triton` package, in a child
+process (requirements-test.txt; the test skips where it is absent), which compiles it to PTX
+and cubin for sm_90 with the kernel's own num_warps and num_stages, as XLA does on an H100: a
+kernel that needs more shared memory than an H100 block may have, or IR that Triton or ptxas
+rejects, fails here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib.util
+import json
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -60,15 +67,25 @@ def export_for_cuda(fn, *args, mesh=None) -> str:
         *args).mlir_module()
 
 
-def compile_for_sm90(fn, *args, workdir) -> dict:
-  """{kernel name: triton CompiledKernel (.asm['ptx'], .asm['cubin'])} for every Pallas kernel
-  of jit(fn)(*args), compiled for sm_90 with the launch settings of its custom call."""
-  triton = pytest.importorskip('triton')
-  from triton.backends.compiler import GPUTarget
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+@dataclasses.dataclass(frozen=True)
+class Sm90Kernel:
+  """One kernel as Triton compiled it for sm_90."""
+  ptx: str
+  cubin_bytes: int
+  shared: int  # bytes of shared memory per block
+  num_warps: int
+  num_stages: int
+
+
+def compile_for_sm90(fn, *args, workdir) -> dict[str, Sm90Kernel]:
+  """{kernel name: Sm90Kernel} for every Pallas kernel of jit(fn)(*args), compiled for sm_90
+  with the launch settings of its custom call."""
+  if importlib.util.find_spec('triton') is None:
+    pytest.skip('the triton package is not installed (requirements-test.txt)')
   # Private hook: the Triton IR exists only inside the lowering (the export carries bytecode).
   from jax._src.pallas.triton import lowering
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   modules, lower = [], lowering.lower_jaxpr_to_triton_module
 
   def capture(*a, **kw):
@@ -77,7 +94,6 @@ def compile_for_sm90(fn, *args, workdir) -> dict:
     return result
 
   with pytest.MonkeyPatch.context() as patch:
-    patch.setenv('TRITON_CACHE_DIR', str(workdir / 'triton_cache'))  # not the user's ~/.triton
     patch.setattr(lowering, 'lower_jaxpr_to_triton_module', capture)
     # A new function: a lowering cached by an earlier export of `fn` would skip the hook.
     text = export_for_cuda(lambda *a: fn(*a), *args)
@@ -85,22 +101,60 @@ def compile_for_sm90(fn, *args, workdir) -> dict:
               for c in triton_calls(text)]
   assert settings and all(settings), f'no launch settings in the Triton calls of:\n{text[:3000]}'
   assert len(modules) == len(settings), (len(modules), len(settings))
-  compiled = {}
+  jobs = []
   for ir, (name, stages, warps) in zip(modules, (s.groups() for s in settings)):
     assert ir.startswith(f'module @{name} '), (name, ir[:200])
-    path = workdir / f'{name}.ttir'
-    path.write_text(ir)
+    (workdir / f'{name}.ttir').write_text(ir)
+    jobs.append(f'{name}:{warps}:{stages}')
+  # Triton in a process of its own: it and TensorFlow (which earlier tests of a worker may
+  # have imported) both register LLVM's command-line options, and LLVM aborts the process.
+  env = dict(os.environ, TRITON_CACHE_DIR=str(workdir / 'triton_cache'))  # not ~/.triton
+  res = subprocess.run([sys.executable, __file__, str(workdir), *jobs], env=env,
+                       capture_output=True, text=True, timeout=600)
+  if res.returncode == _CANNOT_PARSE:  # IR from JAX's bundled Triton that this Triton can't read
+    pytest.skip(res.stdout.strip().splitlines()[-1])
+  assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+  compiled = {}
+  for job in jobs:
+    name = job.split(':')[0]
+    meta = json.loads((workdir / f'{name}.json').read_text())
+    compiled[name] = Sm90Kernel(ptx=(workdir / f'{name}.ptx').read_text(), **meta)
+    assert compiled[name].cubin_bytes > 0, f'ptxas produced no cubin for {name}'
+    shared = compiled[name].shared
+    assert shared <= H100_SHARED_BYTES, f'{name} needs {shared} bytes of shared memory per block'
+    print(f'{name}: {shared} bytes of shared memory, {meta["num_warps"]} warps, '
+          f'{meta["num_stages"]} stages')
+  return compiled
+
+
+_CANNOT_PARSE = 3
+
+
+def _compile_main(workdir: str, *jobs: str) -> None:
+  """The child: NAME:WARPS:STAGES jobs -> NAME.ptx and NAME.json beside NAME.ttir."""
+  import triton
+  from triton.backends.compiler import GPUTarget
+  for job in jobs:
+    name, warps, stages = job.split(':')
+    base = os.path.join(workdir, name)
     try:
-      compiled[name] = triton.compile(
-          str(path), target=GPUTarget('cuda', 90, 32),
+      kernel = triton.compile(
+          base + '.ttir', target=GPUTarget('cuda', 90, 32),
           # enable_fp_fusion: Triton's default (a mul and an add may become one FMA).
           options=dict(num_warps=int(warps), num_stages=int(stages), enable_fp_fusion=True))
     except Exception as e:  # noqa: BLE001
-      if 'pars' in str(e).lower():  # IR from JAX's bundled Triton that this Triton can't read
-        pytest.skip(f'triton {triton.__version__} cannot parse this JAX\'s Triton IR: {e}')
+      if 'pars' in str(e).lower():
+        print(f"triton {triton.__version__} cannot parse this JAX's Triton IR: {e}")
+        sys.exit(_CANNOT_PARSE)
       raise
-    assert compiled[name].asm.get('cubin'), f'ptxas produced no cubin for {name}'
-    shared = compiled[name].metadata.shared
-    assert shared <= H100_SHARED_BYTES, f'{name} needs {shared} bytes of shared memory per block'
-    print(f'{name}: {shared} bytes of shared memory, {warps} warps, {stages} stages')
-  return compiled
+    with open(base + '.ptx', 'w') as f:
+      f.write(kernel.asm['ptx'])
+    with open(base + '.json', 'w') as f:
+      json.dump({'cubin_bytes': len(kernel.asm.get('cubin') or b''),
+                 'shared': int(kernel.metadata.shared),
+                 'num_warps': int(kernel.metadata.num_warps),
+                 'num_stages': int(kernel.metadata.num_stages)}, f)
+
+
+if __name__ == '__main__':
+  _compile_main(*sys.argv[1:])

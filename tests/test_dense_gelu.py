@@ -109,7 +109,7 @@ def test_triton_compiles_for_sm90_at_the_sampler_shapes(tmp_path):
   b = jax.ShapeDtypeStruct((4096,), jnp.bfloat16)
   fn = lambda x, w, b: dense_gelu.dense_gelu_pallas(x, w, b, interpret=False)
   (name, kernel), = compile_for_sm90(fn, x, w, b, workdir=tmp_path).items()
-  assert name.startswith('dense_gelu') and 'wgmma' in kernel.asm['ptx']
+  assert name.startswith('dense_gelu') and 'wgmma' in kernel.ptx
 
 
 def test_row_tiles_shrink_to_divide_the_rows_instead_of_padding():

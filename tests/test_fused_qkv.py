@@ -154,7 +154,7 @@ def test_triton_compiles_for_sm90_at_the_sampler_shapes(tmp_path, side, kernel_s
       qkv, s, height=side, width=side, kernel_size=kernel_size, interpret=False)
   kernels = compile_for_sm90(fn, qkv, head_scale, workdir=tmp_path)
   assert list(kernels) == ['na2d_fwd_qkv']
-  assert 'wgmma' in kernels['na2d_fwd_qkv'].asm['ptx']  # Hopper's bf16 matrix instructions
+  assert 'wgmma' in kernels['na2d_fwd_qkv'].ptx  # Hopper's bf16 matrix instructions
 
 
 def test_the_sampler_draws_the_same_tokens(monkeypatch):

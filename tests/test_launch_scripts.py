@@ -299,7 +299,7 @@ def test_every_benchmarked_fused_qkv_tile_compiles_for_sm90(tmp_path):
     (kernel,) = compile_for_sm90(fn, sds((64, 256, 3, 16, 64), jnp.bfloat16),
                                  sds((16,), jnp.float32), sds((3, 16, 64), jnp.bfloat16),
                                  workdir=tmp_path / str(i)).values()
-    assert kernel.metadata.num_warps == warps
+    assert kernel.num_warps == warps
 
 
 def test_every_benchmarked_fc1_gelu_tile_compiles_for_sm90(tmp_path):
@@ -318,7 +318,7 @@ def test_every_benchmarked_fc1_gelu_tile_compiles_for_sm90(tmp_path):
     (kernel,) = compile_for_sm90(fn, sds((10816, 1024), jnp.bfloat16),  # scale 8, padded
                                  sds((1024, 4096), jnp.bfloat16), sds((4096,), jnp.bfloat16),
                                  workdir=tmp_path / str(i)).values()
-    assert kernel.metadata.num_warps == tile[3]
+    assert kernel.num_warps == tile[3]
 
 
 def test_bench_checkpoint_runs_from_the_repository_root_on_a_replicated_state(tmp_path):

@@ -226,8 +226,8 @@ def test_triton_compiles_for_sm90(tmp_path, height, width, head_dim, dtype):
                              shape, shape, shape, workdir=tmp_path)
   assert sorted(kernels) == ['na2d_bwd_dkdv', 'na2d_bwd_dq', 'na2d_fwd']
   block_sizes = BlockSizes.get_default(head_dim, dtype)
-  assert kernels['na2d_fwd'].metadata.num_warps == block_sizes.num_warps
-  assert kernels['na2d_bwd_dq'].metadata.num_warps == block_sizes.num_warps_bwd
+  assert kernels['na2d_fwd'].num_warps == block_sizes.num_warps
+  assert kernels['na2d_bwd_dq'].num_warps == block_sizes.num_warps_bwd
   if dtype != jnp.float32:  # fp32 is IEEE (FMA units) by design
     for name, kernel in kernels.items():
-      assert 'wgmma' in kernel.asm['ptx'], f'{name}: expected Hopper wgmma matrix instructions'
+      assert 'wgmma' in kernel.ptx, f'{name}: expected Hopper wgmma matrix instructions'
