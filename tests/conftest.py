@@ -13,6 +13,14 @@ from main_process import TEST_XLA_FLAGS  # noqa: E402  (this directory is on sys
 # Before JAX starts; inherited by the processes tests launch. Why: see TEST_XLA_FLAGS.
 os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
+import sys  # noqa: E402
+
+# torch imports triton where it is installed (dynamo, flex attention), and in a process that
+# has loaded TensorFlow LLVM then aborts: both register its command-line options. No test
+# process needs triton itself (tests/cuda_lowering.py runs it in a child process), so here
+# `import triton` fails and torch takes its paths without it.
+sys.modules.setdefault('triton', None)
+
 import jax  # noqa: E402
 
 # Must run before the first JAX computation: sharding tests build an 8-device mesh on CPU.
