@@ -103,6 +103,8 @@ def compile_for_sm90(fn, *args, workdir) -> dict[str, Sm90Kernel]:
               for c in triton_calls(text)]
   assert settings and all(settings), f'no launch settings in the Triton calls of:\n{text[:3000]}'
   assert len(modules) == len(settings), (len(modules), len(settings))
+  names = [s.group(1) for s in settings]
+  assert len(set(names)) == len(names), f'two kernels share a name (one file each): {names}'
   jobs = []
   for ir, (name, stages, warps) in zip(modules, (s.groups() for s in settings)):
     assert ir.startswith(f'module @{name} '), (name, ir[:200])

@@ -296,10 +296,10 @@ def test_every_benchmarked_fused_qkv_tile_compiles_for_sm90(tmp_path):
     fn = lambda x, s, b, tiles=tiles: pallas_kernel.na2d_pallas_from_qkv(
         x, s, height=16, width=16, kernel_size=7, bias_3HD=b, block_sizes=tiles,
         interpret=False)
-    (kernel,) = compile_for_sm90(fn, sds((64, 256, 3, 16, 64), jnp.bfloat16),
-                                 sds((16,), jnp.float32), sds((3, 16, 64), jnp.bfloat16),
-                                 workdir=tmp_path / str(i)).values()
-    assert kernel.num_warps == warps
+    ((name, kernel),) = compile_for_sm90(
+        fn, sds((64, 256, 3, 16, 64), jnp.bfloat16), sds((16,), jnp.float32),
+        sds((3, 16, 64), jnp.bfloat16), workdir=tmp_path / str(i)).items()
+    assert name == 'na2d_fwd_qkv' and kernel.num_warps == warps
 
 
 def test_every_benchmarked_fc1_gelu_tile_compiles_for_sm90(tmp_path):
@@ -315,10 +315,11 @@ def test_every_benchmarked_fc1_gelu_tile_compiles_for_sm90(tmp_path):
   for i, tile in enumerate(bench.FC1_TILES):
     fn = functools.partial(dense_gelu.dense_gelu_pallas, tiles=dense_gelu.Tiles(*tile),
                            interpret=False)
-    (kernel,) = compile_for_sm90(fn, sds((10816, 1024), jnp.bfloat16),  # scale 8, padded
-                                 sds((1024, 4096), jnp.bfloat16), sds((4096,), jnp.bfloat16),
-                                 workdir=tmp_path / str(i)).values()
-    assert kernel.num_warps == tile[3]
+    ((name, kernel),) = compile_for_sm90(
+        fn, sds((10816, 1024), jnp.bfloat16),  # scale 8, padded
+        sds((1024, 4096), jnp.bfloat16), sds((4096,), jnp.bfloat16),
+        workdir=tmp_path / str(i)).items()
+    assert name.startswith('dense_gelu') and kernel.num_warps == tile[3]
 
 
 def test_bench_checkpoint_runs_from_the_repository_root_on_a_replicated_state(tmp_path):
