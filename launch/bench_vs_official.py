@@ -55,17 +55,18 @@ SAMPLERS = ('official MVAR', 'ours MVAR', 'official VAR', 'ours VAR mode')
 # Extra contenders (not in the default list): ours MVAR with one option changed, to time the
 # choice side by side: the FFN's fc1 + GELU (`TransformerConfig.ffn_implementation`), XLA
 # passes writing q, k, v for the neighbourhood kernel (`AttentionConfig.fused_qkv=False`), the
-# sampler compiled without XLA's Triton GEMMs (cuBLAS then folds the FFN's GELU into fc1:
-# launch/check_gemm_epilogues.py).
+# sampler compiled with XLA's Triton GEMMs (then the FFN's GELU is a pass of its own; without
+# them cuBLAS folds it into fc1: launch/check_gemm_epilogues.py).
 VARIANTS = {'ours MVAR (XLA FFN)': dict(ffn_implementation='xla'),
             'ours MVAR (Pallas FFN)': dict(ffn_implementation='pallas'),
             'ours MVAR (unfused qkv)': dict(fused_qkv=False),
-            'ours MVAR (no Triton GEMM)': dict(
-                xla_options={'xla_gpu_enable_triton_gemm': False}),
-            # Two programs: scales 0..6 as by default, 7..9 and the decode without Triton GEMMs
-            # (if only the large scales gain from cuBLAS's GELU epilogue).
-            'ours MVAR (no Triton GEMM from scale 7)': dict(
-                split_at_scale=7, late_xla_options={'xla_gpu_enable_triton_gemm': False})}
+            # XLA's own default: matmuls as Triton GEMMs (ours turns them off on GPUs:
+            # sampling.compiler_options).
+            'ours MVAR (Triton GEMM)': dict(xla_options={'xla_gpu_enable_triton_gemm': True}),
+            # Two programs: the scales before 7 with Triton GEMMs, 7..9 and the decode without.
+            'ours MVAR (Triton GEMM before scale 7)': dict(
+                split_at_scale=7, xla_options={'xla_gpu_enable_triton_gemm': True},
+                late_xla_options={'xla_gpu_enable_triton_gemm': False})}
 
 
 def parse_args(argv=None):
@@ -80,6 +81,9 @@ def parse_args(argv=None):
   p.add_argument('--top_p', type=float, default=0.96)
   p.add_argument('--reps', type=int, default=3, help='timed calls per contender (median)')
   p.add_argument('--warmup', type=int, default=1, help='untimed calls after the first')
+  p.add_argument('--stream', type=int, default=8,
+                 help='sampling throughput: this many calls back to back per timing, one wait '
+                      'at the end, as a sampling job runs them (0: off)')
   p.add_argument('--samplers', default=','.join(SAMPLERS),
                  help='comma-separated subset of the four samplers to time (memory: each pair '
                       'holds its own weights; d16 all four need ~8 GB of host RAM on CPU)')
@@ -263,24 +267,35 @@ def official_samplers(setup: Setup, which: str):
   labels = torch.arange(args.batch, device=setup.device) % setup.num_classes
   amp = torch.autocast('cuda', dtype=torch.float16, enabled=setup.device == 'cuda')
 
+  def one():  # one call, queued (torch returns before the device is done)
+    if which == 'mvar':
+      f_hat = model.autoregressive_infer(B=args.batch, label_B=labels, g_seed=0, cfg=args.cfg,
+                                         top_k=args.top_k, top_p=args.top_p)
+      return vae.fhat_to_img(f_hat).add_(1).mul_(0.5)
+    return model.autoregressive_infer_cfg(B=args.batch, label_B=labels, g_seed=0, cfg=args.cfg,
+                                          top_k=args.top_k, top_p=args.top_p)
+
   def run():
     with torch.inference_mode(), amp:
-      if which == 'mvar':
-        f_hat = model.autoregressive_infer(B=args.batch, label_B=labels, g_seed=0, cfg=args.cfg,
-                                           top_k=args.top_k, top_p=args.top_p)
-        img = vae.fhat_to_img(f_hat).add_(1).mul_(0.5)
-      else:
-        img = model.autoregressive_infer_cfg(B=args.batch, label_B=labels, g_seed=0,
-                                             cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
+      img = one()
     _torch_sync(setup.device)
     return img
 
+  def stream(n: int):
+    """n calls back to back, one wait at the end (as a sampling job's loop runs)."""
+    with torch.inference_mode(), amp:
+      for _ in range(n):
+        one()
+    _torch_sync(setup.device)
+
+  run.stream = stream
   return run, (vae, model)
 
 
 def our_sampler(setup: Setup, official, mode: str, overrides: dict | None = None):
   import jax
   import jax.numpy as jnp
+  import numpy as np
   from mvar_jax import sampling
   args = setup.args
   tok, v_params, model, t_params = convert_to_ours(setup, *official, mode, overrides,
@@ -300,6 +315,16 @@ def our_sampler(setup: Setup, official, mode: str, overrides: dict | None = None
     out = sampler()(t_params, v_params, key=key, labels=labels, cfg=args.cfg, top_p=args.top_p)
     return jax.block_until_ready(out.images_BHW3)
 
+  def stream(n: int):
+    """n calls back to back, one wait at the end: sample mode's loop (the sampler compiled
+    once, labels from the host, the next call dispatched before the last one's images are
+    fetched), so the host's dispatch overlaps the device's work."""
+    s, host_labels = sampler(), np.asarray(labels)
+    outs = [s(t_params, v_params, key=key, labels=host_labels, cfg=args.cfg,
+              top_p=args.top_p).images_BHW3 for _ in range(n)]
+    jax.block_until_ready(outs)
+
+  run.stream = stream
   # The program(s) `run` calls (loaded, not compiled again): memory and cost analyses, HLO.
   run.executable = lambda: _Programs(sampler())
   return run
@@ -536,6 +561,22 @@ def time_interleaved(contenders: list[Contender], reps: int, warmup: int,
   return {c.name: (first[c.name], times[c.name]) for c in alive}
 
 
+def time_streams(contenders: list[Contender], calls: int, reps: int) -> dict:
+  """{name: [s per call]}: each rep runs `calls` back-to-back calls per contender (one wait
+  at the end), contenders in turn. A latency figure (`time_interleaved`) includes the host's
+  work before the device starts; a job sampling many batches hides it behind the last call."""
+  out = {c.name: [] for c in contenders if getattr(c.run, 'stream', None)}
+  for r in range(reps):
+    for c in contenders:
+      if c.name in out:
+        t = time.perf_counter()
+        c.run.stream(calls)
+        out[c.name].append((time.perf_counter() - t) / calls)
+    print(f'# streamed rep {r + 1}/{reps} ({calls} calls each): '
+          + ', '.join(f'{n} {v[-1]:.4f}s/call' for n, v in out.items()), flush=True)
+  return out
+
+
 def _rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
@@ -669,7 +710,8 @@ def official_twin(name: str) -> str:
   return name.replace('ours VAR mode', 'official VAR').replace('ours MVAR', 'official MVAR')
 
 
-def print_table(setup: Setup, results: dict, memory: dict, failed: dict | None = None):
+def print_table(setup: Setup, results: dict, memory: dict, failed: dict | None = None,
+                streamed: dict | None = None):
   args = setup.args
   gib = lambda b: f'{b / 2**30:.2f}' if isinstance(b, (int, float)) and b else 'n/a'
   print(f'\n# {device_line(setup)}')
@@ -706,6 +748,18 @@ def print_table(setup: Setup, results: dict, memory: dict, failed: dict | None =
           f'{mem.get("first_call_s", float("nan")):>17.2f}')
   if any('unavailable' in n for n in notes):
     print(f'# * {next(n for n in notes if "unavailable" in n)}')
+  if streamed:
+    print(f'\n# streamed: {args.stream} calls back to back per timing, one wait at the end '
+          '(as a sampling job); median of the timings, s per call')
+    print(f'{"contender":<44}{"s per call":>11}{"images/s":>10}{"vs official":>13}')
+    for name, per_call in streamed.items():
+      med, ratio = statistics.median(per_call), ''
+      if name.startswith('ours'):
+        twin = next((t for t in (official_twin(name), 'official MVAR', 'official VAR')
+                     if t in streamed), None)
+        if twin:
+          ratio = f'{med / statistics.median(streamed[twin]):.2f}x {twin.split()[-1]}'
+      print(f'{name:<44}{med:>11.4f}{args.batch / med:>10.1f}{ratio:>13}')
   for name, error in (failed or {}).items():
     print(f'# {name}: failed, no figures ({error})')
   print('# "vs official": our median / the official median (< 1: ours is faster; "x VAR": '
@@ -736,11 +790,14 @@ def main(argv=None):
   if args.probe:
     print('PROBE ' + json.dumps(probe_memory(setup, args.probe)), flush=True)
     return
-  results, failed = {}, {}
+  results, failed, streamed = {}, {}, {}
   # Phases keep at most one family's training state in memory (d16: ~5 GB a side).
   if not args.skip_sampling:
     contenders = sampling_contenders(setup)
     results.update(time_interleaved(contenders, args.reps, args.warmup, failed))
+    if args.stream:
+      streamed = time_streams([c for c in contenders if c.name in results], args.stream,
+                              max(1, min(args.reps, 3)))
     del contenders
   if not args.skip_train:
     for which, _, _ in FAMILIES:
@@ -752,14 +809,15 @@ def main(argv=None):
       del contenders
   memory = {}
   if args.memory:
-    print_table(setup, results, memory, failed)  # the times, in case the probes are cut short
+    print_table(setup, results, memory, failed, streamed)  # in case the probes are cut short
     gc.collect()
     memory = memory_in_subprocesses(args, list(results))
-  print_table(setup, results, memory, failed)
+  print_table(setup, results, memory, failed, streamed)
   if args.json_out:
     with open(args.json_out, 'w') as f:
       json.dump({'device': device_line(setup), 'args': vars(args), 'notes': setup.notes,
-                 'results': results, 'failed': failed, 'memory': memory}, f, indent=1)
+                 'results': results, 'failed': failed, 'memory': memory,
+                 'streamed': streamed}, f, indent=1)
 
 
 if __name__ == '__main__':

@@ -4,38 +4,34 @@
 #   OFFICIAL=/src bash launch/gpu_round.sh [OUT_DIR]     # /src/MVAR and /src/VAR checkouts
 #   bash launch/gpu_round.sh --sources                   # the hash its versions.txt records
 #
-# 0. PARTS=decode,naqkv (default; PARTS= none): bench_fusions.py on those parts first:
-#    decode (the sampler's decode of 32 images: small-map stages whole or in chunks, conv_out
-#    as a conv or as tap sums, GroupNorm's sums by XLA or the Pallas kernel, ...), naqkv (the
-#    fused qkv attention kernel's tiles at 13x13 and 16x16; all compile for sm_90 without
-#    spills), gn (a decode chunk with each GroupNorm form), gelu, ... (SELECT=1 adds select).
+# 0. PARTS=... (default none): bench_fusions.py on those parts first: decode (the sampler's
+#    decode of 32 images: small-map stages whole or in chunks, conv_out as a conv or as tap
+#    sums, GroupNorm's sums by XLA or the Pallas kernel, ...), naqkv (the fused qkv attention
+#    kernel's tiles at 13x13 and 16x16; all compile for sm_90 without spills), gn, gelu, ...
+#    (SELECT=1 adds select). The decode defaults won on an H100 on 2026-11-27.
 # 1. bench_vs_official.py, d16, batch 32: official VAR (KV cache) against ours (MVAR, bf16
-#    transformer params, bf16 VQ-VAE decode), as it is and compiled without XLA's Triton
-#    GEMMs (cuBLAS then folds the FFN's GELU into fc1: step 2c; is the whole sampler faster?),
-#    same weights, interleaved ($SAMPLERS picks others: official MVAR, 'ours MVAR (unfused
-#    qkv)', 'ours MVAR (Pallas FFN)', 'ours MVAR (no Triton GEMM from scale 7)': two
-#    programs, the large scales and the decode without Triton GEMMs; a second call if the
-#    first's traces show the small scales losing without them:
-#      SAMPLERS="official VAR,ours MVAR,ours MVAR (no Triton GEMM from scale 7)" PARTS= \
-#        EPILOGUES=0 bash launch/gpu_round.sh $OUT);
-#    then per-contender memory probes in fresh processes (ours: loaded from the compilation
-#    cache this run fills, XLA memory/cost analysis, and a jax.profiler trace of one call ->
-#    OUT_DIR/*.trace.json.gz, summarised here with launch/trace_summary.py).
+#    transformer params, bf16 VQ-VAE decode), same weights, interleaved: each call timed alone
+#    (latency), then 8 calls back to back per timing (throughput, as a sampling job runs).
+#    $SAMPLERS picks others: official MVAR, 'ours MVAR (Triton GEMM)' (XLA's default GEMMs),
+#    'ours MVAR (unfused qkv)', 'ours MVAR (Pallas FFN)', ...; then per-contender memory probes
+#    in fresh processes (ours: loaded from the compilation cache this run fills, XLA memory/cost
+#    analysis, and a jax.profiler trace of one call -> OUT_DIR/*.trace.json.gz, summarised here
+#    with launch/trace_summary.py).
+# 1b. SAMPLE_MODE=1 (default): bench_sample_mode.py, the real sample mode (shards, npz) at d16,
+#    batch 32, random weights: images/s. Needs ml_collections (configs/): wheels in .whl/ are
+#    installed first when present (launch/README.md, "GPU rounds").
 # 2. OPTIONS=1: bench_fusions.py --parts=options: the last-scale forward and a decode chunk
 #    under XLA option sets that could fold the GELU/norm passes into cuBLAS/cuDNN.
-#    XLA_AB="--xla_gpu_enable_triton_gemm=false": step 1 again (official VAR, ours MVAR) in a
-#    process with those XLA_FLAGS, to compare with step 1's rows (the H100's last-scale
-#    forward was 4% faster without XLA's Triton GEMMs; the sampler was not timed so).
-# 2c. EPILOGUES=1 (default): check_gemm_epilogues.py, which forms of the FFN's bias + GELU and
-#    the qkv bias XLA folds into cuBLAS's epilogue, under which options (~1 min).
+#    XLA_AB="--xla_gpu_...": step 1 again (official VAR, ours MVAR) in a process with those
+#    XLA_FLAGS, to compare with step 1's rows.
+# 2c. EPILOGUES=1: check_gemm_epilogues.py, which forms of the FFN's bias + GELU and the qkv
+#    bias XLA folds into cuBLAS's epilogue, under which options (~1 min).
 # 3. The Pallas neighbourhood kernel's tiles: forward at the sampler's shapes (13x13 and 16x16,
 #    batch 64 = 32 with CFG, 16 heads) and forward+backward at 32x32 (training at 512 px).
 #    Tuned on 2026-11-26 (defaults kept): only with TILES=1.
 # Each step has its own time limit so that a stall costs one step, not the lease. On an H100
-# (2026-11-26) step 1 with two of ours took ~3.5 min (each of ours compiles for 65-80 s), the
-# default round then ~4.5 min; XLA_AB adds ~2.5 min, OPTIONS ~2 min, PARTS=gn ~20 s. Step 0's
-# default (7 whole 32-image decodes, 14 small kernels) is estimated at 2-3 min, capped at 200 s:
-# with step 1 and EPILOGUES the round is near the 10-minute call limit (EPILOGUES=0 saves ~1 min).
+# (2026-11-27) step 1 with three of ours took ~4 min (ours compiles in ~50 s, 85 s with Triton
+# GEMMs), PARTS=decode ~40 s.
 # Logs and tables go to OUT_DIR (default $OUT, the device tool's return folder, else /tmp/gpu_round).
 
 set -uo pipefail
@@ -65,7 +61,7 @@ triton.__version__, jax.devices())'
   echo "sources: $(sources_hash)"
 } 2>&1 | tee "$OUT_DIR/versions.txt"
 
-PARTS=${PARTS-decode,naqkv}; [[ "${SELECT:-0}" == 1 ]] && PARTS=select${PARTS:+,$PARTS}
+PARTS=${PARTS-}; [[ "${SELECT:-0}" == 1 ]] && PARTS=select${PARTS:+,$PARTS}
 if [[ -n "$PARTS" ]]; then
   echo "=== 0. bench_fusions --parts=$PARTS ===" | tee -a "$OUT_DIR/log.txt"
   timeout ${FUSIONS_TIMEOUT:-200} $PY launch/bench_fusions.py --parts=$PARTS --reps=5 2>&1 \
@@ -73,7 +69,7 @@ if [[ -n "$PARTS" ]]; then
 fi
 
 echo "=== 1. side by side, d16 batch 32 ===" | tee -a "$OUT_DIR/log.txt"
-DEFAULT_SAMPLERS="official VAR,ours MVAR,ours MVAR (no Triton GEMM)"
+DEFAULT_SAMPLERS="official VAR,ours MVAR"
 timeout ${VS_TIMEOUT:-420} $PY launch/bench_vs_official.py \
     --official_mvar_src="$OFFICIAL/MVAR" --official_var_src="$OFFICIAL/VAR" \
     --depth=16 --batch=32 "--samplers=${SAMPLERS:-$DEFAULT_SAMPLERS}" --skip_train \
@@ -85,6 +81,17 @@ for trace in "$OUT_DIR"/*.trace.json.gz; do
   echo "=== trace: $(basename "$trace") ===" | tee -a "$OUT_DIR/log.txt"
   timeout 60 $PY launch/trace_summary.py --top=30 "$trace" 2>&1 | tee -a "$OUT_DIR/log.txt"
 done
+
+if [[ "${SAMPLE_MODE:-1}" == 1 ]]; then
+  echo "=== 1b. sample mode, d16 batch 32 ===" | tee -a "$OUT_DIR/log.txt"
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  timeout ${SAMPLE_MODE_TIMEOUT:-200} $PY launch/bench_sample_mode.py \
+      --config=configs/mvar_d16.py --batch_size=32 --num_images=${SAMPLE_MODE_IMAGES:-512} 2>&1 \
+    | tr '\r' '\n' | grep -v -E '^\s*$|Warning|img/s\]' | tee -a "$OUT_DIR/log.txt"
+fi
 
 if [[ "${OPTIONS:-0}" == 1 ]]; then
   echo "=== 2. XLA option sets: last-scale forward, decode chunk ===" | tee -a "$OUT_DIR/log.txt"
@@ -102,7 +109,7 @@ if [[ -n "${XLA_AB:-}" ]]; then
     | grep -v -E '^\s*$|Warning|warn\(' | tee -a "$OUT_DIR/log.txt"
 fi
 
-if [[ "${EPILOGUES:-1}" == 1 ]]; then
+if [[ "${EPILOGUES:-0}" == 1 ]]; then
   echo "=== 2c. GEMM epilogues: bias and GELU forms ===" | tee -a "$OUT_DIR/log.txt"
   timeout ${EPILOGUES_TIMEOUT:-120} $PY launch/check_gemm_epilogues.py 2>&1 \
     | grep -v -E '^\s*$|Warning' | tee -a "$OUT_DIR/log.txt"

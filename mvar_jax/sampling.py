@@ -263,16 +263,23 @@ def _variables(params):
 # compiles faster, and a new process loads its stored executable in 10 instead of 14 CPU
 # seconds (single-dot fusions: same memory, slower load). Measurements: launch/README.md.
 _CPU_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
+# On GPUs the sampler's matmuls go to cuBLAS rather than XLA's Triton GEMMs. With Triton GEMMs
+# on, XLA never folds the FFN's bias + GELU into cuBLAS's epilogue (a separate GELU pass per
+# block); without them it does. H100, d16, batch 32 (launch/results/h100_2026-11-27.md): 79
+# instead of 81 ms per call, and the first compile in 51 instead of 85 s.
+_GPU_OPTIONS = {'xla_gpu_enable_triton_gemm': False}
 
 
 @functools.lru_cache(maxsize=None)
 def compiler_options(backend: str | None = None) -> tuple:
   """The XLA options the sampler compiles with on `backend` (default: JAX's), as items.
 
-  Empty off CPU, and on an XLA:CPU that does not know the option (it is experimental; a
-  one-op program is compiled with it once to find out).
+  GPU: `_GPU_OPTIONS`. CPU: `_CPU_OPTIONS`, or none on an XLA:CPU that does not know the
+  option (it is experimental; a one-op program is compiled with it once to find out). TPU: none.
   """
   backend = backend or jax.default_backend()
+  if backend in ('gpu', 'cuda', 'rocm'):
+    return tuple(_GPU_OPTIONS.items())
   if backend != 'cpu':
     return ()
   try:
@@ -439,8 +446,9 @@ def compile_sampler(transformer, t_params, vqvae, v_params, *, batch_size: int,
   Only whether cfg == 1 matters here; its value and top_p are given at call time. key: a key
   of the kind you will sample with (default: jax.random.key's). loop_blocks: run each scale's
   blocks as a loop (None: `loops_blocks()`, the backend's default); same samples either way.
-  xla_options: XLA debug options for this program on top of `compiler_options()` (e.g.
-  {'xla_gpu_enable_triton_gemm': False}); part of the cache key, unlike XLA_FLAGS per call.
+  xla_options: XLA debug options for this program on top of `compiler_options()`, which
+  they override (e.g. {'xla_gpu_enable_triton_gemm': True}, XLA's own default); part of the
+  cache key, unlike XLA_FLAGS per call.
   split_at_scale: compile two programs instead of one, the scales before it with
   `xla_options` and the rest, with the decode, with `late_xla_options` (XLA options hold for
   a whole program; e.g. the large scales without Triton GEMMs, for cuBLAS's GELU epilogue,

@@ -94,6 +94,13 @@ class TestFiltering:
     np.testing.assert_array_equal(ours, theirs)
 
 
+def test_each_backend_compiles_the_sampler_with_its_own_xla_options():
+  # GPUs: cuBLAS instead of Triton GEMMs (the FFN's GELU then lands in cuBLAS's epilogue).
+  assert dict(sampling.compiler_options('gpu')) == {'xla_gpu_enable_triton_gemm': False}
+  assert sampling.compiler_options('tpu') == ()
+  assert not any(k.startswith('xla_gpu') for k, _ in sampling.compiler_options('cpu'))
+
+
 def test_guidance_formula():
   cond = jnp.array([[[1.0, 2.0]]])
   uncond = jnp.array([[[3.0, -1.0]]])
