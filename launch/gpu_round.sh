@@ -35,9 +35,9 @@
 # Logs and tables go to OUT_DIR (default $OUT, the device tool's return folder, else /tmp/gpu_round).
 
 set -uo pipefail
-sources_hash() {  # sha1 of the Python sources in mvar_jax/ and launch/, committed or not
-  git ls-files -co --exclude-standard mvar_jax launch | grep '\.py$' | sort | xargs sha1sum \
-    | sha1sum | cut -c1-12
+sources_hash() {  # sha1 of the Python sources in mvar_jax/ and launch/, as they are on disk
+  find mvar_jax launch -name '*.py' -not -path '*/__pycache__/*' | LC_ALL=C sort \
+    | xargs sha1sum | sha1sum | cut -c1-12
 }
 [[ "${1:-}" == --sources ]] && { sources_hash; exit 0; }
 OUT_DIR=${1:-${OUT:-/tmp/gpu_round}}
