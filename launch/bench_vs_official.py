@@ -67,7 +67,7 @@ VARIANTS = {'ours MVAR (XLA FFN)': dict(ffn_implementation='xla'),
             'ours MVAR (Triton GEMM before scale 7)': dict(
                 split_at_scale=7, xla_options={'xla_gpu_enable_triton_gemm': True},
                 late_xla_options={'xla_gpu_enable_triton_gemm': False}),
-            # The gaps between the ~2800 kernels of a call (~2.4 ms of 76 on an H100,
+            # The gaps between the ~2800 kernels of a call (~2.5 ms of 76 on an H100,
             # launch/results/h100_2026-11-27.md): programmatic dependent launch (a kernel
             # starts while the one before it drains), independent kernels of a CUDA graph run
             # concurrently, the decode's chunk loop unrolled into the graph.

@@ -9,7 +9,8 @@ kernels up to a scale's selection are that scale, and everything after the last 
 VQ-VAE decode. Within a phase kernels are grouped by what they are:
 matmuls (cuBLAS / XLA gemm fusions), convolutions (cuDNN), neighbourhood attention (our
 Pallas kernel), the selection, copies/memsets, and the rest (XLA fusions: elementwise, norms,
-reductions). Prints markdown tables: busy ms per phase and group, then the top kernels,
+reductions). Prints markdown tables: busy ms per phase and group, the idle gaps by what
+borders them (`gaps`), then the top kernels,
 each XLA fusion with its output shape and the source op it was named after, read from the
 program's optimised HLO (--hlo; by default the `.hlo.txt.gz` that --trace_dir writes beside
 the trace, when it is there).
@@ -106,6 +107,29 @@ def busy_ms(kernels: list[dict]) -> float:
   return sum(e['dur'] for e in kernels) / 1e3
 
 
+GAP_KINDS = ('after a host-to-device copy', 'around a memset', 'between kernels')
+
+
+def gaps(kernels: list[dict]) -> dict[str, tuple[int, float]]:
+  """{kind: (count, ms)} of the idle time between consecutive device events.
+
+  A gap after a host-to-device copy is the device waiting for the host (a call's start: its
+  arguments are copied, then the first CUDA graph is launched). cuBLAS and cuDNN put small
+  memsets before some of their kernels; a gap on either side of one is counted with it.
+  """
+  out = {k: [0, 0.0] for k in GAP_KINDS}
+  end = kernels[0]['ts'] + kernels[0]['dur'] if kernels else 0.0
+  for prev, e in zip(kernels, kernels[1:]):
+    if e['ts'] > end:
+      kind = ('after a host-to-device copy' if prev['name'].startswith('MemcpyH2D') else
+              'around a memset' if prev['name'].startswith('Memset')
+              or e['name'].startswith('Memset') else 'between kernels')
+      out[kind][0] += 1
+      out[kind][1] += (e['ts'] - end) / 1e3
+    end = max(end, e['ts'] + e['dur'])
+  return {k: (n, ms) for k, (n, ms) in out.items()}
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('trace')
@@ -129,6 +153,10 @@ def main(argv=None):
       by[kernel_group(e['name'])] += e['dur'] / 1e3
     print(f'| {name} | {span_ms(ks):.2f} | {busy_ms(ks):.2f} | ' +
           ' | '.join(f'{by[g]:.2f}' for g in GROUPS) + ' |')
+  print('\n| idle gaps | count | ms |')
+  print('|---|---|---|')
+  for kind, (n, ms) in gaps(kernels).items():
+    print(f'| {kind} | {n} | {ms:.2f} |')
   totals = collections.defaultdict(lambda: [0.0, 0])
   for e in kernels:
     totals[e['name']][0] += e['dur'] / 1e3

@@ -228,6 +228,21 @@ def test_trace_summary_splits_scales_at_each_selection_kernel(tmp_path, capsys):
   assert '| decode | 0.04 | 0.04 | 0.00 | 0.03 |' in capsys.readouterr().out
 
 
+def test_trace_summary_sorts_idle_gaps_by_what_borders_them():
+  """Waiting for the host after the argument copies, the libraries' memsets, the rest."""
+  summary = _load('trace_summary')
+  events, t = [], 0.0
+  for name, gap, dur in [('MemcpyH2D', 0, 1), ('loop_fusion', 500, 2), ('Memset 0', 3, 1),
+                         ('nvjet_sm90_gemm', 4, 10), ('loop_add_fusion', 1, 2),
+                         ('sm90_xmma_fprop', 0, 5), ('input_reduce_fusion', 2, 1)]:
+    t += gap
+    events.append({'ts': t, 'dur': dur, 'name': name})
+    t += dur
+  assert summary.gaps(events) == {'after a host-to-device copy': (1, 0.5),
+                                  'around a memset': (2, 0.007),
+                                  'between kernels': (2, 0.003)}
+
+
 def test_trace_summary_names_each_fusion_from_the_optimised_hlo(tmp_path, capsys):
   """XLA shares one kernel between identical fusions and names it after one of them."""
   import gzip
