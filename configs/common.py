@@ -126,6 +126,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # VQ-VAE decode dtype: '' = auto: model.dtype on GPU/TPU (bf16 takes the H200 decode of 32
   # images from 57 to 38 ms; the official sampler decodes under fp16 autocast), float32 on CPU.
   config.sample.decoder_dtype = ''
+  # The transformer params while sampling: '' = as stored (fp32); 'bfloat16' = a bf16 copy
+  # (half the argument memory, no per-call cast to the bf16 compute dtype), as
+  # launch/bench_vs_official.py times ours on a GPU. Not the fp32 params' images exactly.
+  config.sample.param_dtype = ''
   config.sample.output_dir = ''  # where samples.npz and the PNG grid go; '' = <workdir>/samples
 
   # Evaluation with the FID Inception network (mvar_jax/evaluation/evaluators.py): FID, sFID,

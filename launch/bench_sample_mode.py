@@ -28,6 +28,7 @@ def main():
   parser.add_argument('--devices', default='1', help='comma-separated device counts to try')
   parser.add_argument('--num_images', type=int, default=400)
   parser.add_argument('--batch_size', type=int, default=0, help='0: the config\'s sample.batch_size')
+  parser.add_argument('--param_dtype', default='', help="sample.param_dtype ('': as stored)")
   args = parser.parse_args()
   counts = [int(d) for d in args.devices.split(',')]
   os.environ.setdefault('JAX_NUM_CPU_DEVICES', str(max(counts)))
@@ -63,6 +64,7 @@ def main():
   config.sample.num_images = args.num_images
   if args.batch_size:
     config.sample.batch_size = args.batch_size
+  config.sample.param_dtype = args.param_dtype
 
   print(f'{"devices":>7} {"images":>7} {"batch":>5} {"compile+run s":>13} {"steady s":>9} '
         f'{"2x images s":>11} {"img/s/device":>12} {"extra img/s/dev":>15}   '

@@ -21,8 +21,9 @@
 #    analysis, and a jax.profiler trace of one call -> OUT_DIR/*.trace.json.gz, summarised here
 #    with launch/trace_summary.py).
 # 1b. SAMPLE_MODE=1 (default): bench_sample_mode.py, the real sample mode (shards, npz) at d16,
-#    batch 32, random weights: images/s. Needs ml_collections (configs/): wheels in .whl/ are
-#    installed first when present (launch/README.md, "GPU rounds").
+#    batch 32, bf16 params (sample.param_dtype), random weights: images/s, and the rate of a
+#    long job. Needs ml_collections (configs/): wheels in .whl/ are installed first when
+#    present (the device README's wheel recipe: `pip download ... ml_collections`).
 # 2. OPTIONS=1: bench_fusions.py --parts=options: the last-scale forward and a decode chunk
 #    under XLA option sets that could fold the GELU/norm passes into cuBLAS/cuDNN.
 #    XLA_AB="--xla_gpu_...": step 1 again (official VAR, ours MVAR) in a process with those
@@ -92,7 +93,8 @@ if [[ "${SAMPLE_MODE:-1}" == 1 ]]; then
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
   timeout ${SAMPLE_MODE_TIMEOUT:-200} $PY launch/bench_sample_mode.py \
-      --config=configs/mvar_d16.py --batch_size=32 --num_images=${SAMPLE_MODE_IMAGES:-512} 2>&1 \
+      --config=configs/mvar_d16.py --batch_size=32 --param_dtype=bfloat16 \
+      --num_images=${SAMPLE_MODE_IMAGES:-512} 2>&1 \
     | tr '\r' '\n' | grep -v -E '^\s*$|Warning|img/s\]' | tee -a "$OUT_DIR/log.txt"
 fi
 

@@ -25,6 +25,9 @@ MODES = ('train', 'sample')  # main.py --mode
 
 # ----------------------------------------------------------------------------- model
 
+SAMPLE_PARAM_DTYPES = ('', 'float32', 'bfloat16')  # '' = as stored
+
+
 def drop_path_rate(model_cfg: Mapping[str, Any]) -> float:
   """model.drop_path_rate, or the official 0.1 * depth / 24 when it is < 0."""
   rate = float(model_cfg['drop_path_rate'])
@@ -201,6 +204,7 @@ def validate_config(config, *, check_mesh: bool = True, mode: str = 'train') -> 
   if s.get('decoder_dtype', ''):
     from mvar_jax.vqvae import DECODER_DTYPES
     _one_of('sample.decoder_dtype', s.decoder_dtype, ('',) + DECODER_DTYPES)
+  _one_of('sample.param_dtype', s.get('param_dtype', ''), SAMPLE_PARAM_DTYPES)
   # --- mesh and batch
   if check_mesh:
     from mvar_jax import sharding

@@ -129,6 +129,8 @@ def fingerprint_of(config, weights: str) -> str:
   keys = {'weights': weights, 'seed': int(config.seed), 'num_images': int(s.num_images),
           'batch_size': int(s.batch_size), 'cfg': float(s.cfg), 'top_k': int(s.top_k),
           'top_p': float(s.top_p), 'more_smooth': bool(s.more_smooth)}
+  if s.get('param_dtype', ''):  # only when set: earlier runs' shards keep their fingerprint
+    keys['param_dtype'] = str(s.param_dtype)
   return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -315,6 +317,12 @@ def _run_locked(config, workdir: str, out_dir: str, devices) -> str:
   model, params, weights = load_params(config, workdir)
   tokenizer, tok_host = train.load_tokenizer_for(model.config, config.tokenizer.checkpoint,
                                                  decoder_dtype=train.decoder_dtype(config))
+  # The decode's convs in its dtype once, here, rather than in every call of the program
+  # (which casts them the same way: the same images; a no-op for fp32 decodes).
+  tok_host = tokenizer.cast_for_decode(tok_host)
+  if s.get('param_dtype', ''):
+    from mvar_jax import sampling
+    params = sampling.inference_params(params, s.param_dtype)
   n, b = int(s.num_images), int(s.batch_size)
   total = num_chunks(n, b)
   labels_N = labels_for(n, model.config.num_classes)

@@ -95,6 +95,35 @@ def test_another_seed_gives_other_images_and_refuses_to_mix(weights, on_three_de
     sample_mode.run(config, str(out))
 
 
+def test_bf16_params_sample_under_their_own_fingerprint(weights, on_three_devices, tmp_path,
+                                                       monkeypatch):
+  """sample.param_dtype='bfloat16': the sampler gets a bf16 copy of the transformer params, and
+  its shards carry another fingerprint, which an fp32 run's directory refuses."""
+  npz, out = on_three_devices
+  config = sample_config(weights, out)
+  config.sample.param_dtype = 'bfloat16'
+  with pytest.raises(ValueError, match='written by another sampling run'):
+    sample_mode.run(config, str(out))
+  from mvar_jax import sampling
+  seen, compile_chunk_sampler = [], sampling.compile_chunk_sampler
+
+  def spy(model, params, *args, **kwargs):
+    seen.append({str(x.dtype) for x in jax.tree_util.tree_leaves(params)})
+    return compile_chunk_sampler(model, params, *args, **kwargs)
+
+  monkeypatch.setattr(sampling, 'compile_chunk_sampler', spy)
+  config = sample_config(weights, tmp_path, num_images=8)
+  config.sample.param_dtype = 'bfloat16'
+  with np.load(sample_mode.run(config, str(tmp_path), devices=jax.local_devices()[:1])) as z:
+    assert seen == [{'bfloat16'}]
+    assert z['arr_0'].shape == (8, 8, 8, 3) and z['arr_0'].std() > 10
+    np.testing.assert_array_equal(z['arr_1'], np.arange(8) % CLASSES)
+    # The fp32 run's first two chunks (same labels, same keys): the model computes in bf16
+    # either way, so only the fp32 embeddings and head see the rounding; at this size the
+    # images come out the same, in general nearly so.
+    assert np.mean(np.abs(z['arr_0'].astype(int) - npz['arr_0'][:8]) <= 8) > 0.5
+
+
 def _main_sample(weights, out_dir, *extra, wrap=(), cache_dir='none', extra_env=None):
   cmd = [*wrap, sys.executable, os.path.join(ROOT, 'main.py'), '--mode=sample',
          '--config=' + os.path.join(ROOT, 'configs', 'demo.py'), f'--workdir={out_dir}',

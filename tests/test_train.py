@@ -94,6 +94,8 @@ def test_train_loss_weights_every_token_by_one_over_L(tiny_tokenizer):
     ('model.refine_step', 11, r'model.refine_step must be in \[0, 10\]'),
     ('sample.top_p', 0.0, r'sample.top_p must be in \(0, 1\]'),
     ('sample.decoder_dtype', 'fp8', r"sample.decoder_dtype must be one of \('', 'float32'"),
+    ('sample.param_dtype', 'bf16',
+     r"sample.param_dtype must be one of \('', 'float32', 'bfloat16'\), got 'bf16'"),
     ('mesh.data', 3, r'mesh.data \* mesh.fsdp must equal the device count'),
     ('train.batch_size', 12, r'train.batch_size \(12\) must be a multiple of the batch shards'),
     ('data.name', 'cifar', "data.name='cifar' is invalid"),
