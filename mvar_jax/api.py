@@ -284,12 +284,19 @@ def load_pretrained(directory: str, *, attention: AttentionConfig | None = None,
   return MVARPipeline(v_cfg, v_params, t_cfg, t_params)
 
 
+def host_cast(dtype: str):
+  """A host array -> host array function casting to `dtype` (the rounding of
+  `sampling.inference_params` on the device)."""
+  return lambda a: np.asarray(a).astype(jnp.dtype(dtype))
+
+
 def to_device(dtype: str | None = None):
   """A host array -> device array function, cast to `dtype` on the host first (None: as it
   is), so that the device never holds a tensor in two dtypes."""
   if dtype is None:
     return jnp.asarray
-  return lambda a: jnp.asarray(np.asarray(a).astype(jnp.dtype(dtype)))
+  cast = host_cast(dtype)
+  return lambda a: jnp.asarray(cast(a))
 
 
 def load_converted(directory: str, name: str, dtype: str | None = None):

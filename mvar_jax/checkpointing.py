@@ -316,10 +316,11 @@ def __getattr__(name):
 
 # ----------------------------------------------------------------------------- converted weights
 
-def load_converted(directory: str, name: str) -> tuple[dict, dict]:
-  """(config dict, params tree of numpy arrays) of `<dir>/<name>.*`; see mvar_jax.converted_io."""
+def load_converted(directory: str, name: str, *, leaf_fn=None) -> tuple[dict, dict]:
+  """(config dict, params tree of numpy arrays) of `<dir>/<name>.*`; see mvar_jax.converted_io
+  (`leaf_fn` is applied to each array as it is read)."""
   from mvar_jax import converted_io
-  return converted_io.read_converted(directory, name)
+  return converted_io.read_converted(directory, name, leaf_fn=leaf_fn)
 
 
 def check_tree_matches(params, abstract_params, what: str) -> None:

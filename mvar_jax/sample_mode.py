@@ -145,11 +145,16 @@ def load_params(config, workdir: str):
 
   config.sample.checkpoint (a converted directory) brings its own architecture; otherwise the
   newest checkpoint in <workdir>/checkpoints with config.model (its EMA params when it has them
-  and sample.use_ema is set).
+  and sample.use_ema is set). The params are in sample.param_dtype when it is set.
   """
   local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  # sample.param_dtype: each tensor is cast as it is read, so the device never holds the
+  # stored params next to their cast copy (as api.load_pretrained(param_dtype=...)).
+  dtype = config.sample.get('param_dtype', '') or None
   if config.sample.checkpoint:
-    cfg_dict, params = checkpointing.load_converted(config.sample.checkpoint, 'transformer')
+    from mvar_jax import api
+    cfg_dict, params = checkpointing.load_converted(
+        config.sample.checkpoint, 'transformer', leaf_fn=api.host_cast(dtype) if dtype else None)
     model_cfg = config_utils.transformer_config_from_dict(cfg_dict)
     checkpointing.check_tree_matches(params, _abstract_params(model_cfg), config.sample.checkpoint)
     return (tfm.MVARTransformer(model_cfg), jax.device_put(params, local),
@@ -164,8 +169,8 @@ def load_params(config, workdir: str):
            else 'params')
     # Every process reads a whole copy onto its own first device.
     abstract = jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local),
-        _abstract_params(model_cfg))
+        lambda a: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=local),
+        _abstract_params(model_cfg))  # Orbax casts to the abstract dtype as it restores
     params = ckpt.restore_subtree(step, {key: abstract})[key]
   finally:
     ckpt.close()
@@ -320,9 +325,6 @@ def _run_locked(config, workdir: str, out_dir: str, devices) -> str:
   # The decode's convs in its dtype once, here, rather than in every call of the program
   # (which casts them the same way: the same images; a no-op for fp32 decodes).
   tok_host = tokenizer.cast_for_decode(tok_host)
-  if s.get('param_dtype', ''):
-    from mvar_jax import sampling
-    params = sampling.inference_params(params, s.param_dtype)
   n, b = int(s.num_images), int(s.batch_size)
   total = num_chunks(n, b)
   labels_N = labels_for(n, model.config.num_classes)
