@@ -719,6 +719,18 @@ def official_twin(name: str) -> str:
   return name.replace('ours VAR mode', 'official VAR').replace('ours MVAR', 'official MVAR')
 
 
+def ratio_to_official(name: str, rows: dict, median) -> str:
+  """'0.24x' of an 'ours ...' row against its official twin in `rows` ({name: timings}), or
+  against the official sampler that ran when its twin did not ('0.24x VAR'); '' if none."""
+  if not name.startswith('ours'):
+    return ''
+  twin, mark = official_twin(name), ''
+  if twin not in rows and 'train' not in name:  # e.g. only the official VAR sampler ran
+    twin = next((t for t in ('official MVAR', 'official VAR') if t in rows), twin)
+    mark = ' ' + twin.split()[-1]
+  return f'{median(rows[name]) / median(rows[twin]):.2f}x{mark}' if twin in rows else ''
+
+
 def print_table(setup: Setup, results: dict, memory: dict, failed: dict | None = None,
                 streamed: dict | None = None):
   args = setup.args
@@ -739,14 +751,7 @@ def print_table(setup: Setup, results: dict, memory: dict, failed: dict | None =
   print('-' * len(header))
   for name, (first, times) in results.items():
     med = statistics.median(times)
-    ratio = ''
-    if name.startswith('ours'):
-      twin, mark = official_twin(name), ''
-      if twin not in results and 'train' not in name:  # e.g. only the official VAR sampler ran
-        twin = next((t for t in ('official MVAR', 'official VAR') if t in results), twin)
-        mark = ' ' + twin.split()[-1]
-      if twin in results:
-        ratio = f'{med / statistics.median(results[twin][1]):.2f}x{mark}'
+    ratio = ratio_to_official(name, results, lambda row: statistics.median(row[1]))
     label = name
     if name.startswith('official MVAR') and any('unavailable' in n for n in notes):
       label += ' *'
@@ -762,12 +767,8 @@ def print_table(setup: Setup, results: dict, memory: dict, failed: dict | None =
           '(as a sampling job); median of the timings, s per call')
     print(f'{"contender":<44}{"s per call":>11}{"images/s":>10}{"vs official":>13}')
     for name, per_call in streamed.items():
-      med, ratio = statistics.median(per_call), ''
-      if name.startswith('ours'):
-        twin = next((t for t in (official_twin(name), 'official MVAR', 'official VAR')
-                     if t in streamed), None)
-        if twin:
-          ratio = f'{med / statistics.median(streamed[twin]):.2f}x {twin.split()[-1]}'
+      med = statistics.median(per_call)
+      ratio = ratio_to_official(name, streamed, statistics.median)
       print(f'{name:<44}{med:>11.4f}{args.batch / med:>10.1f}{ratio:>13}')
   for name, error in (failed or {}).items():
     print(f'# {name}: failed, no figures ({error})')

@@ -16,10 +16,9 @@
 #    'ours MVAR (unfused qkv)', 'ours MVAR (Pallas FFN)', and three against the gaps between
 #    kernels (next lease, ~5 min: SAMPLERS="official VAR,ours MVAR,ours MVAR (PDL),ours MVAR
 #    (concurrent graph regions),ours MVAR (graph loops unrolled)" SAMPLE_MODE=0 VS_TIMEOUT=400);
-#    then per-contender memory probes
-#    in fresh processes (ours: loaded from the compilation cache this run fills, XLA memory/cost
-#    analysis, and a jax.profiler trace of one call -> OUT_DIR/*.trace.json.gz, summarised here
-#    with launch/trace_summary.py).
+#    then per-contender memory probes in fresh processes (ours: loaded from the compilation
+#    cache this run fills, XLA memory/cost analysis, and a jax.profiler trace of one call ->
+#    OUT_DIR/*.trace.json.gz, summarised here with launch/trace_summary.py).
 # 1b. SAMPLE_MODE=1 (default): bench_sample_mode.py, the real sample mode (shards, npz) at d16,
 #    batch 32, bf16 params (sample.param_dtype), random weights: images/s, and the rate of a
 #    long job. Needs ml_collections (configs/): wheels in .whl/ are installed first when

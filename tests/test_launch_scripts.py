@@ -96,6 +96,14 @@ def test_each_of_our_rows_is_compared_with_its_official_twin():
   assert bench.official_twin('ours MVAR train scale 8') == 'official MVAR train scale 8'
   assert bench.official_twin('ours VAR mode train scales 0..9') == 'official VAR train scales 0..9'
   assert bench.official_twin('ours MVAR (unfused qkv)') == 'official MVAR'
+  med = lambda v: sorted(v)[len(v) // 2]
+  rows = {'official MVAR': [2.0], 'official VAR': [4.0], 'ours MVAR': [1.0],
+          'ours MVAR train scale 8': [3.0]}
+  assert bench.ratio_to_official('ours MVAR', rows, med) == '0.50x'
+  assert bench.ratio_to_official('official MVAR', rows, med) == ''
+  assert bench.ratio_to_official('ours MVAR train scale 8', rows, med) == ''  # no twin row
+  del rows['official MVAR']  # only the official VAR sampler ran: compared with it, and said so
+  assert bench.ratio_to_official('ours MVAR', rows, med) == '0.25x VAR'
 
 
 def test_the_probes_see_both_programs_of_a_split_sampler():
