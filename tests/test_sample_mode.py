@@ -124,6 +124,42 @@ def test_bf16_params_sample_under_their_own_fingerprint(weights, on_three_device
     assert np.mean(np.abs(z['arr_0'].astype(int) - npz['arr_0'][:8]) <= 8) > 0.5
 
 
+def _tiny_model_config(c):
+  """`config.model` set to the tiny transformer of `weights` (a training run's architecture)."""
+  m = c.model
+  m.depth, m.width, m.num_heads, m.num_classes, m.vocab_size, m.cvae = 1, 32, 2, CLASSES, VOCAB, 4
+  m.patch_nums, m.attention_mode, m.refine_step, m.kernel_size = PATCH_NUMS, 'mvar', 2, 3
+  return c
+
+
+@pytest.mark.parametrize('param_dtype', ['', 'bfloat16'])
+def test_params_of_a_training_checkpoint_are_restored_in_sample_param_dtype(weights, tmp_path,
+                                                                            param_dtype):
+  """Without sample.checkpoint the newest Orbax checkpoint of the workdir is sampled from (its
+  EMA params): with sample.param_dtype set they are read straight into that dtype, the same
+  numbers as casting the stored ones (sampling.inference_params), on this process's device."""
+  from mvar_jax import checkpointing, config_utils, sampling
+  config = _tiny_model_config(sample_config(weights, tmp_path))
+  config.sample.checkpoint, config.sample.use_ema = '', True
+  config.sample.param_dtype = param_dtype
+  shapes = jax.eval_shape(lambda: nn.unbox(tfm.init_params(
+      config_utils.transformer_config_from(config), jax.random.key(0))['params']))
+  params, ema = _random_like(shapes, 7), _random_like(shapes, 8)
+  ckpt = checkpointing.Checkpointer(str(tmp_path / 'checkpoints'), async_save=False)
+  ckpt.save(5, {'params': params, 'ema_params': ema, 'step': np.int32(5)})
+  ckpt.close()
+
+  model, restored, source = sample_mode.load_params(config, str(tmp_path))
+  assert source.endswith('@5:ema_params') and model.config.width == 32
+  want = sampling.inference_params(ema, param_dtype) if param_dtype else ema
+  def same(path, got, w):
+    assert got.dtype == np.dtype(param_dtype or 'float32'), path
+    assert got.sharding == jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), path
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(w), err_msg=str(path))
+
+  jax.tree_util.tree_map_with_path(same, restored, want)
+
+
 def _main_sample(weights, out_dir, *extra, wrap=(), cache_dir='none', extra_env=None):
   cmd = [*wrap, sys.executable, os.path.join(ROOT, 'main.py'), '--mode=sample',
          '--config=' + os.path.join(ROOT, 'configs', 'demo.py'), f'--workdir={out_dir}',
