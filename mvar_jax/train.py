@@ -82,6 +82,9 @@ def segment_at(step: int, *, schedule: str, num_scales: int, refine_step: int,
 
   'segments': with c = step % (ratio_k + K - refine_step), segment A (scales
   0..refine_step-1) when c < ratio_k, else the large scale refine_step + c - ratio_k.
+  Upstream writes the large scale as refine_step + c % ratio_k (c - 1 when ratio_k is 1):
+  the same whenever K - refine_step <= ratio_k, as in all its configs; with more large
+  scales than ratio_k it would train some twice per cycle and never the last ones.
   """
   if schedule == 'all' or refine_step >= num_scales:
     return 0, num_scales - 1

@@ -374,3 +374,51 @@ def test_bench_checkpoint_runs_from_the_repository_root_on_a_replicated_state(tm
       'first Orbax save of the process', 'Orbax save (incl. fingerprint)',
       'Orbax restore (incl. verify)']
   assert all(float(r.split('|')[2]) > 0 for r in rows)
+
+
+# ----------------------------------------------------------------------------- check_train_vs_official
+
+def test_check_train_reads_the_no_decay_keys_off_the_official_train_py(tmp_path):
+  check = _load('check_train_vs_official')
+  (tmp_path / 'train.py').write_text(
+      'def build():\n'
+      '  names, paras, groups = filter_params(model, nowd_keys={"pos_start", "lvl_embed"})\n')
+  assert check.official_no_decay_keys(str(tmp_path)) == {'pos_start', 'lvl_embed'}
+  (tmp_path / 'train.py').write_text('def build():\n  pass\n')
+  with pytest.raises(SystemExit, match='train.py: no filter_params'):
+    check.official_no_decay_keys(str(tmp_path))
+
+
+def test_check_train_gives_our_trainer_the_official_runs_hyper_parameters(tmp_path):
+  """The config the check trains with is valid and has the official loop's schedule: same
+  peak lr, warm-up and length, and the official 1/L loss settings it compares against."""
+  import types
+  from mvar_jax import config_utils, optim
+  from mvar_jax import transformer as tfm
+  check = _load('check_train_vs_official')
+  args = check.parse_args(['--official_mvar_src=/nowhere', '--steps=12', '--warmup_steps=3'])
+  setup = types.SimpleNamespace(patch_nums=(1, 2, 3, 4, 6), refine_step=4, kernel_size=3)
+  t_cfg = tfm.TransformerConfig(depth=1, width=64, num_heads=1, num_classes=10, vocab_size=64,
+                                cvae=32, patch_nums=setup.patch_nums)
+  config = check.our_config(args, setup, t_cfg)
+  # What the check hands the trainer's pieces directly: the tokenizer and token-id batches.
+  config.tokenizer.checkpoint = config.data.data_dir = str(tmp_path)
+  config.data.name = 'tokens'
+  config_utils.validate_config(config, check_mesh=False)
+  schedule = optim.Schedule.from_config(config, args.steps)
+  assert (schedule.total_steps, schedule.warmup_steps) == (12, 3)
+  assert schedule.peak_lr == pytest.approx(args.tblr * args.batch / 256)
+  t = config.train
+  assert (t.label_smoothing, t.weight_decay, t.weight_decay_end, t.eps, t.ratio_k) == (
+      args.label_smoothing, args.weight_decay, args.weight_decay_end, args.adam_eps,
+      args.ratio_k)
+  assert config.model.drop_path_rate == 0 and config.model.cond_drop_rate == 0
+
+
+def test_check_train_lets_the_official_code_print_with_force():
+  import builtins
+  check = _load('check_train_vs_official')
+  before = builtins.print
+  with check._print_accepting_force():
+    print('official log line', force=True)
+  assert builtins.print is before

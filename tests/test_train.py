@@ -39,6 +39,16 @@ def test_segment_sequence_ratio_k8_K10_refine8():
   assert train.segment_at(5, schedule='all', num_scales=10, refine_step=8, ratio_k=8) == (0, 9)
 
 
+def test_every_large_scale_is_trained_once_per_cycle_even_when_they_outnumber_ratio_k():
+  """Four large scales (6..9) and ratio_k 2: upstream's `c % ratio_k` would give 6, 7, 6, 7."""
+  seq = [train.segment_at(g, schedule='segments', num_scales=10, refine_step=6, ratio_k=2)
+         for g in range(12)]
+  assert seq == ([(0, 5)] * 2 + [(6, 6), (7, 7), (8, 8), (9, 9)]) * 2
+  ones = [train.segment_at(g, schedule='segments', num_scales=10, refine_step=8, ratio_k=1)
+          for g in range(6)]
+  assert ones == [(0, 7), (8, 8), (9, 9)] * 2  # upstream's ratio_k == 1 branch: c - 1
+
+
 # ============================================================================= loss
 
 def test_cross_entropy_matches_optax_with_label_smoothing():
