@@ -1,33 +1,38 @@
-r"""Our trainer against the official MVAR trainer: same weights, same batches, step by step.
+r"""Our trainer against the official MVAR and VAR trainers: same weights and batches, each step.
 
   python launch/check_train_vs_official.py --official_mvar_src=/path/to/MVAR   # CPU, ~40 s
-  python launch/check_train_vs_official.py --official_mvar_src=... --smoke     # tiny pyramid
+  python launch/check_train_vs_official.py --family=var --official_var_src=/path/to/VAR
+  python launch/check_train_vs_official.py ... --smoke                          # tiny pyramid
 
-Builds the official MVAR (a checkout of CVL-UESTC/MVAR that you provide; nothing of theirs is
-copied here), moves every weight off the init by --perturb noise (at the init the AdaLN gates
-are ~0 and the blocks get almost no gradient), converts the weights with mvar_jax.convert, and
-trains both for --steps iterations on the same batches of token ids:
+Builds the official model (from a checkout of CVL-UESTC/MVAR or FoundationVision/VAR that you
+provide; nothing of theirs is copied here), moves every weight off the init by --perturb noise
+(at the init the AdaLN gates are ~0 and the blocks get almost no gradient), converts the
+weights with mvar_jax.convert, and trains both for --steps iterations on the same batches of
+token ids:
 
-  official  `MVARTrainer.train_one_ep_ratio_k` as `train.py` drives it: `lr_wd_annealing` every
-            iteration, the `cur_prog` segment rule, `train_step` (label-smoothed CE weighted
-            1/L), `AmpOptimizer` (clip, then torch AdamW over `filter_params`' groups, the
-            no-decay keys read from the checkout's train.py);
+  official  mvar: `MVARTrainer.train_one_ep_ratio_k` as `train.py` drives it (`lr_wd_annealing`
+            every iteration, the `cur_prog` segment rule, `train_step`); var: `VARTrainer.
+            train_step` after `lr_wd_annealing`, as VAR's `train_one_ep` calls them without
+            progressive training (its default). Both: label-smoothed CE weighted 1/L,
+            `AmpOptimizer` (clip, then torch AdamW over `filter_params`' groups, the no-decay
+            keys read from the checkout's train.py);
   ours      `train.build` / `init_state` / `compile_train_step` / `segment_at` and
-            `optim.make_optimizer`, the pieces `train.train_and_evaluate` runs, on one device.
+            `optim.make_optimizer`, the pieces `train.train_and_evaluate` runs, on one device
+            (VAR: attention_mode 'var', train.schedule 'all').
 
 Both in fp32 on CPU (the official code without autocast), stochastic depth and class dropout
 off (their random streams cannot match across frameworks). The teacher inputs come from each
-side's own quantiser (official `idxBl_to_mvar_input`, ours inside the step). The weight
-decay, its cosine end and the clip are set so that each shows within a few steps.
+side's own quantiser (ours inside the step). The weight decay, its cosine end and the clip are
+set so that each shows within a few steps.
 
 Printed per step: the segment, the lr, both pre-clip gradient norms, and the largest
 parameter difference against the largest change since the start. Elements whose AdamW
 denominator has come within 10x of eps (gradients ~1e-9, where the update follows their
 rounding) are counted and left out of the difference. Exit code 1 when a step differs by more
-than --tolerance of the change, or a gradient norm by more than that fraction. Each of these
-planted in our trainer fails the check: no label smoothing, a no-decay parameter decayed, a
-constant instead of annealed weight decay, no clip, a parameter moved by a segment that does
-not read it.
+than --tolerance of the change (plus 8 fp32 ulps of the largest weight), or a gradient norm by
+more than that fraction. Each of these planted in our trainer fails the check: no label
+smoothing, a no-decay parameter decayed, a constant instead of annealed weight decay, no
+clip, a parameter moved by a segment that does not read it.
 """
 
 from __future__ import annotations
@@ -47,9 +52,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 
+# (family, smoke) -> a clip among the pre-clip gradient norms of that run at depth 2 (their
+# ranges: mvar 0.15-0.19, smoke 0.36-0.47; var 0.27-0.30, smoke 0.55-0.61).
+DEFAULT_CLIP = {('mvar', False): 0.17, ('mvar', True): 0.4, ('var', False): 0.29,
+                ('var', True): 0.57}
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--official_mvar_src', required=True, help='checkout of CVL-UESTC/MVAR')
+  p.add_argument('--family', choices=('mvar', 'var'), default='mvar',
+                 help="mvar: the MVAR trainer's segment loop against ours; var: the VAR "
+                      "trainer's step against ours in VAR mode (train.schedule='all')")
+  p.add_argument('--official_mvar_src', default='', help='checkout of CVL-UESTC/MVAR')
+  p.add_argument('--official_var_src', default='', help='checkout of FoundationVision/VAR')
   p.add_argument('--depth', type=int, default=2, help='official builder: width 64 * depth')
   p.add_argument('--batch', type=int, default=4)
   p.add_argument('--steps', type=int, default=8)
@@ -58,25 +73,27 @@ def parse_args(argv=None):
   p.add_argument('--warmup_steps', type=int, default=2)
   # Larger than the trainers' 0.05 and 2.0 so that each shows in a few steps: a decayed
   # parameter that should not be (or the reverse) moves by ~1% of the change since the start;
-  # the clip sits among the gradient norms (0.15-0.19 at depth 2, 0.36-0.47 with --smoke).
+  # the default clip sits among the gradient norms of the run (DEFAULT_CLIP).
   p.add_argument('--weight_decay', type=float, default=0.5)
   p.add_argument('--weight_decay_end', type=float, default=0.1, help='cosine-annealed to this')
   p.add_argument('--grad_clip', type=float, default=None,
-                 help='global-norm clip (default 0.17, 0.4 with --smoke: some steps clip, some not)')
+                 help='global-norm clip (default: DEFAULT_CLIP, some steps clip, some not)')
   p.add_argument('--label_smoothing', type=float, default=0.1)
   p.add_argument('--adam_eps', type=float, default=1e-8, help="AdamW's eps, both sides")
   p.add_argument('--perturb', type=float, default=0.05,
                  help='std of the noise added to every official weight before converting: at '
                       'the init the AdaLN gates are ~0 and the blocks get no gradient to speak of')
-  p.add_argument('--tolerance', type=float, default=1e-3,
+  p.add_argument('--tolerance', type=float, default=5e-3,
                  help='largest parameter difference allowed, relative to the largest change '
                       'since the start, plus 8 fp32 ulps of the largest parameter')
   p.add_argument('--smoke', action='store_true', help='pyramid (1, 2, 3, 4, 6), depth 1')
   p.add_argument('--na2d_fallback', default='sdpa', choices=('sdpa', 'flex'),
                  help='na2d when natten is not installed (see launch/natten_fallback.py)')
   args = p.parse_args(argv)
+  if not getattr(args, f'official_{args.family}_src'):
+    p.error(f'--family={args.family} needs --official_{args.family}_src')
   if args.grad_clip is None:
-    args.grad_clip = 0.4 if args.smoke else 0.17
+    args.grad_clip = DEFAULT_CLIP[args.family, args.smoke]
   return args
 
 
@@ -144,60 +161,114 @@ class _Quiet:
     return lambda *a, **k: None
 
 
-def run_official(args, setup, vae, model, batches, notes):
-  """Trains the official model in place. Per step: (token span, pre-clip grad norm, state
-  dict, 1.0 where an element's AdamW denominator sqrt(v_hat) has been in (0, 10 eps) so far)."""
-  import numpy as np
+class _Recorder:
+  """Per official step: (token span, pre-clip grad norm, state dict, 1.0 where an element's
+  AdamW denominator sqrt(v_hat) has been in (0, 10 eps) so far)."""
+
+  def __init__(self, model, opt, eps: float):
+    import numpy as np
+    self.model, self.opt, self.eps = model, opt, eps
+    self.named = dict(model.named_parameters())
+    self.near_eps = {k: np.zeros(p.shape, bool) for k, p in self.named.items()}
+    self.log = []
+
+  def __call__(self, span, grad_norm):
+    import numpy as np
+    for k, p in self.named.items():
+      st = self.opt.state.get(p)
+      if st:
+        v_hat = st['exp_avg_sq'].numpy() / (1 - 0.95 ** float(st['step']))
+        self.near_eps[k] |= (v_hat > 0) & (np.sqrt(v_hat) < 10 * self.eps)
+    self.log.append((tuple(span), float(grad_norm),
+                     {k: v.detach().numpy().copy() for k, v in self.model.state_dict().items()},
+                     {k: m.astype(np.float32) for k, m in self.near_eps.items()}))
+
+
+def _official_optimizer(args, src: str, model, amp_sc, lr_control):
+  """(torch AdamW, AmpOptimizer) as the checkout's train.py builds them, fp32 (no scaler)."""
   import torch
-  trainer_mod, amp_sc, lr_control = import_trainer(args.official_mvar_src, notes)
   for m in model.modules():  # stochastic depth off (timm DropPath)
     if hasattr(m, 'drop_prob'):
       m.drop_prob = 0.0
   model.cond_drop_rate = 0.0
   for p in model.parameters():
     p.requires_grad_(True)
-  names, paras, groups = lr_control.filter_params(
-      model, nowd_keys=official_no_decay_keys(args.official_mvar_src))
-  peak_lr = args.tblr * args.batch / 256
-  opt = torch.optim.AdamW(groups, lr=peak_lr, weight_decay=0, betas=(0.9, 0.95),
+  names, paras, groups = lr_control.filter_params(model, nowd_keys=official_no_decay_keys(src))
+  opt = torch.optim.AdamW(groups, lr=_peak_lr(args), weight_decay=0, betas=(0.9, 0.95),
                           eps=args.adam_eps, fused=False)
-  amp_opt = amp_sc.AmpOptimizer(mixed_precision=0, optimizer=opt, names=names, paras=paras,
-                                grad_clip=args.grad_clip, n_gradient_accumulation=1)
-  resos = tuple(16 * p for p in setup.patch_nums)
+  return opt, amp_sc.AmpOptimizer(mixed_precision=0, optimizer=opt, names=names, paras=paras,
+                                  grad_clip=args.grad_clip, n_gradient_accumulation=1)
+
+
+def _peak_lr(args) -> float:
+  return args.tblr * args.batch / 256  # the official linear scaling rule
+
+
+def _run_args(args):
+  """The fields of the official command-line Args that its training loops read."""
+  return types.SimpleNamespace(
+      ep=1, wp=args.warmup_steps / args.steps, sche='lin0', tlr=_peak_lr(args),
+      twd=args.weight_decay, twde=args.weight_decay_end, wp0=0.005, wpe=0.1, ac=1, pg=0.0,
+      pgwp=1.0, device='cpu', tclip=args.grad_clip, cur_it='', cur_lr=0.0, cur_wd=0.0)
+
+
+def run_official_mvar(args, setup, vae, model, batches, notes):
+  """The official MVAR loop, `MVARTrainer.train_one_ep_ratio_k` on cached batches."""
+  import torch
+  src = args.official_mvar_src
+  trainer_mod, amp_sc, lr_control = import_trainer(src, notes)
+  opt, amp_opt = _official_optimizer(args, src, model, amp_sc, lr_control)
   trainer = trainer_mod.MVARTrainer(
-      device='cpu', patch_nums=setup.patch_nums, resos=resos, mvar_wo_ddp=model, mvar=model,
-      mvar_opt=amp_opt, label_smooth=args.label_smoothing, refine_step=setup.refine_step,
-      vae_local=vae, total_iters=args.steps, warmup_iters=args.warmup_steps)
-  log = []
-  step_fn = trainer.train_step
-  named = dict(model.named_parameters())
-  near_eps = {k: np.zeros(p.shape, bool) for k, p in named.items()}
+      device='cpu', patch_nums=setup.patch_nums, resos=tuple(16 * p for p in setup.patch_nums),
+      mvar_wo_ddp=model, mvar=model, mvar_opt=amp_opt, label_smooth=args.label_smoothing,
+      refine_step=setup.refine_step, vae_local=vae, total_iters=args.steps,
+      warmup_iters=args.warmup_steps)
+  record, step_fn = _Recorder(model, opt, args.adam_eps), trainer.train_step
 
   def recorded(**kw):
     grad_norm, scale = step_fn(**kw)
-    for k, p in named.items():  # elements whose AdamW denominator has come near eps
-      st = opt.state.get(p)
-      if st:
-        v_hat = st['exp_avg_sq'].numpy() / (1 - 0.95 ** float(st['step']))
-        near_eps[k] |= (v_hat > 0) & (np.sqrt(v_hat) < 10 * args.adam_eps)
-    log.append(((kw['L_bg'], kw['L_ed']), float(grad_norm),
-                {k: v.detach().numpy().copy() for k, v in model.state_dict().items()},
-                {k: m.astype(np.float32) for k, m in near_eps.items()}))
+    record((kw['L_bg'], kw['L_ed']), grad_norm)
     return grad_norm, scale
 
   trainer.train_step = recorded
   # The epoch's end syncs its metric meters through a CUDA tensor: no-op on one CPU process.
   trainer_mod.misc.MetricLogger.synchronize_between_processes = lambda self: None
-  run_args = types.SimpleNamespace(
-      ep=1, wp=args.warmup_steps / args.steps, sche='lin0', tlr=peak_lr, twd=args.weight_decay,
-      twde=args.weight_decay_end, wp0=0.005, wpe=0.1, ac=1, device='cpu',
-      tclip=args.grad_clip, cur_it='', cur_lr=0.0, cur_wd=0.0)
-  data = iter([(torch.from_numpy(b['ids']).long(), b['teacher'], torch.from_numpy(b['label']).long())
-               for b in batches])
-  trainer.train_one_ep_ratio_k(ep=0, is_first_ep=False, start_it=0, args=run_args,
+  data = iter([(torch.from_numpy(b['ids']).long(), b['teacher'],
+                torch.from_numpy(b['label']).long()) for b in batches])
+  trainer.train_one_ep_ratio_k(ep=0, is_first_ep=False, start_it=0, args=_run_args(args),
                                tb_lg=_Quiet(), ld_or_itrt=data, iters_train=args.steps,
                                ratio_k=args.ratio_k, use_cached=True)
-  return log
+  return record.log
+
+
+def run_official_var(args, setup, vae, model, batches, notes):
+  """The official VAR step, `VARTrainer.train_step`, after `lr_wd_annealing`, as VAR's
+  train.py `train_one_ep` calls them without progressive training (its default, pg=0; that
+  loop itself sits in train.py beside the image-folder data code). The step tokenises its
+  images with the VQ-VAE: `img_to_idxBl` hands it each batch's token ids instead."""
+  import torch
+  src = args.official_var_src
+  trainer_mod, amp_sc, lr_control = import_trainer(src, notes)
+  opt, amp_opt = _official_optimizer(args, src, model, amp_sc, lr_control)
+  trainer = trainer_mod.VARTrainer(
+      device='cpu', patch_nums=setup.patch_nums, resos=tuple(16 * p for p in setup.patch_nums),
+      vae_local=vae, var_wo_ddp=model, var=model, var_opt=amp_opt,
+      label_smooth=args.label_smoothing)
+  record, run = _Recorder(model, opt, args.adam_eps), _run_args(args)
+  sizes = [p * p for p in setup.patch_nums]
+  quiet_metrics = types.SimpleNamespace(log_iters=set(), update=lambda **k: None)
+  for g_it, b in enumerate(batches):
+    ids = list(torch.from_numpy(b['ids']).long().split(sizes, dim=1))
+    vae.img_to_idxBl = lambda *a, ids=ids, **k: ids
+    lr_control.lr_wd_annealing(run.sche, opt, run.tlr, run.twd, run.twde, g_it,
+                               run.wp * args.steps, run.ep * args.steps, wp0=run.wp0,
+                               wpe=run.wpe)
+    grad_norm, _ = trainer.train_step(
+        it=g_it, g_it=g_it, stepping=True, metric_lg=quiet_metrics, tb_lg=_Quiet(),
+        inp_B3HW=torch.zeros(args.batch, 3, 1, 1), label_B=torch.from_numpy(b['label']).long(),
+        prog_si=-1, prog_wp_it=run.pgwp * args.steps)
+    record((0, sum(sizes)), grad_norm)
+  return record.log
 
 
 # ============================================================================= our side
@@ -206,10 +277,13 @@ def our_config(args, setup, t_cfg):
   from configs import common
   c = common.get_config()
   m, t = c.model, c.train
-  m.depth, m.width, m.num_heads, m.mlp_ratio = t_cfg.depth, t_cfg.width, t_cfg.num_heads, t_cfg.mlp_ratio
-  m.num_classes, m.vocab_size, m.cvae = t_cfg.num_classes, t_cfg.vocab_size, t_cfg.cvae
-  m.patch_nums, m.refine_step, m.kernel_size = setup.patch_nums, setup.refine_step, setup.kernel_size
+  for field in ('depth', 'width', 'num_heads', 'mlp_ratio', 'num_classes', 'vocab_size', 'cvae'):
+    m[field] = getattr(t_cfg, field)
+  m.patch_nums, m.refine_step, m.kernel_size = (setup.patch_nums, setup.refine_step,
+                                                 setup.kernel_size)
   m.drop_path_rate, m.cond_drop_rate, m.dtype = 0.0, 0.0, 'float32'
+  m.attention_mode = args.family
+  t.schedule = 'segments' if args.family == 'mvar' else 'all'  # VAR: the whole pyramid
   t.batch_size, t.ratio_k, t.tblr = args.batch, args.ratio_k, args.tblr
   t.epochs, t.steps_per_epoch = 1.0, args.steps
   t.warmup_epochs = args.warmup_steps / args.steps
@@ -234,7 +308,7 @@ def run_ours(args, setup, tok, v_params, t_cfg, t_params, batches):
   tok_shardings = jax.tree_util.tree_map(lambda _: built.replicated, tok_params)
   fns, log = {}, []
   for step, b in enumerate(batches):
-    seg = train.segment_at(step, schedule='segments', num_scales=len(setup.patch_nums),
+    seg = train.segment_at(step, schedule=config.train.schedule, num_scales=len(setup.patch_nums),
                            refine_step=setup.refine_step, ratio_k=args.ratio_k)
     if seg not in fns:
       fns[seg] = train.compile_train_step(built, tok, tok_shardings, first=seg[0], last=seg[1],
@@ -249,7 +323,8 @@ def run_ours(args, setup, tok, v_params, t_cfg, t_params, batches):
 # ============================================================================= the run
 
 def make_batches(args, setup, vae):
-  """Random token ids and labels per step, and the official quantiser's teacher input."""
+  """Random token ids and labels per step; for MVAR also the official quantiser's teacher
+  input (the VAR step makes its own)."""
   import numpy as np
   import torch
   rng = np.random.default_rng(0)
@@ -258,8 +333,10 @@ def make_batches(args, setup, vae):
   for _ in range(args.steps):
     ids = rng.integers(0, setup.vocab, (args.batch, sum(sizes)))
     per_scale = torch.from_numpy(ids).long().split(sizes, dim=1)
-    with torch.no_grad():
-      teacher = vae.quantize.idxBl_to_mvar_input(list(per_scale)).float()
+    teacher = None
+    if args.family == 'mvar':
+      with torch.no_grad():
+        teacher = vae.quantize.idxBl_to_mvar_input(list(per_scale)).float()
     out.append({'ids': ids, 'label': rng.integers(0, setup.num_classes, (args.batch,)),
                 'teacher': teacher})
   return out
@@ -276,22 +353,24 @@ def main(argv=None) -> int:
   torch.manual_seed(0)
   bench_args = argparse.Namespace(
       smoke=args.smoke, depth=args.depth, official_mvar_src=args.official_mvar_src,
-      official_var_src='', na2d_fallback=args.na2d_fallback, decoder_dtype='float32',
-      implementation='auto')
+      official_var_src=args.official_var_src, na2d_fallback=args.na2d_fallback,
+      decoder_dtype='float32', implementation='auto')
   setup = bench.make_setup(bench_args)
   setup.device = 'cpu'
-  vae, model = bench.build_official(setup, 'mvar')
+  vae, model = bench.build_official(setup, args.family)
   with torch.no_grad():
     g = torch.Generator().manual_seed(2)
     for p in model.parameters():
       p.add_(args.perturb * torch.randn(p.shape, generator=g))
   notes = setup.notes
-  if 'natten' in sys.modules and not getattr(sys.modules['natten'], '_MVAR_FALLBACK', False):
+  real_natten = 'natten' in sys.modules and not getattr(sys.modules['natten'], '_MVAR_FALLBACK',
+                                                        False)
+  if args.family == 'mvar' and real_natten:
     # NATTEN has no CPU backward: the SDPA+mask op (the same function) for training.
     import natten_fallback
     type(model.blocks[0].attn).forward.__globals__['na2d'] = natten_fallback.na2d_sdpa
     notes.append('official na2d via torch SDPA+mask (natten has no CPU backward)')
-  tok, v_params, our_model, t_params = bench.convert_to_ours(setup, vae, model, 'mvar')
+  tok, v_params, our_model, t_params = bench.convert_to_ours(setup, vae, model, args.family)
   t_params = jax.device_get(t_params)
   batches = make_batches(args, setup, vae)
   start = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
@@ -299,6 +378,7 @@ def main(argv=None) -> int:
   ours, lr_fn = run_ours(args, setup, tok, jax.device_get(v_params), our_model.config,
                          t_params, batches)
   with _print_accepting_force():
+    run_official = run_official_mvar if args.family == 'mvar' else run_official_var
     official = run_official(args, setup, vae, model, batches, notes)
   if len(official) != len(ours):
     raise SystemExit(f'the official loop ran {len(official)} steps, ours {len(ours)}')
@@ -306,10 +386,12 @@ def main(argv=None) -> int:
   as_ours = lambda sd: convert.state_dict_to_params(convert.extract_state_dict(sd), t_params,
                                                     'transformer')
   start_tree = as_ours(start)
-  print(f'official MVAR trainer vs ours: depth {args.depth}, pyramid {setup.patch_nums}, '
-        f'refine_step {setup.refine_step}, batch {args.batch}, ratio_k {args.ratio_k}, '
-        f'clip {args.grad_clip}, label smoothing {args.label_smoothing}, AdamW eps {args.adam_eps:g}, '
-        'fp32 on CPU')
+  what = (f'official MVAR trainer vs ours: refine_step {setup.refine_step}, ratio_k '
+          f'{args.ratio_k}' if args.family == 'mvar' else
+          'official VAR trainer vs ours in VAR mode: the whole pyramid every step')
+  print(f'{what}; depth {args.depth}, pyramid {setup.patch_nums}, batch {args.batch}, '
+        f'clip {args.grad_clip}, label smoothing {args.label_smoothing}, '
+        f'AdamW eps {args.adam_eps:g}, fp32 on CPU')
   if notes:
     import natten_fallback
     notes = [natten_fallback.describe(args.na2d_fallback) if n == 'na2d fallback' else n

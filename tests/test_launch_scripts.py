@@ -376,7 +376,7 @@ def test_bench_checkpoint_runs_from_the_repository_root_on_a_replicated_state(tm
   assert all(float(r.split('|')[2]) > 0 for r in rows)
 
 
-# ----------------------------------------------------------------------------- check_train_vs_official
+# ----------------------------------------------------------------------------- check_train
 
 def test_check_train_reads_the_no_decay_keys_off_the_official_train_py(tmp_path):
   check = _load('check_train_vs_official')
@@ -389,14 +389,17 @@ def test_check_train_reads_the_no_decay_keys_off_the_official_train_py(tmp_path)
     check.official_no_decay_keys(str(tmp_path))
 
 
-def test_check_train_gives_our_trainer_the_official_runs_hyper_parameters(tmp_path):
+@pytest.mark.parametrize('family', ['mvar', 'var'])
+def test_check_train_gives_our_trainer_the_official_runs_hyper_parameters(tmp_path, family):
   """The config the check trains with is valid and has the official loop's schedule: same
-  peak lr, warm-up and length, and the official 1/L loss settings it compares against."""
+  peak lr, warm-up and length, its loss and AdamW settings, and each family's schedule."""
   import types
   from mvar_jax import config_utils, optim
   from mvar_jax import transformer as tfm
   check = _load('check_train_vs_official')
-  args = check.parse_args(['--official_mvar_src=/nowhere', '--steps=12', '--warmup_steps=3'])
+  args = check.parse_args([f'--family={family}', f'--official_{family}_src=/nowhere',
+                           '--steps=12', '--warmup_steps=3'])
+  assert args.grad_clip == check.DEFAULT_CLIP[family, False]
   setup = types.SimpleNamespace(patch_nums=(1, 2, 3, 4, 6), refine_step=4, kernel_size=3)
   t_cfg = tfm.TransformerConfig(depth=1, width=64, num_heads=1, num_classes=10, vocab_size=64,
                                 cvae=32, patch_nums=setup.patch_nums)
@@ -409,10 +412,19 @@ def test_check_train_gives_our_trainer_the_official_runs_hyper_parameters(tmp_pa
   assert (schedule.total_steps, schedule.warmup_steps) == (12, 3)
   assert schedule.peak_lr == pytest.approx(args.tblr * args.batch / 256)
   t = config.train
-  assert (t.label_smoothing, t.weight_decay, t.weight_decay_end, t.eps, t.ratio_k) == (
+  assert (t.label_smoothing, t.weight_decay, t.weight_decay_end, t.eps, t.grad_clip) == (
       args.label_smoothing, args.weight_decay, args.weight_decay_end, args.adam_eps,
-      args.ratio_k)
+      args.grad_clip)
   assert config.model.drop_path_rate == 0 and config.model.cond_drop_rate == 0
+  assert (config.model.attention_mode, t.schedule) == (
+      ('mvar', 'segments') if family == 'mvar' else ('var', 'all'))
+
+
+def test_check_train_needs_the_checkout_of_the_family_it_checks(capsys):
+  check = _load('check_train_vs_official')
+  with pytest.raises(SystemExit):
+    check.parse_args(['--family=var', '--official_mvar_src=/src/MVAR'])
+  assert '--family=var needs --official_var_src' in capsys.readouterr().err
 
 
 def test_check_train_lets_the_official_code_print_with_force():
