@@ -87,6 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.schedule = 'segments'  # 'segments' (official: small scales, then each large) | 'all'
   config.train.ratio_k = 8  # segments: small-scale iterations per cycle (then one per large scale)
   config.train.batch_size = 448  # global batch (every iteration draws its own batch)
+  config.train.grad_accum_steps = 1  # > 1: each step's batch in this many sequential parts (memory)
   config.train.epochs = 300.0  # length of the run; an iteration is one optimiser step
   config.train.num_steps = -1  # > 0 overrides epochs * steps_per_epoch
   config.train.steps_per_epoch = -1  # <= 0: ceil(train examples / batch_size), as upstream

@@ -58,6 +58,10 @@ def parse_args(argv=None):
   p.add_argument('--skip_parts', action='store_true', help='no per-part columns (faster)')
   p.add_argument('--cfg', type=float, default=1.5)
   p.add_argument('--top_k', type=int, default=900)
+  p.add_argument('--grad_accum_steps', default='',
+                 help='e.g. 1,4: also the peak of the trainer\'s own step (train.compile_train_step, '
+                      'bf16 compute, fp32 params and AdamW) per segment, with the batch in that many '
+                      'micro-batches (train.grad_accum_steps)')
   p.add_argument('--smoke', action='store_true')
   return p.parse_args(argv)
 
@@ -178,6 +182,47 @@ def train_mem(args, model, t_abs) -> tuple[Mem, str]:
   return best
 
 
+def trainer_step_mem(args, depth: int, accum: int) -> list[tuple[str, Mem]]:
+  """(segment, Mem) of `train.compile_train_step` on one device, abstract inputs: the program
+  a training run executes, at --batch with `accum` micro-batches."""
+  from configs import common
+  from mvar_jax import optim, train
+  tok, _, model, _ = build(args, depth, 'mvar')  # the architecture bench rows use
+  m = model.config
+  c = common.get_config()
+  for field in ('depth', 'width', 'num_heads', 'num_classes', 'vocab_size', 'cvae', 'patch_nums'):
+    c.model[field] = getattr(m, field)
+  c.model.refine_step, c.model.kernel_size = m.attention.refine_step, m.attention.kernel_size
+  c.model.dtype = args.dtype or 'bfloat16'
+  c.mesh.data, c.mesh.fsdp, c.mesh.num_devices = 1, 1, 1
+  c.train.batch_size, c.train.grad_accum_steps = args.batch, accum
+  setup = train.build(c, optim.Schedule(100, 10, 100, 1e-4))
+  q_abs = jax.eval_shape(lambda: vq_init(tok))
+  tok_sh = jax.tree_util.tree_map(lambda _: setup.replicated, q_abs)
+  q_abs = jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=setup.replicated), q_abs)
+  layout = setup.model.config.layout
+  batch = {'ids': jax.ShapeDtypeStruct((args.batch, layout.total_len), jnp.int32,
+                                       sharding=setup.batch_sharding),
+           'label': jax.ShapeDtypeStruct((args.batch,), jnp.int32, sharding=setup.batch_sharding)}
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=setup.replicated)
+  out = []
+  for first, last in train.segments('segments', layout.num_scales, c.model.refine_step):
+    fn = train.compile_train_step(setup, tok, tok_sh, first=first, last=last, label_smoothing=0.0,
+                                  ema_decay=0.0, grad_accum_steps=accum)
+    m = program_memory(fn.lower(setup.abstract_state, batch, key, q_abs).compile()
+                       .memory_analysis())
+    out.append((f'{first}..{last}' if first != last else f'{first}', m))
+  return out
+
+
+def vq_init(tok):
+  """The quantiser's params (all the train step reads of the tokenizer), abstract."""
+  import flax.linen as nn
+  from mvar_jax import vqvae
+  return {'quantize': nn.unbox(vqvae.init_params(tok.config, jax.random.key(0))['params'])['quantize']}
+
+
 def main(argv=None):
   args = parse_args(argv)
   if args.smoke:
@@ -223,6 +268,15 @@ def main(argv=None):
     if ('VAR', depth) in by and ('MVAR', depth) in by:
       print(f'# d{depth}: VAR / MVAR sampling peak = {by[("VAR", depth)] / by[("MVAR", depth)]:.2f}x'
             + (' (paper 2.9x)' if depth == 16 else ''))
+  if args.grad_accum_steps:
+    print(f'\n# the trainer\'s step (train.compile_train_step), batch {args.batch} on one device, '
+          'GiB peak per segment')
+    for depth in (int(d) for d in args.depths.split(',')):
+      for accum in (int(a) for a in args.grad_accum_steps.split(',')):
+        segs = trainer_step_mem(args, depth, accum)
+        print(f'd{depth} micro-batches {accum} (of {args.batch // accum}): ' + ', '.join(
+            f'scales {name} {gib(m.peak).strip()} (temp {gib(m.temp).strip()})'
+            for name, m in segs), flush=True)
 
 
 if __name__ == '__main__':

@@ -83,6 +83,9 @@ def parse_args(argv=None):
   p.add_argument('--perturb', type=float, default=0.05,
                  help='std of the noise added to every official weight before converting: at '
                       'the init the AdaLN gates are ~0 and the blocks get no gradient to speak of')
+  p.add_argument('--grad_accum_steps', type=int, default=1,
+                 help='ours only: the batch as this many micro-batches (train.grad_accum_steps); '
+                      'the official step takes it whole')
   p.add_argument('--tolerance', type=float, default=5e-3,
                  help='largest parameter difference allowed, relative to the largest change '
                       'since the start, plus 8 fp32 ulps of the largest parameter')
@@ -285,6 +288,7 @@ def our_config(args, setup, t_cfg):
   m.attention_mode = args.family
   t.schedule = 'segments' if args.family == 'mvar' else 'all'  # VAR: the whole pyramid
   t.batch_size, t.ratio_k, t.tblr = args.batch, args.ratio_k, args.tblr
+  t.grad_accum_steps = args.grad_accum_steps
   t.epochs, t.steps_per_epoch = 1.0, args.steps
   t.warmup_epochs = args.warmup_steps / args.steps
   t.lr_schedule, t.warmup_start, t.lr_end = 'lin0', 0.005, 0.1
@@ -313,7 +317,8 @@ def run_ours(args, setup, tok, v_params, t_cfg, t_params, batches):
     if seg not in fns:
       fns[seg] = train.compile_train_step(built, tok, tok_shardings, first=seg[0], last=seg[1],
                                           label_smoothing=config.train.label_smoothing,
-                                          ema_decay=config.train.ema_decay)
+                                          ema_decay=config.train.ema_decay,
+                                          grad_accum_steps=config.train.grad_accum_steps)
     batch = {'ids': b['ids'].astype(np.int32), 'label': b['label'].astype(np.int32)}
     state, metrics = fns[seg](state, batch, jax.random.key(step), tok_params)
     log.append((seg, float(metrics['grad_norm']), jax.device_get(state['params'])))
@@ -389,7 +394,9 @@ def main(argv=None) -> int:
   what = (f'official MVAR trainer vs ours: refine_step {setup.refine_step}, ratio_k '
           f'{args.ratio_k}' if args.family == 'mvar' else
           'official VAR trainer vs ours in VAR mode: the whole pyramid every step')
-  print(f'{what}; depth {args.depth}, pyramid {setup.patch_nums}, batch {args.batch}, '
+  accum = (f' (ours in {args.grad_accum_steps} micro-batches)' if args.grad_accum_steps > 1
+           else '')
+  print(f'{what}; depth {args.depth}, pyramid {setup.patch_nums}, batch {args.batch}{accum}, '
         f'clip {args.grad_clip}, label smoothing {args.label_smoothing}, '
         f'AdamW eps {args.adam_eps:g}, fp32 on CPU')
   if notes:

@@ -171,6 +171,12 @@ def validate_config(config, *, check_mesh: bool = True, mode: str = 'train') -> 
                        f"train.schedule='segments', got {m.refine_step}")
     _positive('train.ratio_k', t.ratio_k)
   _positive('train.batch_size', t.batch_size)
+  accum = t.get('grad_accum_steps', 1)
+  if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
+    raise ValueError(f'train.grad_accum_steps must be an integer >= 1, got {accum!r}')
+  if t.batch_size % accum:
+    raise ValueError(f'train.batch_size ({t.batch_size}) must be a multiple of '
+                     f'train.grad_accum_steps ({accum}): the micro-batches are equal')
   if t.num_steps <= 0:
     _positive('train.epochs', t.epochs)
   _positive('train.tblr', t.tblr)
@@ -210,9 +216,11 @@ def validate_config(config, *, check_mesh: bool = True, mode: str = 'train') -> 
     from mvar_jax import sharding
     data, fsdp = sharding.mesh_shape(config.mesh, len(sharding.mesh_devices(config.mesh)))
     sharding.logical_rules(config.mesh)
-    if mode == 'train' and t.batch_size % (data * fsdp):
+    if mode == 'train' and t.batch_size % (data * fsdp * accum):
       raise ValueError(f'train.batch_size ({t.batch_size}) must be a multiple of the batch '
-                       f'shards mesh.data * mesh.fsdp = {data * fsdp}')
+                       f'shards mesh.data * mesh.fsdp = {data * fsdp}'
+                       + (f' times train.grad_accum_steps = {accum} (every micro-batch is '
+                          'split over the shards)' if accum > 1 else ''))
   # --- data (the pipeline owns its fields)
   if 'data' in config and mode == 'train':
     if config.data.num_classes > m.num_classes:

@@ -150,31 +150,74 @@ def _segment_inputs(ids_BL, teacher_BlCv, layout: ScaleLayout, first: int, last:
 
 # ============================================================================= steps
 
+def segment_loss(params, batch, rng, tok_params, *, model: tfm.MVARTransformer,
+                 tokenizer: vq.Tokenizer, first: int, last: int, label_smoothing: float = 0.0):
+  """(loss, (nll_Bl, correct_Bl)) of scales first..last on one batch: the loss to differentiate.
+
+  The per-token CE weighted 1/L (L = all tokens of the pyramid, upstream's loss_weight),
+  summed over the segment's tokens and averaged over the batch.
+  """
+  layout = model.config.layout
+  ids_BL, teacher_BlCv = teacher_forcing(batch, tokenizer, tok_params, layout)
+  targets_Bl, x_BlCv = _segment_inputs(ids_BL, teacher_BlCv, layout, first, last)
+  logits_BlV = model.apply({'params': params}, batch['label'].astype(jnp.int32), x_BlCv,
+                           first=first, last=last, train=True, rngs={'dropout': rng})
+  loss_Bl, nll_Bl = cross_entropy(logits_BlV, targets_Bl, label_smoothing)
+  loss = jnp.mean(jnp.sum(loss_Bl, axis=1) / layout.total_len)
+  correct_Bl = (jnp.argmax(logits_BlV, axis=-1) == targets_Bl).astype(jnp.float32)
+  return loss, (nll_Bl, correct_Bl)
+
+
+def microbatches(batch, k: int):
+  """Each (B, ...) leaf as (k, B/k, ...): micro-batch j holds rows j, j + k, j + 2k, ...
+
+  Strided rather than contiguous: a batch sharded in contiguous row blocks over the devices
+  then gives every device B/(k * devices) rows of every micro-batch (no data moves).
+  """
+  def split(x):
+    parts = x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
+    return nn.with_logical_constraint(parts, (None, 'activation_batch') + (None,) * (x.ndim - 1))
+  return jax.tree_util.tree_map(split, batch)
+
+
 def train_step(state, batch, rng, tok_params, *, model: tfm.MVARTransformer,
                tokenizer: vq.Tokenizer, tx: optax.GradientTransformation, first: int, last: int,
-               label_smoothing: float = 0.0, ema_decay: float = 0.0, active=None):
+               label_smoothing: float = 0.0, ema_decay: float = 0.0, active=None,
+               grad_accum_steps: int = 1):
   """One optimiser step on scales first..last; returns (state, metrics).
 
   state: {'params', 'opt_state', 'step', ['ema_params']}; batch: {'ids' (B, L) int32 or
   'image' (B, H, W, 3), 'label' (B,) int32}; rng: this step's dropout key; active: static
   tree of bools, the parameters this segment reads (None: all; see `segment_params`).
+  grad_accum_steps: k > 1 runs the batch as k micro-batches of B/k one after the other
+  (`microbatches`; micro-batch j's dropout key fold_in(rng, j)) and averages their gradients:
+  the same update from ~1/k of the activation memory. Upstream's `--ac` differs: it sums the
+  gradients of k iterations, each with its own batch and segment.
   """
   layout = model.config.layout
-  total_len = layout.total_len
-  ids_BL, teacher_BlCv = teacher_forcing(batch, tokenizer, tok_params, layout)
-  targets_Bl, x_BlCv = _segment_inputs(ids_BL, teacher_BlCv, layout, first, last)
-  label_B = batch['label'].astype(jnp.int32)
+  grad_fn = jax.value_and_grad(
+      functools.partial(segment_loss, model=model, tokenizer=tokenizer, first=first, last=last,
+                        label_smoothing=label_smoothing), has_aux=True)
+  weights = lambda b: jnp.ones(b['label'].shape[:1], jnp.float32)
 
-  def loss_fn(params):
-    logits_BlV = model.apply({'params': params}, label_B, x_BlCv, first=first, last=last,
-                             train=True, rngs={'dropout': rng})
-    loss_Bl, nll_Bl = cross_entropy(logits_BlV, targets_Bl, label_smoothing)
-    # Weight 1/L for every token of the pyramid (upstream's loss_weight), summed over the segment.
-    loss = jnp.mean(jnp.sum(loss_Bl, axis=1) / total_len)
-    correct_Bl = (jnp.argmax(logits_BlV, axis=-1) == targets_Bl).astype(jnp.float32)
-    return loss, (nll_Bl, correct_Bl)
+  def one(b, key):
+    (loss, (nll_Bl, correct_Bl)), grads = grad_fn(state['params'], b, key, tok_params)
+    return loss, grads, scale_metrics(nll_Bl, correct_Bl, weights(b), layout, first, last)
 
-  (loss, (nll_Bl, correct_Bl)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+  if grad_accum_steps == 1:
+    loss, grads, (nll_K, corr_K, cnt_K) = one(batch, rng)
+  else:
+    def add(total, j_part):
+      j, part = j_part
+      return jax.tree_util.tree_map(jnp.add, total, one(part, jax.random.fold_in(rng, j))), None
+
+    zero = jax.eval_shape(one, jax.tree_util.tree_map(lambda x: x[0], microbatches(
+        batch, grad_accum_steps)), rng)
+    zero = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
+    (loss, grads, (nll_K, corr_K, cnt_K)), _ = jax.lax.scan(
+        add, zero, (jnp.arange(grad_accum_steps), microbatches(batch, grad_accum_steps)))
+    # Equal micro-batches: the batch mean is the mean of the micro-batch means.
+    loss, grads = jax.tree_util.tree_map(lambda x: x / grad_accum_steps, (loss, grads))
   if active is None:
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   else:
@@ -184,8 +227,6 @@ def train_step(state, batch, rng, tok_params, *, model: tfm.MVARTransformer,
   if 'ema_params' in state:
     new_state['ema_params'] = jax.tree_util.tree_map(
         lambda e, p: ema_decay * e + (1 - ema_decay) * p, state['ema_params'], params)
-  nll_K, corr_K, cnt_K = scale_metrics(nll_Bl, correct_Bl, jnp.ones_like(label_B, jnp.float32),
-                                       layout, first, last)
   metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
              'nll_K': nll_K, 'correct_K': corr_K, 'count_K': cnt_K}
   return new_state, metrics
@@ -276,11 +317,13 @@ def init_state(setup: Setup, rng, init_params=None):
 
 
 def compile_train_step(setup: Setup, tokenizer: vq.Tokenizer, tok_shardings, *, first: int,
-                       last: int, label_smoothing: float, ema_decay: float):
+                       last: int, label_smoothing: float, ema_decay: float,
+                       grad_accum_steps: int = 1):
   """jit(train_step) for one segment: sharded in and out, the state donated."""
   fn = functools.partial(train_step, model=setup.model, tokenizer=tokenizer, tx=setup.tx,
                          first=first, last=last, label_smoothing=label_smoothing,
-                         ema_decay=ema_decay, active=segment_params(setup, first, last))
+                         ema_decay=ema_decay, active=segment_params(setup, first, last),
+                         grad_accum_steps=grad_accum_steps)
   return jax.jit(sharding.traced_on_mesh(fn, setup.mesh, setup.rules),
                  in_shardings=(setup.state_shardings, setup.batch_sharding, setup.replicated,
                                tok_shardings),
@@ -473,7 +516,8 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Callable[[int], None]
     tok_shardings = jax.tree_util.tree_map(lambda _: setup.replicated, tok_params)
     train_fns = {seg: compile_train_step(setup, tokenizer, tok_shardings, first=seg[0],
                                          last=seg[1], label_smoothing=t.label_smoothing,
-                                         ema_decay=t.ema_decay)
+                                         ema_decay=t.ema_decay,
+                                         grad_accum_steps=t.get('grad_accum_steps', 1))
                  for seg in segments(t.schedule, layout.num_scales, config.model.refine_step)}
     eval_fn = compile_eval_step(setup, tokenizer, tok_shardings)
     lr_fn = schedule.lr(config)

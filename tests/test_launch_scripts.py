@@ -182,6 +182,17 @@ def test_bench_memory_smoke_prints_the_table(capsys):
   assert 'MVAR-d1' in out and 'VAR-d1' in out and 'VAR / MVAR sampling peak' in out
 
 
+def test_bench_memory_measures_the_trainers_step_in_micro_batches():
+  """The trainer's own step per segment; 4 micro-batches need less temporary memory."""
+  bench = _load('bench_memory')
+  args = bench.parse_args(['--smoke', '--batch=32'])
+  whole, parts = (dict(bench.trainer_step_mem(args, 1, k)) for k in (1, 4))
+  assert list(whole) == ['0..3', '4'] == list(parts)  # the smoke pyramid's segments
+  for name in whole:
+    assert parts[name].args == whole[name].args
+    assert parts[name].temp < whole[name].temp, name
+
+
 def test_gemm_epilogue_check_compiles_and_times_every_form(capsys):
   check = _load('check_gemm_epilogues')
   rows = check.main(['--smoke'])

@@ -17,7 +17,7 @@ import optax
 import pytest
 
 from configs import common
-from mvar_jax import checkpointing, config_utils, convert, lifecycle, train
+from mvar_jax import checkpointing, config_utils, convert, lifecycle, sharding, train
 from mvar_jax import transformer as tfm
 from mvar_jax import vqvae as vq
 from mvar_jax.data import token_cache
@@ -426,3 +426,67 @@ def test_a_segment_leaves_the_parameters_it_does_not_read_alone(tiny_tokenizer):
   np.testing.assert_array_equal(opt2.nu['pos_start'], opt1.nu['pos_start'])
   assert int(opt2.count['pos_start']) == 1 and int(opt2.count['head']['kernel']) == 2
   assert not np.array_equal(s2['params']['head']['kernel'], s1['params']['head']['kernel'])
+
+
+# ============================================================================= gradient accumulation
+
+def test_micro_batches_take_the_step_of_the_whole_batch(tiny_tokenizer):
+  """train.grad_accum_steps=4 on a batch sharded over 2 devices: the loss, metrics, gradient
+  norm and updated parameters of the whole batch's step (without dropout; with it, each
+  micro-batch draws its own masks)."""
+  tokenizer, vparams = tiny_tokenizer
+  c = common.get_config()
+  m = c.model
+  m.depth, m.width, m.num_heads, m.num_classes, m.vocab_size, m.cvae = 1, 32, 2, 10, VOCAB, 4
+  m.patch_nums, m.refine_step, m.kernel_size, m.dtype = PATCH_NUMS, 3, 3, 'float32'
+  m.drop_path_rate, m.cond_drop_rate = 0.0, 0.0
+  c.mesh.data, c.mesh.fsdp, c.mesh.num_devices = 2, 1, 2
+  c.train.grad_clip = 0.2  # in play: the clip sees the averaged gradients
+  # AdamW's first update is ~lr * sign(g), blind to the gradient's size; with eps = 1 it is
+  # ~lr * g, so the parameters compare the gradients themselves.
+  c.train.eps = 1.0
+  setup = train.build(c, train.Schedule(10, 0, 10, 1e-2))
+  state = jax.device_get(train.init_state(setup, jax.random.key(0)))
+  tok_params = jax.device_put({'quantize': vparams['quantize']}, setup.replicated)
+  tok_sh = jax.tree_util.tree_map(lambda _: setup.replicated, tok_params)
+  rng = np.random.default_rng(0)
+  batch = {'ids': rng.integers(0, VOCAB, (8, L)).astype(np.int32),
+           'label': rng.integers(0, 10, (8,)).astype(np.int32)}
+  out = {}
+  for k in (1, 4):
+    step = train.compile_train_step(setup, tokenizer, tok_sh, first=0, last=2,
+                                    label_smoothing=0.1, ema_decay=0.0, grad_accum_steps=k)
+    new, metrics = step(jax.device_put(state, setup.state_shardings),
+                        sharding.to_global_batch(batch, setup.batch_sharding),
+                        jax.random.key(1), tok_params)
+    out[k] = jax.device_get((new['params'], metrics))
+  (p1, m1), (p4, m4) = out[1], out[4]
+  assert float(m1["grad_norm"]) > 0.2  # clipped
+  np.testing.assert_allclose(m4['loss'], m1['loss'], rtol=1e-6)
+  np.testing.assert_allclose(m4['grad_norm'], m1['grad_norm'], rtol=1e-5)
+  np.testing.assert_allclose(m4['nll_K'], m1['nll_K'], rtol=1e-5)
+  np.testing.assert_array_equal(m4['count_K'], m1['count_K'])
+  np.testing.assert_array_equal(m4['correct_K'], m1['correct_K'])
+  def same_update(path, a, b, start):
+    scale = float(np.max(np.abs(b - start)))
+    np.testing.assert_allclose(a - start, b - start, rtol=1e-4, atol=1e-5 * scale,
+                               err_msg=jax.tree_util.keystr(path))
+
+  jax.tree_util.tree_map_with_path(same_update, p4, p1, state['params'])
+  assert float(np.max(np.abs(p1['head']['kernel'] - state['params']['head']['kernel']))) > 0
+
+
+def test_micro_batches_must_split_the_batch_evenly_over_the_shards():
+  c = common.get_config()
+  c.tokenizer.checkpoint = '/somewhere'
+  c.train.batch_size = 12
+  c.train.grad_accum_steps = 5
+  with pytest.raises(ValueError, match=r'multiple of train.grad_accum_steps \(5\)'):
+    config_utils.validate_config(c, check_mesh=False)
+  c.train.grad_accum_steps = 4  # 12 = 4 micro-batches of 3, which 2 shards cannot split
+  c.mesh.data, c.mesh.fsdp, c.mesh.num_devices = 2, 1, 2
+  with pytest.raises(ValueError, match='times train.grad_accum_steps = 4'):
+    config_utils.validate_config(c)
+  c.train.grad_accum_steps = 0
+  with pytest.raises(ValueError, match='train.grad_accum_steps must be an integer >= 1, got 0'):
+    config_utils.validate_config(c)
