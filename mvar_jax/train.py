@@ -211,9 +211,9 @@ def train_step(state, batch, rng, tok_params, *, model: tfm.MVARTransformer,
       j, part = j_part
       return jax.tree_util.tree_map(jnp.add, total, one(part, jax.random.fold_in(rng, j))), None
 
-    zero = jax.eval_shape(one, jax.tree_util.tree_map(lambda x: x[0], microbatches(
-        batch, grad_accum_steps)), rng)
-    zero = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
+    per_scale = lambda: jnp.zeros((layout.num_scales,), jnp.float32)
+    zero = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, state['params']),
+            (per_scale(), per_scale(), per_scale()))
     (loss, grads, (nll_K, corr_K, cnt_K)), _ = jax.lax.scan(
         add, zero, (jnp.arange(grad_accum_steps), microbatches(batch, grad_accum_steps)))
     # Equal micro-batches: the batch mean is the mean of the micro-batch means.
