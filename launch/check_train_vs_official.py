@@ -277,6 +277,7 @@ def run_official_var(args, setup, vae, model, batches, notes):
 # ============================================================================= our side
 
 def our_config(args, setup, t_cfg):
+  """configs/common.py with the converted architecture and the check's hyper-parameters."""
   from configs import common
   c = common.get_config()
   m, t = c.model, c.train
@@ -300,7 +301,8 @@ def our_config(args, setup, t_cfg):
 
 
 def run_ours(args, setup, tok, v_params, t_cfg, t_params, batches):
-  """[(pre-clip grad norm, params)] per step, our trainer's pieces on one device."""
+  """[(segment, pre-clip grad norm, params)] per step, and the lr schedule: our trainer's
+  pieces on one device."""
   import jax
   import numpy as np
   from mvar_jax import optim, train
