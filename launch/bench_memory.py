@@ -59,9 +59,9 @@ def parse_args(argv=None):
   p.add_argument('--cfg', type=float, default=1.5)
   p.add_argument('--top_k', type=int, default=900)
   p.add_argument('--grad_accum_steps', default='',
-                 help='e.g. 1,4: also the peak of the trainer\'s own step (train.compile_train_step, '
-                      'bf16 compute, fp32 params and AdamW) per segment, with the batch in that many '
-                      'micro-batches (train.grad_accum_steps)')
+                 help="e.g. 1,4: also the peak of the trainer's own step per segment "
+                      '(train.compile_train_step; bf16 compute, fp32 params and AdamW), the '
+                      'batch in that many micro-batches (train.grad_accum_steps)')
   p.add_argument('--smoke', action='store_true')
   return p.parse_args(argv)
 
@@ -210,17 +210,18 @@ def trainer_step_mem(args, depth: int, accum: int) -> list[tuple[str, Mem]]:
   for first, last in train.segments('segments', layout.num_scales, c.model.refine_step):
     fn = train.compile_train_step(setup, tok, tok_sh, first=first, last=last, label_smoothing=0.0,
                                   ema_decay=0.0, grad_accum_steps=accum)
-    m = program_memory(fn.lower(setup.abstract_state, batch, key, q_abs).compile()
-                       .memory_analysis())
-    out.append((f'{first}..{last}' if first != last else f'{first}', m))
+    mem = program_memory(fn.lower(setup.abstract_state, batch, key, q_abs).compile()
+                         .memory_analysis())
+    out.append((f'{first}..{last}' if first != last else f'{first}', mem))
   return out
 
 
 def vq_init(tok):
-  """The quantiser's params (all the train step reads of the tokenizer), abstract."""
+  """The quantiser's params: all the train step reads of the tokenizer (under eval_shape)."""
   import flax.linen as nn
   from mvar_jax import vqvae
-  return {'quantize': nn.unbox(vqvae.init_params(tok.config, jax.random.key(0))['params'])['quantize']}
+  params = nn.unbox(vqvae.init_params(tok.config, jax.random.key(0))['params'])
+  return {'quantize': params['quantize']}
 
 
 def main(argv=None):

@@ -428,7 +428,7 @@ def test_a_segment_leaves_the_parameters_it_does_not_read_alone(tiny_tokenizer):
   assert not np.array_equal(s2['params']['head']['kernel'], s1['params']['head']['kernel'])
 
 
-# ============================================================================= gradient accumulation
+# ============================================================================= micro-batches
 
 def test_micro_batches_take_the_step_of_the_whole_batch(tiny_tokenizer):
   """train.grad_accum_steps=4 on a batch sharded over 2 devices: the loss, metrics, gradient
