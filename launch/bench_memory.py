@@ -187,7 +187,7 @@ def trainer_step_mem(args, depth: int, accum: int) -> list[tuple[str, Mem]]:
   a training run executes, at --batch with `accum` micro-batches."""
   from configs import common
   from mvar_jax import optim, train
-  tok, _, model, _ = build(args, depth, 'mvar')  # the architecture bench rows use
+  tok, v_abs, model, _ = build(args, depth, 'mvar')  # the architecture bench rows use
   m = model.config
   c = common.get_config()
   for field in ('depth', 'width', 'num_heads', 'num_classes', 'vocab_size', 'cvae', 'patch_nums'):
@@ -197,10 +197,11 @@ def trainer_step_mem(args, depth: int, accum: int) -> list[tuple[str, Mem]]:
   c.mesh.data, c.mesh.fsdp, c.mesh.num_devices = 1, 1, 1
   c.train.batch_size, c.train.grad_accum_steps = args.batch, accum
   setup = train.build(c, optim.Schedule(100, 10, 100, 1e-4))
-  q_abs = jax.eval_shape(lambda: vq_init(tok))
-  tok_sh = jax.tree_util.tree_map(lambda _: setup.replicated, q_abs)
+  # The quantiser alone: all the step reads of the tokenizer (it gets token ids).
   q_abs = jax.tree_util.tree_map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=setup.replicated), q_abs)
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=setup.replicated),
+      {'quantize': v_abs['quantize']})
+  tok_sh = jax.tree_util.tree_map(lambda _: setup.replicated, q_abs)
   layout = setup.model.config.layout
   batch = {'ids': jax.ShapeDtypeStruct((args.batch, layout.total_len), jnp.int32,
                                        sharding=setup.batch_sharding),
@@ -214,14 +215,6 @@ def trainer_step_mem(args, depth: int, accum: int) -> list[tuple[str, Mem]]:
                          .memory_analysis())
     out.append((f'{first}..{last}' if first != last else f'{first}', mem))
   return out
-
-
-def vq_init(tok):
-  """The quantiser's params: all the train step reads of the tokenizer (under eval_shape)."""
-  import flax.linen as nn
-  from mvar_jax import vqvae
-  params = nn.unbox(vqvae.init_params(tok.config, jax.random.key(0))['params'])
-  return {'quantize': params['quantize']}
 
 
 def main(argv=None):
