@@ -172,6 +172,7 @@ class _Recorder:
     import numpy as np
     self.model, self.opt, self.eps = model, opt, eps
     self.named = dict(model.named_parameters())
+    self.beta2 = {p: g['betas'][1] for g in opt.param_groups for p in g['params']}
     self.near_eps = {k: np.zeros(p.shape, bool) for k, p in self.named.items()}
     self.log = []
 
@@ -180,7 +181,7 @@ class _Recorder:
     for k, p in self.named.items():
       st = self.opt.state.get(p)
       if st:
-        v_hat = st['exp_avg_sq'].numpy() / (1 - 0.95 ** float(st['step']))
+        v_hat = st['exp_avg_sq'].numpy() / (1 - self.beta2[p] ** float(st['step']))
         self.near_eps[k] |= (v_hat > 0) & (np.sqrt(v_hat) < 10 * self.eps)
     self.log.append((tuple(span), float(grad_norm),
                      {k: v.detach().numpy().copy() for k, v in self.model.state_dict().items()},
