@@ -82,3 +82,23 @@ def test_bad_inputs_are_rejected_before_compiling():
   with pytest.raises(ValueError, match=r'expected \(B, 30, heads, D\) for a 5x6 map'):
     blocked.na2d_blocked(q, k, v, height=5, width=6, kernel_size=3)
 
+
+
+@pytest.mark.parametrize('side,want_rows', [(10, 10), (13, 13), (16, 8), (20, 7), (32, 4), (64, 4)])
+def test_default_blocks_save_work_or_the_map_is_one_block(side, want_rows):
+  # Two 10-row blocks of a 13x13 map each see all 13 key rows: 20 x 13 query-key rows against
+  # 13 x 13 at once, so the default there is the whole map (the dense op).
+  rows = blocked.default_block_rows(side, side, 7)
+  assert rows == want_rows
+  if rows < side:
+    lo, band, mask = blocked.band_plan(side, side, 7, rows)
+    assert len(lo) * rows * band < side * side
+
+
+def test_one_block_is_the_dense_op():
+  q, k, v = random_qkv(4, batch=2, height=13, width=13, heads=2, head_dim=8)
+  kw = dict(height=13, width=13, kernel_size=7, scale=0.5)
+  np.testing.assert_array_equal(blocked.na2d_blocked(q, k, v, **kw),
+                                reference.na2d_dense(q, k, v, **kw))
+  np.testing.assert_allclose(blocked.na2d_blocked(q, k, v, **kw),
+                             reference.na2d_gather(q, k, v, **kw), atol=1e-5, rtol=0)

@@ -13,6 +13,8 @@ the window mask. Against the other two pure-JAX ops:
 
 Every band has the same length (bands near the bottom border are shifted up), so the blocks
 stack into one batched matmul; the last block is padded with query rows that are dropped.
+Where the bands would hold the whole map anyway (small maps, e.g. 13x13 at k = 7) the default
+is one block, which is the dense op.
 """
 
 from __future__ import annotations
@@ -28,12 +30,18 @@ from mvar_jax.kernels.neighborhood_attention.pallas_common import MapGeometry
 
 
 def default_block_rows(height: int, width: int, kernel_size: int) -> int:
-  """Query rows per block: ~128 queries, and never fewer rows than the window's half.
+  """Query rows per block: ~128 queries, and never fewer rows than the window's half; the
+  whole map (one block: dense attention) where the bands would not hold fewer keys.
 
   Chosen from launch/bench_neighborhood_attention.py on CPU (16x16 to 64x64 maps, k = 7):
-  smaller blocks waste less of the band on masked keys but copy more key rows.
+  smaller blocks waste less of the band on masked keys but copy more key rows. At 13x13
+  (k = 7) ~128 queries make two blocks of 10 rows whose bands are the whole map, 20 padded
+  rows x 13 key rows against 13 x 13 for the map at once, and the sampler's scale 8 took
+  2.1 instead of 1.8 s (d16, batch 2 on 2 cores; launch/results/cpu_2026-11-27_sampling.md).
   """
-  return int(min(height, max(kernel_size // 2 + 1, -(-128 // width))))
+  rows = int(min(height, max(kernel_size // 2 + 1, -(-128 // width))))
+  blocks, band = -(-height // rows), min(rows + kernel_size - 1, height)
+  return height if blocks * rows * band >= height * height else rows
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,8 +75,12 @@ def band_plan(height: int, width: int, kernel_size: int, block_rows: int):
 def na2d_blocked(q_BNHD, k_BNHD, v_BNHD, *, height: int, width: int, kernel_size: int,
                  scale: float | None = None, block_rows: int | None = None):
   """Neighbourhood attention on row bands. Returns (B, N, heads, D) in q's dtype."""
+  reference.validate(height, width, kernel_size)
   reference._check_shapes(q_BNHD, k_BNHD, v_BNHD, height, width)
   block_rows = block_rows or default_block_rows(height, width, kernel_size)
+  if block_rows >= height:  # one block, its band the whole map: the dense op, without copies
+    return reference.na2d_dense(q_BNHD, k_BNHD, v_BNHD, height=height, width=width,
+                                kernel_size=kernel_size, scale=scale)
   lo, band, mask = band_plan(height, width, kernel_size, block_rows)
   nb, bq, _ = mask.shape
   scale = q_BNHD.shape[-1] ** -0.5 if scale is None else scale
