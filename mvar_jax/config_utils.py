@@ -11,6 +11,7 @@ override such as `--config.model.depth=20` changes everything that depends on it
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Mapping
 
 from mvar_jax.attention import MODES as ATTENTION_MODES
@@ -118,12 +119,21 @@ def check_finite_floats(section, prefix: str) -> None:
       raise ValueError(f'{prefix}.{key} must be a finite number, got {value}')
 
 
+def _finite_number(name: str, value) -> None:
+  """A real, finite number. A config file may set a field to None (ml_collections allows it),
+  which would fail the comparisons below with a TypeError that names no field."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    raise ValueError(f'{name} must be a finite number, got {value!r}')
+
+
 def _positive(name: str, value, *, allow_zero: bool = False) -> None:
+  _finite_number(name, value)
   if value < 0 or (value == 0 and not allow_zero):
     raise ValueError(f'{name} must be {">= 0" if allow_zero else "> 0"}, got {value}')
 
 
 def _in_range(name: str, value, lo, hi, *, hi_open: bool = True) -> None:
+  _finite_number(name, value)
   ok = lo <= value < hi if hi_open else lo <= value <= hi
   if not ok:
     raise ValueError(f'{name} must be in [{lo}, {hi}{")" if hi_open else "]"}, got {value}')

@@ -99,6 +99,8 @@ def test_train_loss_weights_every_token_by_one_over_L(tiny_tokenizer):
     ('model.dtype', 'fp8', r"model.dtype must be one of \('float32', 'bfloat16', 'float16'\)"),
     ('model.attention_mode', 'full', r"model.attention_mode must be one of \('mvar', 'var'\)"),
     ('train.batch_size', 0, 'train.batch_size must be > 0'),
+    ('train.grad_clip', None, 'train.grad_clip must be a finite number, got None'),
+    ('model.refine_step', None, 'model.refine_step must be a finite number, got None'),
     ('train.label_smoothing', 1.5, r'train.label_smoothing must be in \[0.0, 1.0\)'),
     ('train.ema_decay', 1.0, r'train.ema_decay must be in \[0.0, 1.0\)'),
     ('model.refine_step', 11, r'model.refine_step must be in \[0, 10\]'),
