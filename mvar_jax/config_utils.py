@@ -115,8 +115,8 @@ def _one_of(name: str, value, allowed) -> None:
 def check_finite_floats(section, prefix: str) -> None:
   """Every float field of a config section must be finite (a NaN passes every range check)."""
   for key, value in section.items():
-    if isinstance(value, float) and not math.isfinite(value):
-      raise ValueError(f'{prefix}.{key} must be a finite number, got {value}')
+    if isinstance(value, float):
+      _finite_number(f'{prefix}.{key}', value)
 
 
 def _finite_number(name: str, value) -> None:

@@ -83,7 +83,6 @@ def test_bad_inputs_are_rejected_before_compiling():
     blocked.na2d_blocked(q, k, v, height=5, width=6, kernel_size=3)
 
 
-
 @pytest.mark.parametrize('side,want_rows', [(10, 10), (13, 13), (16, 8), (20, 7), (32, 4), (64, 4)])
 def test_default_blocks_save_work_or_the_map_is_one_block(side, want_rows):
   # Two 10-row blocks of a 13x13 map each see all 13 key rows: 20 x 13 query-key rows against

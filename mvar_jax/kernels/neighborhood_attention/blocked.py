@@ -40,8 +40,13 @@ def default_block_rows(height: int, width: int, kernel_size: int) -> int:
   2.1 instead of 1.8 s (d16, batch 2 on 2 cores; launch/results/cpu_2026-11-27_sampling.md).
   """
   rows = int(min(height, max(kernel_size // 2 + 1, -(-128 // width))))
-  blocks, band = -(-height // rows), min(rows + kernel_size - 1, height)
+  blocks, band = _blocks_and_band(height, kernel_size, rows)
   return height if blocks * rows * band >= height * height else rows
+
+
+def _blocks_and_band(height: int, kernel_size: int, rows: int) -> tuple[int, int]:
+  """(blocks of `rows` query rows, key rows in each block's band) for a map `height` rows high."""
+  return -(-height // rows), min(rows + kernel_size - 1, height)
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,8 +56,7 @@ def band_plan(height: int, width: int, kernel_size: int, block_rows: int):
   if block_rows < 1:
     raise ValueError(f'block_rows must be >= 1, got {block_rows}')
   r = min(block_rows, height)
-  nb = -(-height // r)
-  band = min(r + kernel_size - 1, height)
+  nb, band = _blocks_and_band(height, kernel_size, r)
   geom = MapGeometry(height, width, kernel_size)
   lo = np.empty(nb, np.int64)
   for i in range(nb):  # key rows [lo, hi) that query rows [i*r, i*r + r) can see
@@ -75,7 +79,6 @@ def band_plan(height: int, width: int, kernel_size: int, block_rows: int):
 def na2d_blocked(q_BNHD, k_BNHD, v_BNHD, *, height: int, width: int, kernel_size: int,
                  scale: float | None = None, block_rows: int | None = None):
   """Neighbourhood attention on row bands. Returns (B, N, heads, D) in q's dtype."""
-  reference.validate(height, width, kernel_size)
   reference._check_shapes(q_BNHD, k_BNHD, v_BNHD, height, width)
   block_rows = block_rows or default_block_rows(height, width, kernel_size)
   if block_rows >= height:  # one block, its band the whole map: the dense op, without copies
