@@ -70,6 +70,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.cond_drop_rate = 0.1  # class dropout (trains the unconditional branch for CFG)
   config.model.dtype = 'bfloat16'  # compute dtype (params and optimiser state stay fp32)
   config.model.remat = False  # rematerialise blocks in the backward pass (memory for compute)
+  # Materialise the residual stream's cotangent after each block: auto (on for CPU and GPU) |
+  # on | off. Same gradients; stops XLA:CPU from recomputing the later blocks' chain in every
+  # block's backward (2x faster d16 step on CPU).
+  config.model.grad_boundaries = 'auto'
   config.model.init_adaln = 0.5  # init multiplier of the AdaLN scale/shift rows (aln)
   config.model.init_adaln_gamma = 1e-3  # init multiplier of AdaLN gamma rows (alng; README runs)
   config.model.init_head = 0.02  # init multiplier of the head weight (hd)

@@ -58,6 +58,7 @@ def transformer_config_from(config) -> TransformerConfig:
       dtype=m.dtype,
       ffn_implementation=m.get('ffn_implementation', 'auto'),
       remat=bool(m.remat),
+      grad_boundaries=m.get('grad_boundaries', 'auto'),
       init_adaln=float(m.init_adaln),
       init_adaln_gamma=float(m.init_adaln_gamma),
       init_head=float(m.init_head),

@@ -46,6 +46,7 @@ from mvar_jax.layout import DEFAULT_PATCH_NUMS, ScaleLayout
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 FFN_IMPLEMENTATIONS = ('auto', 'xla', 'pallas')
+GRAD_BOUNDARIES = ('auto', 'on', 'off')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +68,7 @@ class TransformerConfig:
   dtype: str = 'float32'  # compute dtype of the blocks ('float32' | 'bfloat16' | 'float16')
   ffn_implementation: str = 'auto'  # fc1 + GELU in inference: 'auto' (= 'xla') | 'xla' | 'pallas'
   remat: bool = False  # rematerialise each block in the backward pass (saves memory)
+  grad_boundaries: str = 'auto'  # training backward: 'auto' | 'on' | 'off' (`grad_boundary`)
   init_adaln: float = 0.5  # multiplier of the AdaLN scale/shift rows at init
   init_adaln_gamma: float = 1e-5  # multiplier of the AdaLN gamma rows at init
   init_head: float = 0.02  # multiplier of the head weight at init
@@ -96,6 +98,9 @@ class TransformerConfig:
     if self.ffn_implementation not in FFN_IMPLEMENTATIONS:
       raise ValueError(f'ffn_implementation must be one of {FFN_IMPLEMENTATIONS}, '
                        f'got {self.ffn_implementation!r}')
+    if self.grad_boundaries not in GRAD_BOUNDARIES:
+      raise ValueError(f'grad_boundaries must be one of {GRAD_BOUNDARIES}, '
+                       f'got {self.grad_boundaries!r}')
     for name in ('drop_path_rate', 'cond_drop_rate'):
       if not 0.0 <= getattr(self, name) < 1.0:
         raise ValueError(f'{name} must be in [0, 1), got {getattr(self, name)}')
@@ -318,6 +323,49 @@ class LogitsHead(nn.Module):
     return logits + bias.astype(jnp.float32)
 
 
+# ----------------------------------------------------------------------------- backward
+
+@jax.custom_vjp
+def grad_boundary(x):
+  """Identity whose cotangent is materialised once, where XLA cannot fuse through it.
+
+  The residual stream's cotangent is a chain of adds across the blocks. XLA:CPU's loop
+  fusion copies that whole chain into every fusion that reads it, so each block's backward
+  recomputes the adds of all later blocks: work quadratic in depth (fusions of 1100-1400
+  instructions at d16; the d16 scales-0..7 gradient took 9.6 s instead of 5.3 s,
+  launch/results/cpu_2026-11-27_train.md). Optimisation barriers do not stop it (XLA:CPU
+  removes them before fusing); a conditional does. The backward here passes the cotangent
+  through a `lax.cond` on a value only known at run time (false only if its first element is
+  NaN; both branches return it unchanged), so the chain ends at every block.
+  """
+  return x
+
+
+def _grad_boundary_fwd(x):
+  return x, None
+
+
+def _grad_boundary_bwd(_, g):
+  first = g.reshape(-1)[0]
+  # Two different (equal-valued) branches, so no pass can merge them into the identity.
+  return (jax.lax.cond(first == first, lambda t: t, lambda t: -(-t), g),)
+
+
+grad_boundary.defvjp(_grad_boundary_fwd, _grad_boundary_bwd)
+
+
+def use_grad_boundaries(setting: str) -> bool:
+  """'auto': on for the CPU and GPU backends, where they were measured to help.
+
+  d16 training step per segment, off -> on: CPU fp32 batch 2, 9.9 -> 6.2 s (scales 0..7);
+  H200 bf16 batch 32, 0.90-0.96x (launch/results/h200_2026-11-27.md). On a GPU the predicate
+  costs a device-to-host copy per block; it was still faster. TPU: not measured, off.
+  """
+  if setting == 'auto':
+    return jax.default_backend() in ('cpu', 'gpu')
+  return setting == 'on'
+
+
 # ----------------------------------------------------------------------------- model
 
 class MVARTransformer(nn.Module):
@@ -403,8 +451,11 @@ class MVARTransformer(nn.Module):
     if loop_blocks:
       x_BLC = run_blocks_in_loop(cfg, self.variables['params'], x_BLC, cond_c, first, last)
     else:
+      boundaries = train and use_grad_boundaries(cfg.grad_boundaries)
       for block in self.blocks:
         x_BLC = block(x_BLC, cond_c, first, last, deterministic)
+        if boundaries:
+          x_BLC = grad_boundary(x_BLC)
     h = self.head_nm(x_BLC.astype(jnp.float32), cond_BD)
     return self.head(h).astype(jnp.float32)
 

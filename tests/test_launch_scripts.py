@@ -445,3 +445,37 @@ def test_check_train_lets_the_official_code_print_with_force():
   with check._print_accepting_force():
     print('official log line', force=True)
   assert builtins.print is before
+
+
+def test_bench_train_step_smoke_compares_grad_boundaries_off_and_on(capsys):
+  bench = _load('bench_train_step')
+  rows = bench.main(['--smoke'])
+  assert [r.label for r in rows] == ['MVAR scales 0..3', 'MVAR scale 4']  # the smoke segments
+  for row in rows:
+    assert row.loss_equal, row
+    assert set(row.ms) == {'off', 'on'} and all(ms > 0 for ms in row.ms.values())
+  assert '| MVAR scale 4 |' in capsys.readouterr().out
+
+
+def test_grad_boundaries_keep_the_backward_fusions_from_growing_with_depth():
+  """XLA:CPU copies the residual stream's cotangent chain into every fusion that reads it,
+  so without boundaries the largest fusion of a step grows with depth (~80 instructions a
+  block here, 1100-1400 at d16); with them it stays the size of one block's backward."""
+  import dataclasses
+  import flax.linen as nn
+  import jax
+  from mvar_jax import transformer as tfm
+  bench, smoke = _load('bench_train_step'), _load('smoke_configs')
+  size = {}
+  for depth in (2, 6):
+    _, base = smoke.tiny(depth=depth)
+    params = nn.unbox(tfm.init_params(base, jax.random.key(0))['params'])
+    for setting in ('off', 'on'):
+      cfg = dataclasses.replace(base, grad_boundaries=setting)
+      compiled, _ = bench.make_step(cfg, params, 2, 0, 3)
+      size[setting, depth] = bench.largest_fusion(compiled.as_text())
+  growth_off = size['off', 6] - size['off', 2]
+  growth_on = size['on', 6] - size['on', 2]
+  assert growth_off > 100, size  # the duplication this guards against (else: retire it)
+  assert growth_on < growth_off / 4, size
+  assert size['on', 6] < size['off', 6] / 2, size

@@ -309,6 +309,7 @@ def test_segment_bounds_and_input_length_are_checked():
     (dict(width=66), 'width'),
     (dict(dtype='float64'), 'dtype'),
     (dict(cond_drop_rate=1.0), 'cond_drop_rate'),
+    (dict(grad_boundaries='yes'), 'grad_boundaries'),
 ])
 def test_config_errors_name_the_field(overrides, field):
   with pytest.raises(ValueError, match=field):
@@ -372,6 +373,48 @@ def test_drop_path_is_random_in_training_and_off_in_inference():
                             dropout_key=jax.random.key(seed))
   np.testing.assert_array_equal(run(1), run(1))  # reproducible from the key
   assert max_abs_diff(run(1), infer) > 1e-3
+
+
+# ----------------------------------------------------------------------------------------
+# The backward pass: grad boundaries between blocks change how XLA compiles it, not its values.
+
+@pytest.mark.parametrize('mode,first,last', [('mvar', 0, 3), ('mvar', 4, 4), ('var', 0, 4)])
+def test_grad_boundaries_change_neither_the_loss_nor_the_gradient(mode, first, last):
+  results = []
+  for setting in ('off', 'on'):
+    config = tiny_config(mode, depth=3, drop_path_rate=0.3, grad_boundaries=setting)
+    params = random_params(config, seed=26)
+    label_B, x = labels(config, 27, BATCH), teacher_input(config, 28, BATCH, first, last)
+
+    def loss(p, config=config, label_B=label_B, x=x):
+      out = tfm.MVARTransformer(config).apply(
+          {'params': p}, label_B, x, first=first, last=last, train=True,
+          rngs={'dropout': jax.random.key(29)})  # the same class and path drops for both
+      return jnp.mean(jax.nn.log_softmax(out)[..., 0])
+
+    results.append(jax.jit(jax.value_and_grad(loss))(params))
+  (loss_off, grads_off), (loss_on, grads_on) = results
+  np.testing.assert_allclose(loss_on, loss_off, rtol=1e-6)
+  flat_off = jax.tree_util.tree_leaves_with_path(grads_off)
+  for (path, g_off), g_on in zip(flat_off, jax.tree_util.tree_leaves(grads_on)):
+    np.testing.assert_allclose(g_on, g_off, rtol=1e-4, atol=1e-7,
+                               err_msg=jax.tree_util.keystr(path))
+  assert max(float(jnp.abs(g).max()) for _, g in flat_off) > 1e-3  # a gradient, not zeros
+
+
+def test_a_grad_boundary_passes_every_cotangent_on_unchanged_nan_included():
+  x = jnp.arange(6.0).reshape(2, 3)
+  for cotangent in (jnp.full((2, 3), 2.5), jnp.array([[jnp.nan, 1, 2], [3, jnp.inf, -4]])):
+    y, vjp = jax.vjp(tfm.grad_boundary, x)
+    np.testing.assert_array_equal(y, x)
+    np.testing.assert_array_equal(vjp(cotangent)[0], cotangent)  # NaN == NaN here
+
+
+def test_grad_boundaries_auto_are_on_for_cpu_and_gpu_only(monkeypatch):
+  assert tfm.use_grad_boundaries('on') and not tfm.use_grad_boundaries('off')
+  for backend, expected in (('cpu', True), ('gpu', True), ('tpu', False)):
+    monkeypatch.setattr(jax, 'default_backend', lambda backend=backend: backend)
+    assert tfm.use_grad_boundaries('auto') is expected, backend
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,0 +1,159 @@
+"""Our training step per segment with the backward's grad boundaries off and on, interleaved.
+
+    python launch/bench_train_step.py --depth=16 --batch=2                  # CPU (fp32)
+    python launch/bench_train_step.py --depth=16 --batch=32 --dtype=bfloat16  # a GPU
+    python launch/bench_train_step.py --smoke                               # any backend
+
+One step = loss, gradient and AdamW on one segment of the official schedule (scales
+0..refine_step-1, then each large scale alone; `--modes=var` adds VAR's all-scales step), on
+random weights and data. Every repetition runs each setting of
+`TransformerConfig.grad_boundaries` once, in turn; the table gives medians (ms) and the
+ratio on/off, plus the largest fusion of each compiled step (instructions), the figure that
+grows with depth when XLA duplicates the residual stream's cotangent chain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def largest_fusion(hlo_text: str) -> int:
+  """Instructions in the largest fused computation of an optimised HLO module."""
+  sizes, current = [], None
+  for line in hlo_text.splitlines():
+    if re.match(r'^(%?[\w.\-]*fus[\w.\-]*) ', line) and line.rstrip().endswith('{'):
+      current = 0
+    elif current is not None and line.startswith('}'):
+      sizes.append(current)
+      current = None
+    elif current is not None and '=' in line:
+      current += 1
+  return max(sizes, default=0)
+
+
+@dataclasses.dataclass
+class Row:
+  label: str  # e.g. 'MVAR scales 0..7'
+  ms: dict  # {setting: median ms}
+  fusion: dict  # {setting: instructions in the largest fusion}
+  loss_equal: bool  # every setting's loss within 1e-4 of the first's
+
+
+def make_step(cfg, params, batch: int, first: int, last: int):
+  """A jitted step (params, opt_state) -> (params, opt_state, loss) on segment first..last."""
+  from mvar_jax import transformer as tfm
+  model = tfm.MVARTransformer(cfg)
+  layout = cfg.layout
+  lo, hi = layout.span(first, last)
+  first_l = layout.patch_nums[0] ** 2
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((batch, layout.total_len - first_l, cfg.cvae)), jnp.float32)
+  ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, layout.total_len)), jnp.int32)
+  labels = jnp.asarray(rng.integers(0, cfg.num_classes, (batch,)), jnp.int32)
+  tx = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.05)
+
+  def step(params, opt_state):
+    def loss_fn(p):
+      logits = model.apply({'params': p}, labels, x[:, max(0, lo - first_l):hi - first_l],
+                           first=first, last=last, train=True,
+                           rngs={'dropout': jax.random.key(1)})
+      return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, lo:hi]).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  opt_state = tx.init(params)
+  compiled = jax.jit(step).lower(params, opt_state).compile()
+  return compiled, opt_state
+
+
+def main(argv=None):
+  from mvar_jax import train, transformer as tfm
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--depth', type=int, default=16)
+  p.add_argument('--batch', type=int, default=2)
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  p.add_argument('--modes', default='mvar', help="'mvar' (its segments) and/or 'var'")
+  p.add_argument('--settings', default='off,on', help='grad_boundaries values to compare')
+  p.add_argument('--reps', type=int, default=5)
+  p.add_argument('--warmup', type=int, default=1)
+  p.add_argument('--smoke', action='store_true', help='a tiny model: checks the script runs')
+  args = p.parse_args(argv)
+
+  if args.smoke:
+    import smoke_configs
+    _, base = smoke_configs.tiny(depth=2)
+    args.batch, args.reps, args.warmup = 2, 2, 0
+  else:
+    base = tfm.preset(args.depth, dtype=args.dtype)
+  settings = args.settings.split(',')
+  import flax.linen as nn
+  params = nn.unbox(tfm.init_params(base, jax.random.key(0))['params'])
+
+  rows = []  # (label, {setting: (compiled, opt_state)})
+  for mode in args.modes.split(','):
+    cfg_mode = dataclasses.replace(base, attention=dataclasses.replace(base.attention, mode=mode))
+    n, refine = cfg_mode.layout.num_scales, cfg_mode.attention.refine_step
+    segs = train.segments('segments' if mode == 'mvar' else 'all', n, refine)
+    for first, last in segs:
+      label = f'{mode.upper()} ' + (f'scales {first}..{last}' if first != last else
+                                    f'scale {first}')
+      steps = {}
+      for s in settings:
+        t = time.perf_counter()
+        cfg = dataclasses.replace(cfg_mode, grad_boundaries=s)
+        steps[s] = make_step(cfg, params, args.batch, first, last)
+        print(f'# {label}, grad_boundaries={s}: compiled in {time.perf_counter() - t:.1f} s',
+              flush=True)
+      rows.append((label, steps))
+
+  times = {(label, s): [] for label, steps in rows for s in steps}
+  losses = {}
+  for rep in range(args.warmup + args.reps):
+    for label, steps in rows:
+      for s, (compiled, opt_state) in steps.items():
+        t = time.perf_counter()
+        _, _, loss = compiled(params, opt_state)
+        loss = float(jax.block_until_ready(loss))
+        if rep >= args.warmup:
+          times[(label, s)].append((time.perf_counter() - t) * 1e3)
+        losses[(label, s)] = loss
+
+  dev = jax.devices()[0]
+  print(f'\n# {dev.device_kind} ({dev.platform}), jax {jax.__version__}, depth {base.depth}, '
+        f'batch {args.batch}, {base.dtype} compute, fp32 params; median of {args.reps} '
+        f'interleaved reps after {args.warmup} warm-up')
+  head = ' | '.join(f'{s} ms | {s} fusion' for s in settings)
+  print(f'| step | {head} | {settings[-1]} / {settings[0]} | loss equal |')
+  print('|---' * (2 + 2 * len(settings) + 1) + '|')
+  out = []
+  for label, steps in rows:
+    ref = losses[(label, settings[0])]
+    row = Row(label, ms={s: statistics.median(times[(label, s)]) for s in steps},
+              fusion={s: largest_fusion(steps[s][0].as_text()) for s in steps},
+              loss_equal=all(abs(losses[(label, s)] - ref) <= 1e-4 * max(1.0, abs(ref))
+                             for s in settings))
+    cells = ' | '.join(f'{row.ms[s]:.1f} | {row.fusion[s]}' for s in settings)
+    print(f'| {label} | {cells} | {row.ms[settings[-1]] / row.ms[settings[0]]:.2f} '
+          f'| {row.loss_equal} |')
+    out.append(row)
+  print('fusion: instructions in the largest fused computation of the compiled step.')
+  return out
+
+
+if __name__ == '__main__':
+  main()
