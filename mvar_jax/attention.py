@@ -4,7 +4,8 @@ A call sees the tokens of scales `first..last` (raster order within a scale,
 scales one after another) and applies, per configuration:
 
 - 'mvar' (scale-Markov + spatial-Markov): every token attends only within its own
-  scale. Scales below `refine_step` share one dense attention under a
+  scale. Scales below `refine_step` run dense attention: each map of at least
+  `ALONE_TOKENS` tokens alone, the smaller ones before it together under a
   block-diagonal mask; each scale at or above `refine_step` runs 2D neighbourhood
   attention with a k x k window (NATTEN border rule).
 - 'var' (the VAR baseline): every token attends to its own scale and every earlier
@@ -27,6 +28,12 @@ from mvar_jax.kernels.neighborhood_attention import reference as na_reference
 from mvar_jax.layout import ScaleLayout
 
 MODES = ('mvar', 'var')
+# A dense scale with at least this many tokens (8x8) attends alone; smaller scales share one
+# block-diagonal attention. On the 256 px pyramid, scales 0..7 attend as 0..5 (91 tokens), 6
+# and 7: 22k instead of 65k score entries per head. d16 step on that segment: CPU fp32 batch 2
+# gradient 5.94 instead of 6.47 s; H200 bf16 batch 32 step 41.1 instead of 49.1 ms
+# (launch/results/h200_2026-11-27.md).
+ALONE_TOKENS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +88,20 @@ def block_mask(layout: ScaleLayout, first: int, last: int, mode: str) -> np.ndar
   return lvl[:, None] >= lvl[None, :]
 
 
+def dense_groups(layout: ScaleLayout, first: int, last: int) -> list[tuple[int, int]]:
+  """Contiguous (first, last) groups of scales first..last, each run as one dense attention."""
+  groups, start = [], first
+  for si in range(first, last + 1):
+    if layout.patch_nums[si] ** 2 >= ALONE_TOKENS:
+      if start < si:
+        groups.append((start, si - 1))
+      groups.append((si, si))
+      start = si + 1
+  if start <= last:
+    groups.append((start, last))
+  return groups
+
+
 def uses_fused_qkv(config: AttentionConfig, first: int, last: int, head_dim: int, dtype, *,
                    deterministic: bool) -> bool:
   """Whether this call's attention runs `from_qkv`: config.fused_qkv, MVAR inference on one
@@ -122,11 +143,12 @@ def multiscale_attention(q_BLHD, k_BLHD, v_BLHD, *, layout: ScaleLayout, first: 
 
   outputs = []
   dense_last = min(last, config.refine_step - 1)
-  if first <= dense_last:  # the small scales: one block-diagonal dense attention
-    n = layout.end(dense_last) - begin
-    mask = None if first == dense_last else jnp.asarray(block_mask(layout, first, dense_last, 'mvar'))
+  # The small scales: dense attention, block-diagonal within each group.
+  for lo_s, hi_s in dense_groups(layout, first, dense_last) if first <= dense_last else ():
+    lo, hi = layout.begin(lo_s) - begin, layout.end(hi_s) - begin
+    mask = None if lo_s == hi_s else jnp.asarray(block_mask(layout, lo_s, hi_s, 'mvar'))
     outputs.append(na_reference.masked_dense_attention(
-        q_BLHD[:, :n], k_BLHD[:, :n], v_BLHD[:, :n], mask, scale=scale))
+        q_BLHD[:, lo:hi], k_BLHD[:, lo:hi], v_BLHD[:, lo:hi], mask, scale=scale))
   for si in range(max(first, config.refine_step), last + 1):  # the large scales: one map each
     lo, hi = layout.begin(si) - begin, layout.end(si) - begin
     pn = layout.patch_nums[si]
