@@ -376,7 +376,8 @@ def test_drop_path_is_random_in_training_and_off_in_inference():
 
 
 # ----------------------------------------------------------------------------------------
-# Dense MVAR attention below refine_step runs in groups of scales: the same values, less work.
+# Dense attention (MVAR below refine_step, VAR's queries) runs in groups of scales: the same
+# values, less work.
 
 def test_dense_groups_give_every_map_of_64_tokens_its_own_attention():
   from mvar_jax import attention
@@ -393,19 +394,20 @@ def test_dense_groups_give_every_map_of_64_tokens_its_own_attention():
       assert groups[-1][1] == last
 
 
-@pytest.mark.parametrize('first,last', [(0, 4), (1, 3), (3, 4)])
-def test_grouped_dense_attention_is_the_block_diagonal_attention(first, last):
+@pytest.mark.parametrize('mode,first,last', [('mvar', 0, 4), ('mvar', 1, 3), ('mvar', 3, 4),
+                                             ('var', 0, 4), ('var', 0, 3)])
+def test_grouped_dense_attention_is_the_masked_attention(mode, first, last):
   from mvar_jax import attention
   from mvar_jax.kernels.neighborhood_attention import reference as na_reference
   from mvar_jax.layout import ScaleLayout
   layout = ScaleLayout((1, 2, 4, 8, 10))  # 8x8 and 10x10 attend alone
-  config = AttentionConfig(refine_step=5, kernel_size=3)
+  config = AttentionConfig(mode=mode, refine_step=5, kernel_size=3)
   assert len(attention.dense_groups(layout, first, last)) > 1
   begin, end = layout.span(first, last)
   q, k, v = (jax.random.normal(jax.random.key(i), (BATCH, end - begin, 2, 8)) for i in range(3))
   grouped = attention.multiscale_attention(q, k, v, layout=layout, first=first, last=last,
                                            config=config, scale=0.3)
-  mask = jnp.asarray(attention.block_mask(layout, first, last, 'mvar'))
+  mask = jnp.asarray(attention.block_mask(layout, first, last, mode))
   np.testing.assert_allclose(grouped, na_reference.masked_dense_attention(q, k, v, mask, scale=0.3),
                              rtol=1e-5, atol=1e-6)
 
