@@ -14,8 +14,8 @@
 #    (latency), then 8 calls back to back per timing (throughput, as a sampling job runs).
 #    $SAMPLERS picks others: official MVAR, 'ours MVAR (Triton GEMM)' (XLA's default GEMMs),
 #    'ours MVAR (unfused qkv)', 'ours MVAR (Pallas FFN)', and three against the gaps between
-#    kernels (next lease, ~5 min: SAMPLERS="official VAR,ours MVAR,ours MVAR (PDL),ours MVAR
-#    (concurrent graph regions),ours MVAR (graph loops unrolled)" SAMPLE_MODE=0 VS_TIMEOUT=400);
+#    kernels ('ours MVAR (PDL)', '(concurrent graph regions)', '(graph loops unrolled)': each
+#    1-4% slower than the default on an H200, 2026-11-27);
 #    then per-contender memory probes in fresh processes (ours: loaded from the compilation
 #    cache this run fills, XLA memory/cost analysis, and a jax.profiler trace of one call ->
 #    OUT_DIR/*.trace.json.gz, summarised here with launch/trace_summary.py).
