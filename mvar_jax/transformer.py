@@ -333,7 +333,7 @@ def grad_boundary(x):
   fusion copies that whole chain into every fusion that reads it, so each block's backward
   recomputes the adds of all later blocks: work quadratic in depth (fusions of 1100-1400
   instructions at d16; the d16 scales-0..7 gradient took 9.6 s instead of 5.3 s,
-  launch/results/cpu_2026-11-27_train.md). Optimisation barriers do not stop it (XLA:CPU
+  launch/results/cpu_2026-11-27_sampling.md). Optimisation barriers do not stop it (XLA:CPU
   removes them before fusing); a conditional does. The backward here passes the cotangent
   through a `lax.cond` on a value only known at run time (false only if its first element is
   NaN; both branches return it unchanged), so the chain ends at every block.
