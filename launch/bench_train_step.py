@@ -6,7 +6,8 @@
 
 One step = loss, gradient and AdamW on one segment of the official schedule (scales
 0..refine_step-1, then each large scale alone; `--modes=var` adds VAR's all-scales step), on
-random weights and data. Every repetition runs each setting of
+random weights and data; each setting's training state is carried from step to step and
+donated, as in the trainer. Every repetition runs each setting of
 `TransformerConfig.grad_boundaries` once, in turn; the table gives medians (ms) and the
 ratio on/off, plus the largest fusion of each compiled step (instructions), the figure that
 grows with depth when XLA duplicates the residual stream's cotangent chain.
@@ -54,7 +55,8 @@ class Row:
 
 
 def make_step(cfg, params, batch: int, first: int, last: int):
-  """A jitted step (params, opt_state) -> (params, opt_state, loss) on segment first..last."""
+  """A compiled step (params, opt_state) -> (params, opt_state, loss) on segment first..last,
+  its state donated as in the trainer; also returns a fresh AdamW state."""
   from mvar_jax import transformer as tfm
   model = tfm.MVARTransformer(cfg)
   layout = cfg.layout
@@ -77,7 +79,7 @@ def make_step(cfg, params, batch: int, first: int, last: int):
     return optax.apply_updates(params, updates), opt_state, loss
 
   opt_state = tx.init(params)
-  compiled = jax.jit(step).lower(params, opt_state).compile()
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state).compile()
   return compiled, opt_state
 
 
@@ -104,7 +106,8 @@ def main(argv=None):
   import flax.linen as nn
   params = nn.unbox(tfm.init_params(base, jax.random.key(0))['params'])
 
-  rows = []  # (label, {setting: (compiled, opt_state)})
+  rows = []  # (label, {setting: compiled step})
+  fresh_opt = {}  # {setting: a fresh AdamW state} (one per setting: 2.5 GB at d16)
   for mode in args.modes.split(','):
     cfg_mode = dataclasses.replace(base, attention=dataclasses.replace(base.attention, mode=mode))
     n, refine = cfg_mode.layout.num_scales, cfg_mode.attention.refine_step
@@ -116,22 +119,29 @@ def main(argv=None):
       for s in settings:
         t = time.perf_counter()
         cfg = dataclasses.replace(cfg_mode, grad_boundaries=s)
-        steps[s] = make_step(cfg, params, args.batch, first, last)
+        steps[s], opt_state = make_step(cfg, params, args.batch, first, last)
+        fresh_opt.setdefault(s, opt_state)
+        del opt_state
         print(f'# {label}, grad_boundaries={s}: compiled in {time.perf_counter() - t:.1f} s',
               flush=True)
       rows.append((label, steps))
 
+  # One training state per setting, carried from step to step and donated, as the trainer
+  # does (segments take turns on it); the first loss of each step is compared across settings.
+  state = {s: (jax.tree_util.tree_map(jnp.copy, params), fresh_opt.pop(s)) for s in settings}
+  del params
   times = {(label, s): [] for label, steps in rows for s in steps}
   losses = {}
   for rep in range(args.warmup + args.reps):
     for label, steps in rows:
-      for s, (compiled, opt_state) in steps.items():
+      for s, compiled in steps.items():
         t = time.perf_counter()
-        _, _, loss = compiled(params, opt_state)
+        p, o, loss = compiled(*state[s])
         loss = float(jax.block_until_ready(loss))
+        state[s] = (p, o)
         if rep >= args.warmup:
           times[(label, s)].append((time.perf_counter() - t) * 1e3)
-        losses[(label, s)] = loss
+        losses.setdefault((label, s), loss)
 
   dev = jax.devices()[0]
   print(f'\n# {dev.device_kind} ({dev.platform}), jax {jax.__version__}, depth {base.depth}, '
@@ -144,7 +154,7 @@ def main(argv=None):
   for label, steps in rows:
     ref = losses[(label, settings[0])]
     row = Row(label, ms={s: statistics.median(times[(label, s)]) for s in steps},
-              fusion={s: largest_fusion(steps[s][0].as_text()) for s in steps},
+              fusion={s: largest_fusion(steps[s].as_text()) for s in steps},
               loss_equal=all(abs(losses[(label, s)] - ref) <= 1e-4 * max(1.0, abs(ref))
                              for s in settings))
     cells = ' | '.join(f'{row.ms[s]:.1f} | {row.fusion[s]}' for s in settings)
