@@ -154,7 +154,7 @@ def multiscale_attention(q_BLHD, k_BLHD, v_BLHD, *, layout: ScaleLayout, first: 
   outputs = []
   dense_last = min(last, config.refine_step - 1)
   # The small scales: dense attention, block-diagonal within each group.
-  for lo_s, hi_s in dense_groups(layout, first, dense_last) if first <= dense_last else ():
+  for lo_s, hi_s in dense_groups(layout, first, dense_last):  # none when first > dense_last
     lo, hi = layout.begin(lo_s) - begin, layout.end(hi_s) - begin
     mask = None if lo_s == hi_s else jnp.asarray(block_mask(layout, lo_s, hi_s, 'mvar'))
     outputs.append(na_reference.masked_dense_attention(

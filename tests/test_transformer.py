@@ -387,6 +387,7 @@ def test_dense_groups_give_every_map_of_64_tokens_its_own_attention():
   assert attention.dense_groups(layout, 2, 6) == [(2, 5), (6, 6)]
   assert attention.dense_groups(layout, 3, 5) == [(3, 5)]
   assert attention.dense_groups(layout, 7, 7) == [(7, 7)]
+  assert attention.dense_groups(layout, 8, 7) == []  # no dense scale: multiscale_attention relies on it
   for first in range(10):  # every segment: contiguous groups covering it exactly
     for last in range(first, 10):
       groups = attention.dense_groups(layout, first, last)
