@@ -1,16 +1,18 @@
-"""Our training step per segment with the backward's grad boundaries off and on, interleaved.
+"""Our training step per segment with one backward setting off and on, interleaved.
 
     python launch/bench_train_step.py --depth=16 --batch=2                  # CPU (fp32)
+    python launch/bench_train_step.py --depth=16 --batch=2 --field=transposed_weight_grads
     python launch/bench_train_step.py --depth=16 --batch=32 --dtype=bfloat16  # a GPU
     python launch/bench_train_step.py --smoke                               # any backend
 
 One step = loss, gradient and AdamW on one segment of the official schedule (scales
 0..refine_step-1, then each large scale alone; `--modes=var` adds VAR's all-scales step), on
 random weights and data; each setting's training state is carried from step to step and
-donated, as in the trainer. Every repetition runs each setting of
-`TransformerConfig.grad_boundaries` once, in turn; the table gives medians (ms) and the
-ratio on/off, plus the largest fusion of each compiled step (instructions), the figure that
-grows with depth when XLA duplicates the residual stream's cotangent chain.
+donated, as in the trainer. Every repetition runs each setting of `--field` (a
+`TransformerConfig` field: `grad_boundaries` by default, or `transposed_weight_grads`) once,
+in turn, the other field at its default; the table gives medians (ms) and the ratio on/off,
+plus the largest fusion of each compiled step (instructions), the figure that grows with
+depth when XLA duplicates the residual stream's cotangent chain.
 """
 
 from __future__ import annotations
@@ -90,7 +92,10 @@ def main(argv=None):
   p.add_argument('--batch', type=int, default=2)
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   p.add_argument('--modes', default='mvar', help="'mvar' (its segments) and/or 'var'")
-  p.add_argument('--settings', default='off,on', help='grad_boundaries values to compare')
+  p.add_argument('--field', default='grad_boundaries',
+                 choices=('grad_boundaries', 'transposed_weight_grads'),
+                 help='the TransformerConfig setting to compare')
+  p.add_argument('--settings', default='off,on', help="the field's values to compare")
   p.add_argument('--reps', type=int, default=5)
   p.add_argument('--warmup', type=int, default=1)
   p.add_argument('--smoke', action='store_true', help='a tiny model: checks the script runs')
@@ -118,11 +123,11 @@ def main(argv=None):
       steps = {}
       for s in settings:
         t = time.perf_counter()
-        cfg = dataclasses.replace(cfg_mode, grad_boundaries=s)
+        cfg = dataclasses.replace(cfg_mode, **{args.field: s})
         steps[s], opt_state = make_step(cfg, params, args.batch, first, last)
         fresh_opt.setdefault(s, opt_state)
         del opt_state
-        print(f'# {label}, grad_boundaries={s}: compiled in {time.perf_counter() - t:.1f} s',
+        print(f'# {label}, {args.field}={s}: compiled in {time.perf_counter() - t:.1f} s',
               flush=True)
       rows.append((label, steps))
 
@@ -146,7 +151,7 @@ def main(argv=None):
   dev = jax.devices()[0]
   print(f'\n# {dev.device_kind} ({dev.platform}), jax {jax.__version__}, depth {base.depth}, '
         f'batch {args.batch}, {base.dtype} compute, fp32 params; median of {args.reps} '
-        f'interleaved reps after {args.warmup} warm-up')
+        f'interleaved reps after {args.warmup} warm-up; settings of {args.field}')
   head = ' | '.join(f'{s} ms | {s} fusion' for s in settings)
   print(f'| step | {head} | {settings[-1]} / {settings[0]} | loss equal |')
   print('|---' * (2 + 2 * len(settings) + 1) + '|')

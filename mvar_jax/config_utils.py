@@ -59,6 +59,7 @@ def transformer_config_from(config) -> TransformerConfig:
       ffn_implementation=m.get('ffn_implementation', 'auto'),
       remat=bool(m.remat),
       grad_boundaries=m.get('grad_boundaries', 'auto'),
+      transposed_weight_grads=m.get('transposed_weight_grads', 'auto'),
       init_adaln=float(m.init_adaln),
       init_adaln_gamma=float(m.init_adaln_gamma),
       init_head=float(m.init_head),

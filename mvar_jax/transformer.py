@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mvar_jax import attention
+from mvar_jax import attention, weight_grads
 from mvar_jax.attention import AttentionConfig, multiscale_attention
 from mvar_jax.kernels import dense_gelu
 from mvar_jax.layout import DEFAULT_PATCH_NUMS, ScaleLayout
@@ -69,6 +69,9 @@ class TransformerConfig:
   ffn_implementation: str = 'auto'  # fc1 + GELU in inference: 'auto' (= 'xla') | 'xla' | 'pallas'
   remat: bool = False  # rematerialise each block in the backward pass (saves memory)
   grad_boundaries: str = 'auto'  # training backward: 'auto' | 'on' | 'off' (`grad_boundary`)
+  # Training backward: the dense layers' weight gradients as ordinary GEMMs on a transposed
+  # copy of the input, 'auto' | 'on' | 'off' ('auto': on for CPU; `weight_grads`).
+  transposed_weight_grads: str = 'auto'
   init_adaln: float = 0.5  # multiplier of the AdaLN scale/shift rows at init
   init_adaln_gamma: float = 1e-5  # multiplier of the AdaLN gamma rows at init
   init_head: float = 0.02  # multiplier of the head weight at init
@@ -101,6 +104,9 @@ class TransformerConfig:
     if self.grad_boundaries not in GRAD_BOUNDARIES:
       raise ValueError(f'grad_boundaries must be one of {GRAD_BOUNDARIES}, '
                        f'got {self.grad_boundaries!r}')
+    if self.transposed_weight_grads not in weight_grads.SETTINGS:
+      raise ValueError(f'transposed_weight_grads must be one of {weight_grads.SETTINGS}, '
+                       f'got {self.transposed_weight_grads!r}')
     for name in ('drop_path_rate', 'cond_drop_rate'):
       if not 0.0 <= getattr(self, name) < 1.0:
         raise ValueError(f'{name} must be in [0, 1), got {getattr(self, name)}')
@@ -139,11 +145,21 @@ def adaln_init(std: float, num_chunks: int, chunk_multipliers: tuple[float, ...]
   return init
 
 
-def _dense(features, names, kernel_init, dtype, use_bias=True, name=None):
+def _dense(features, names, kernel_init, dtype, use_bias=True, name=None,
+           dot_general=jax.lax.dot_general):
   return nn.Dense(
       features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
       kernel_init=nn.with_logical_partitioning(kernel_init, names),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]))
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]),
+      dot_general=dot_general)
+
+
+def _dot_general(cfg: 'TransformerConfig', deterministic: bool):
+  """The dense layers' dot: `weight_grads.dense_dot_general` when training with
+  transposed_weight_grads on, else `lax.dot_general`."""
+  if not deterministic and weight_grads.use_transposed_weight_grads(cfg.transposed_weight_grads):
+    return weight_grads.dense_dot_general
+  return jax.lax.dot_general
 
 
 def _layer_norm(x, eps):
@@ -182,8 +198,9 @@ class SelfAttention(nn.Module):
         'scale_mul_1H11',
         nn.with_logical_partitioning(nn.initializers.constant(math.log(4.0)), (None, None, None, None)),
         (1, h, 1, 1), jnp.float32)
+    dot = _dot_general(cfg, deterministic)
     qkv = _dense(3 * c, ('embed', 'qkv'), trunc_normal(std), dtype, use_bias=False,
-                 name='mat_qkv')(x_BLC)
+                 name='mat_qkv', dot_general=dot)(x_BLC)
     bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
     # Clamped at ln(100) so the attention temperature stays bounded.
     head_scale_H = jnp.exp(jnp.minimum(scale_mul_1H11, math.log(100.0))).reshape(h)
@@ -202,7 +219,8 @@ class SelfAttention(nn.Module):
       o_BLHD = multiscale_attention(q, k, v.astype(dtype), layout=cfg.layout, first=first,
                                     last=last, config=cfg.attention, scale=1.0)
     proj_init = trunc_normal(std, 1 / math.sqrt(2 * cfg.depth))
-    return _dense(c, ('qkv', 'embed'), proj_init, dtype, name='proj')(o_BLHD.reshape(b, l, c))
+    return _dense(c, ('qkv', 'embed'), proj_init, dtype, name='proj',
+                  dot_general=dot)(o_BLHD.reshape(b, l, c))
 
 
 def resolve_ffn_implementation(name: str, *, deterministic: bool) -> str:
@@ -233,7 +251,8 @@ class FFN(nn.Module):
     dtype = DTYPES[cfg.dtype]
     std = math.sqrt(1 / (3 * cfg.width))
     hidden = round(cfg.width * cfg.mlp_ratio)
-    fc1 = _dense(hidden, ('embed', 'mlp'), trunc_normal(std), dtype, name='fc1')
+    dot = _dot_general(cfg, deterministic)
+    fc1 = _dense(hidden, ('embed', 'mlp'), trunc_normal(std), dtype, name='fc1', dot_general=dot)
     impl = resolve_ffn_implementation(cfg.ffn_implementation, deterministic=deterministic)
     b, l, c = x_BLC.shape
     if (impl == 'pallas' and not self.is_initializing()
@@ -244,7 +263,7 @@ class FFN(nn.Module):
     else:
       x = nn.gelu(fc1(x_BLC), approximate=True)
     fc2_init = trunc_normal(std, 1 / math.sqrt(2 * cfg.depth))
-    return _dense(cfg.width, ('mlp', 'embed'), fc2_init, dtype, name='fc2')(x)
+    return _dense(cfg.width, ('mlp', 'embed'), fc2_init, dtype, name='fc2', dot_general=dot)(x)
 
 
 def drop_path(x_BLC, rate: float, deterministic: bool, rng_module: nn.Module):
@@ -314,12 +333,13 @@ class LogitsHead(nn.Module):
   kernel_init: Any
 
   @nn.compact
-  def __call__(self, h_BLC):
+  def __call__(self, h_BLC, dot_general=jax.lax.dot_general):
     kernel = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, ('embed', 'vocab')),
                         (h_BLC.shape[-1], self.features), jnp.float32)
     bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('vocab',)),
                       (self.features,), jnp.float32)
-    logits = jnp.dot(h_BLC.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
+    logits = dot_general(h_BLC.astype(kernel.dtype), kernel, (((h_BLC.ndim - 1,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32)
     return logits + bias.astype(jnp.float32)
 
 
@@ -457,7 +477,7 @@ class MVARTransformer(nn.Module):
         if boundaries:
           x_BLC = grad_boundary(x_BLC)
     h = self.head_nm(x_BLC.astype(jnp.float32), cond_BD)
-    return self.head(h).astype(jnp.float32)
+    return self.head(h, _dot_general(cfg, deterministic)).astype(jnp.float32)
 
 
 def run_blocks_in_loop(cfg: TransformerConfig, params, x_BLC, cond_BD, first: int, last: int,
