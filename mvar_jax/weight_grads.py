@@ -10,7 +10,9 @@ Those products are a quarter of a training step's matmul FLOPs.
 `dense_dot_general` is nn.Dense's `lax.dot_general` in the forward; its backward transposes
 x into a (K, M) array behind an optimisation barrier (XLA would otherwise fold the transpose
 back into the dot) and multiplies in the usual orientation. Same values up to the GEMM's
-summation order; one extra copy of x (M x K) per layer.
+summation order; one extra copy of x (M x K) per layer. Only layers at least as wide as
+their input (N >= K: qkv, proj, fc1, the head) take it: for fc2 (K = 4N) the autodiff dot
+ran at full rate and the copied form at 0.81-0.89x (launch/bench_weight_grad_dots.py).
 """
 
 from __future__ import annotations
@@ -59,11 +61,12 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
   """Drop-in for `lax.dot_general` in nn.Dense (`dot_general=`): the dense pattern (lhs's
-  last axis against a 2-D rhs's first, no batch axes, default precision) through `_matmul`,
-  anything else to `lax.dot_general` unchanged."""
+  last axis against a 2-D rhs's first, no batch axes, default precision) with a weight at
+  least as wide as its input through `_matmul`, anything else to `lax.dot_general`."""
   (lhs_c, rhs_c), (lhs_b, rhs_b) = dimension_numbers
   if (rhs.ndim == 2 and tuple(lhs_c) == (lhs.ndim - 1,) and tuple(rhs_c) == (0,)
-      and not lhs_b and not rhs_b and precision is None and lhs.dtype == rhs.dtype):
+      and not lhs_b and not rhs_b and precision is None and lhs.dtype == rhs.dtype
+      and rhs.shape[0] <= rhs.shape[1]):
     return _matmul(lhs, rhs, preferred_element_type)
   return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                          preferred_element_type=preferred_element_type)

@@ -457,6 +457,21 @@ def test_bench_train_step_smoke_compares_grad_boundaries_off_and_on(capsys):
   assert '| MVAR scale 4 |' in capsys.readouterr().out
 
 
+def test_bench_train_step_smoke_compares_transposed_weight_grads(capsys):
+  rows = _load('bench_train_step').main(['--smoke', '--field=transposed_weight_grads'])
+  assert all(row.loss_equal and set(row.ms) == {'off', 'on'} for row in rows), rows
+  assert 'settings of transposed_weight_grads' in capsys.readouterr().out
+
+
+def test_bench_weight_grad_dots_smoke_times_every_contender(capsys):
+  rows = _load('bench_weight_grad_dots').main(['--smoke'])
+  [(m, layer, rate)] = rows
+  assert (m, layer) == (16, 'tiny')
+  assert set(rate) == {'xla dot_general', 'xla transposed copy', 'torch'}
+  assert all(r > 0 for r in rate.values())
+  assert '| 16 | tiny (32 x 48) |' in capsys.readouterr().out
+
+
 def test_grad_boundaries_keep_the_backward_fusions_from_growing_with_depth():
   """XLA:CPU copies the residual stream's cotangent chain into every fusion that reads it,
   so without boundaries the largest fusion of a step grows with depth (~80 instructions a
