@@ -13,6 +13,8 @@ back into the dot) and multiplies in the usual orientation. Same values up to th
 summation order; one extra copy of x (M x K) per layer. Only layers at least as wide as
 their input (N >= K: qkv, proj, fc1, the head) take it: for fc2 (K = 4N) the autodiff dot
 ran at full rate and the copied form at 0.81-0.89x (launch/bench_weight_grad_dots.py).
+d16 fp32 batch 2 step, off -> on: 0.94x / 0.90x / 0.86x on scales 0..7 / 8 / 9
+(launch/results/cpu_2026-11-27_weight_grads.md).
 """
 
 from __future__ import annotations
