@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,20 +23,13 @@ import numpy as np
 from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from profile_sampler import median_ms  # noqa: E402  (launch/)
 
 # (K, N) of the d16 layers whose weight gradients contract K = 1024 rows, and fc2's.
 D16_WEIGHTS = {'qkv': (1024, 3072), 'proj': (1024, 1024), 'fc1': (1024, 4096),
                'fc2': (4096, 1024), 'head': (1024, 4096)}
-
-
-def median_seconds(fn, *args, reps: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def contenders():
@@ -77,13 +68,13 @@ def main(argv=None):
       x = rng.standard_normal((m, k), np.float32)
       g = rng.standard_normal((m, n), np.float32)
       flop = 2 * m * k * n
-      rate = {name: flop / median_seconds(fn, jnp.asarray(x), jnp.asarray(g), reps=args.reps) / 1e9
+      rate = {name: flop / median_ms(fn, jnp.asarray(x), jnp.asarray(g), reps=args.reps) / 1e6
               for name, fn in fns.items()}
       np.testing.assert_allclose(fns['xla transposed copy'](x, g), fns['xla dot_general'](x, g),
                                  rtol=1e-4, atol=1e-3 * np.sqrt(m))
       if torch:
         tx, tg = torch.from_numpy(x), torch.from_numpy(g)
-        rate['torch'] = flop / median_seconds(lambda a, b: a.T @ b, tx, tg, reps=args.reps) / 1e9
+        rate['torch'] = flop / median_ms(lambda a, b: a.T @ b, tx, tg, reps=args.reps) / 1e6
       speedup = rate['xla transposed copy'] / rate['xla dot_general']
       print(f'| {m} | {layer} ({k} x {n}) | ' + ' | '.join(f'{rate[c]:.0f}' for c in names)
             + f' | {speedup:.2f} |', flush=True)

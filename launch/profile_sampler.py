@@ -28,7 +28,8 @@ import numpy as np  # noqa: E402
 import smoke_configs  # noqa: E402  (launch/)
 
 
-def _median_ms(fn, *args, reps: int):
+def median_ms(fn, *args, reps: int):
+  """Median wall time of fn(*args) in ms over `reps` calls, after one untimed call."""
   jax.block_until_ready(fn(*args))
   times = []
   for _ in range(reps):
@@ -85,14 +86,14 @@ def main(argv=None):
     h = tok.codebook(v_params)[idx].reshape(b, pn, pn, -1)
     step = jax.jit(lambda v, f, h, si=si: tok.next_input(v, si, f, h))
     rows.append((f'scale {si} ({pn}x{pn})',
-                 _median_ms(fwd, t_params, labels2, x, reps=args.reps),
-                 _median_ms(filt, logits, reps=args.reps),
-                 _median_ms(draw, jax.random.key(si), guided, reps=args.reps),
-                 _median_ms(step, v_params, f_hat, h, reps=args.reps)))
+                 median_ms(fwd, t_params, labels2, x, reps=args.reps),
+                 median_ms(filt, logits, reps=args.reps),
+                 median_ms(draw, jax.random.key(si), guided, reps=args.reps),
+                 median_ms(step, v_params, f_hat, h, reps=args.reps)))
     print(f'# {rows[-1][0]} done', flush=True)
   decode = jax.jit(lambda v, f: sampling.decode_in_chunks(tok, v, f,
                                                           sampling.DEFAULT_DECODE_BATCH))
-  dec_ms = _median_ms(decode, v_params, f_hat, reps=args.reps)
+  dec_ms = median_ms(decode, v_params, f_hat, reps=args.reps)
 
   dev = jax.devices()[0]
   print(f'\n# jax {jax.__version__} on {dev.platform}; depth {t_cfg.depth}, batch {b} (CFG: '
