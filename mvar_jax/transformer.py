@@ -46,7 +46,7 @@ from mvar_jax.layout import DEFAULT_PATCH_NUMS, ScaleLayout
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 FFN_IMPLEMENTATIONS = ('auto', 'xla', 'pallas')
-GRAD_BOUNDARIES = ('auto', 'on', 'off')
+BACKWARD_SETTINGS = ('auto', 'on', 'off')  # grad_boundaries, transposed_weight_grads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,12 +101,10 @@ class TransformerConfig:
     if self.ffn_implementation not in FFN_IMPLEMENTATIONS:
       raise ValueError(f'ffn_implementation must be one of {FFN_IMPLEMENTATIONS}, '
                        f'got {self.ffn_implementation!r}')
-    if self.grad_boundaries not in GRAD_BOUNDARIES:
-      raise ValueError(f'grad_boundaries must be one of {GRAD_BOUNDARIES}, '
-                       f'got {self.grad_boundaries!r}')
-    if self.transposed_weight_grads not in weight_grads.SETTINGS:
-      raise ValueError(f'transposed_weight_grads must be one of {weight_grads.SETTINGS}, '
-                       f'got {self.transposed_weight_grads!r}')
+    for name in ('grad_boundaries', 'transposed_weight_grads'):
+      if getattr(self, name) not in BACKWARD_SETTINGS:
+        raise ValueError(f'{name} must be one of {BACKWARD_SETTINGS}, '
+                         f'got {getattr(self, name)!r}')
     for name in ('drop_path_rate', 'cond_drop_rate'):
       if not 0.0 <= getattr(self, name) < 1.0:
         raise ValueError(f'{name} must be in [0, 1), got {getattr(self, name)}')

@@ -25,9 +25,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-SETTINGS = ('auto', 'on', 'off')
-
-
 def use_transposed_weight_grads(setting: str) -> bool:
   """'auto': on for the CPU backend only, where it was measured (GPU GEMMs take a
   transposed operand at full rate, and the copy would only cost)."""
