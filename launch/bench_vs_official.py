@@ -2,6 +2,7 @@ r"""Side by side with the official PyTorch code: same weights, one run, interlea
 
   python launch/bench_vs_official.py --official_mvar_src=/path/to/MVAR \
       --official_var_src=/path/to/VAR --depth=16 --batch=2             # CPU or GPU
+  python launch/bench_vs_official.py --official_mvar_src=/path/to/MVAR ...  # MVAR rows only
   python launch/bench_vs_official.py ... --smoke                      # tiny models, any machine
 
 Builds the official MVAR and VAR (checkouts of CVL-UESTC/MVAR and FoundationVision/VAR that
@@ -80,8 +81,10 @@ VARIANTS = {'ours MVAR (XLA FFN)': dict(ffn_implementation='xla'),
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--official_mvar_src', required=True, help='checkout of CVL-UESTC/MVAR')
-  p.add_argument('--official_var_src', required=True, help='checkout of FoundationVision/VAR')
+  p.add_argument('--official_mvar_src', default='',
+                 help='checkout of CVL-UESTC/MVAR (without it: no MVAR rows)')
+  p.add_argument('--official_var_src', default='',
+                 help='checkout of FoundationVision/VAR (without it: no VAR rows)')
   p.add_argument('--depth', type=int, default=16)
   p.add_argument('--batch', type=int, default=2, help='images per sampling call')
   p.add_argument('--train_batch', type=int, default=2, help='images per training step')
@@ -93,9 +96,10 @@ def parse_args(argv=None):
   p.add_argument('--stream', type=int, default=8,
                  help='sampling throughput: this many calls back to back per timing, one wait '
                       'at the end, as a sampling job runs them (0: off)')
-  p.add_argument('--samplers', default=','.join(SAMPLERS),
-                 help='comma-separated subset of the four samplers to time (memory: each pair '
-                      'holds its own weights; d16 all four need ~8 GB of host RAM on CPU)')
+  p.add_argument('--samplers', default='',
+                 help='comma-separated subset of the four samplers to time (default: those of '
+                      'the families whose checkout is given; memory: each pair holds its own '
+                      'weights; d16 all four need ~8 GB of host RAM on CPU)')
   p.add_argument('--skip_sampling', action='store_true')
   p.add_argument('--skip_train', action='store_true')
   p.add_argument('--memory', action=argparse.BooleanOptionalAction, default=True,
@@ -119,7 +123,31 @@ def parse_args(argv=None):
   p.add_argument('--smoke', action='store_true', help='tiny models: checks the script runs')
   p.add_argument('--json_out', default='')
   p.add_argument('--probe', default='', help=argparse.SUPPRESS)  # internal: one contender
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  given = families_given(args)
+  if not given:
+    p.error('give --official_mvar_src, --official_var_src or both (the checkouts to compare with)')
+  if not args.samplers:
+    args.samplers = ','.join(n for n in SAMPLERS if family_of(n) in given)
+  for name in args.samplers.split(','):
+    which = family_of(name.strip())
+    if which is not None and which not in given:
+      p.error(f'--samplers: {name.strip()!r} needs --official_{which}_src')
+  return args
+
+
+def family_of(name: str) -> str | None:
+  """'mvar' or 'var' for a sampler's name (variants are MVAR's), None for an unknown name."""
+  for which, off_name, our_name in FAMILIES:
+    if name in (off_name, our_name) or (which == 'mvar' and name in VARIANTS):
+      return which
+  return None
+
+
+def families_given(args) -> tuple:
+  """The families ('mvar', 'var') whose official checkout is given: only they are timed."""
+  return tuple(w for w, src in (('mvar', args.official_mvar_src), ('var', args.official_var_src))
+               if src)
 
 
 # ============================================================================= official code
@@ -523,6 +551,8 @@ def all_names(setup: Setup) -> list[str]:
       n.strip() for n in setup.args.samplers.split(',')]
   if not setup.args.skip_train:
     for which, off_name, our_name in FAMILIES:
+      if which not in families_given(setup.args):
+        continue
       for s in segments(setup, which):
         names += [f'{off_name} train {_seg_name(*s)}', f'{our_name} train {_seg_name(*s)}']
   return names
@@ -810,7 +840,7 @@ def main(argv=None):
                               max(1, min(args.reps, 3)))
     del contenders
   if not args.skip_train:
-    for which, _, _ in FAMILIES:
+    for which in families_given(args):
       gc.collect()
       if setup.device == 'cuda':  # torch's cached blocks are free memory JAX cannot use
         torch.cuda.empty_cache()

@@ -494,3 +494,21 @@ def test_grad_boundaries_keep_the_backward_fusions_from_growing_with_depth():
   assert growth_off > 100, size  # the duplication this guards against (else: retire it)
   assert growth_on < growth_off / 4, size
   assert size['on', 6] < size['off', 6] / 2, size
+
+
+def test_each_official_checkout_is_optional_and_picks_its_rows(capsys):
+  bench = _load('bench_vs_official')
+  mvar_only = bench.parse_args(['--official_mvar_src=/src/MVAR'])
+  assert bench.families_given(mvar_only) == ('mvar',)
+  assert mvar_only.samplers == 'official MVAR,ours MVAR'
+  var_only = bench.parse_args(['--official_var_src=/src/VAR'])
+  assert var_only.samplers == 'official VAR,ours VAR mode'
+  both = bench.parse_args(['--official_mvar_src=/a', '--official_var_src=/b'])
+  assert both.samplers == ','.join(bench.SAMPLERS)
+  assert bench.families_given(both) == ('mvar', 'var')
+  with pytest.raises(SystemExit):  # neither: nothing to compare with
+    bench.parse_args([])
+  assert 'give --official_mvar_src, --official_var_src or both' in capsys.readouterr().err
+  with pytest.raises(SystemExit):  # a VAR sampler without the VAR checkout
+    bench.parse_args(['--official_mvar_src=/a', '--samplers=ours MVAR,official VAR'])
+  assert "'official VAR' needs --official_var_src" in capsys.readouterr().err
