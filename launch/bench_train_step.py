@@ -81,7 +81,9 @@ def make_step(cfg, params, batch: int, first: int, last: int):
     return optax.apply_updates(params, updates), opt_state, loss
 
   opt_state = tx.init(params)
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state).compile()
+  from mvar_jax import train  # the trainer's XLA options for its step
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state).compile(
+      dict(train.step_compiler_options()) or None)
   return compiled, opt_state
 
 

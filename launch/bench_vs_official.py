@@ -461,6 +461,7 @@ def our_train_steps(setup: Setup, official, mode: str):
   import jax
   import jax.numpy as jnp
   import optax
+  from mvar_jax import train
   _, _, model, params = convert_to_ours(setup, *official, mode)
   tx = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.05)
   x, gt, labels = (jnp.asarray(a) for a in _train_data(setup))
@@ -480,7 +481,8 @@ def our_train_steps(setup: Setup, official, mode: str):
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state, loss
 
-    jitted = jax.jit(step, donate_argnums=(0, 1))
+    jitted = jax.jit(step, donate_argnums=(0, 1),  # with the trainer's XLA options
+                     compiler_options=dict(train.step_compiler_options()) or None)
 
     def run(jitted=jitted):
       state['params'], state['opt'], loss = jitted(state['params'], state['opt'],

@@ -282,11 +282,25 @@ def compiler_options(backend: str | None = None) -> tuple:
     return tuple(_GPU_OPTIONS.items())
   if backend != 'cpu':
     return ()
+  return xla_cpu_options_if_known(_CPU_OPTIONS)
+
+
+def xla_cpu_options_if_known(options: dict) -> tuple:
+  """`options` as items if this XLA:CPU accepts them, else () (its defaults).
+
+  For experimental options, which a jaxlib may not know: a one-op program is compiled with
+  them once per process to find out.
+  """
+  return _xla_cpu_accepts(tuple(sorted(options.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _xla_cpu_accepts(items: tuple) -> tuple:
   try:
-    jax.jit(lambda x: x + 1, backend='cpu').lower(np.float32(0)).compile(_CPU_OPTIONS)
+    jax.jit(lambda x: x + 1, backend='cpu').lower(np.float32(0)).compile(dict(items))
   except Exception:  # jaxlib without the option: compile with its defaults
     return ()
-  return tuple(_CPU_OPTIONS.items())
+  return items
 
 
 def loops_blocks(backend: str | None = None) -> bool:

@@ -316,6 +316,27 @@ def init_state(setup: Setup, rng, init_params=None):
   return jax.jit(make, out_shardings=setup.state_shardings)(params)
 
 
+# XLA:CPU's YNNPACK fusions limited to matmuls in the training step. With its default list
+# YNNPACK also takes elementwise chains and reductions, and for those it wants every
+# broadcast operand materialised at full size: the softmax's row sums become (B, H, Q, K)
+# tensors written by single-threaded broadcast kernels (wrapped_broadcast, ~20 ms each for a
+# (2, 16, 256, 680) one), and a logits matmul fused with its row max ran at 16 GF/s. With
+# matmuls only, XLA's own loop fusions do the rest (the convolutions of an encoder in the step
+# go to Eigen's multi-threaded ones too). d16, fp32, batch 2 on 2 cores, one process, the same
+# step compiled both ways and interleaved: MVAR scale 9 6.04 against 6.63 s, VAR 19.50 against
+# 20.54 s; no YNNPACK fusion at all: 8.45 and 23.08 s (launch/results/cpu_2026-11-27_ynn.md).
+_CPU_STEP_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT'}
+
+
+def step_compiler_options(backend: str | None = None) -> tuple:
+  """XLA options the training step compiles with on `backend` (default: JAX's), as items:
+  `_CPU_STEP_OPTIONS` on an XLA:CPU that knows them, none elsewhere."""
+  from mvar_jax import sampling
+  if (backend or jax.default_backend()) != 'cpu':
+    return ()
+  return sampling.xla_cpu_options_if_known(_CPU_STEP_OPTIONS)
+
+
 def compile_train_step(setup: Setup, tokenizer: vq.Tokenizer, tok_shardings, *, first: int,
                        last: int, label_smoothing: float, ema_decay: float,
                        grad_accum_steps: int = 1):
@@ -327,7 +348,8 @@ def compile_train_step(setup: Setup, tokenizer: vq.Tokenizer, tok_shardings, *, 
   return jax.jit(sharding.traced_on_mesh(fn, setup.mesh, setup.rules),
                  in_shardings=(setup.state_shardings, setup.batch_sharding, setup.replicated,
                                tok_shardings),
-                 out_shardings=(setup.state_shardings, setup.replicated), donate_argnums=(0,))
+                 out_shardings=(setup.state_shardings, setup.replicated), donate_argnums=(0,),
+                 compiler_options=dict(step_compiler_options()) or None)
 
 
 def segment_params(setup: Setup, first: int, last: int):

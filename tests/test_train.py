@@ -495,3 +495,43 @@ def test_micro_batches_must_split_the_batch_evenly_over_the_shards():
   c.train.grad_accum_steps = 0
   with pytest.raises(ValueError, match='train.grad_accum_steps must be an integer >= 1, got 0'):
     config_utils.validate_config(c)
+
+
+def _ynn_fusions(hlo: str) -> dict:
+  """{fusion name: whether its computation holds a dot} for XLA:CPU's YNNPACK fusions."""
+  bodies, name = {}, None
+  for line in hlo.splitlines():
+    if line.rstrip().endswith('{') and not line.startswith(' '):
+      name, bodies[line.split()[0].lstrip('%')] = line.split()[0].lstrip('%'), ''
+    elif name is not None:
+      bodies[name] += line + '\n'
+  out = {}
+  for line in hlo.splitlines():
+    if '__ynn_fusion' in line and 'calls=' in line:
+      called = line.split('calls=')[1].split(',')[0].lstrip('%')
+      out[line.split('=')[0].strip().lstrip('%')] = ' dot(' in bodies.get(called, '')
+  return out
+
+
+def test_the_cpu_training_step_gives_ynnpack_its_matmuls_only():
+  """XLA:CPU hands elementwise chains and reductions to YNNPACK by default, which wants their
+  broadcast operands written out in full (a softmax's row sums as (B, H, Q, K) tensors); the
+  training step compiles with YNNPACK's matmul fusions only. Elsewhere: no options."""
+  assert dict(train.step_compiler_options('cpu')) == {
+      'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT'}
+  assert train.step_compiler_options('gpu') == () and train.step_compiler_options('tpu') == ()
+
+  rng = np.random.default_rng(0)
+  q, k = (jnp.asarray(rng.standard_normal((2, 4, 64, 32)), jnp.float32) for _ in range(2))
+
+  def loss(q, k):  # softmax attention's pattern: matmul, row max and sum, divide, matmul
+    probs = jax.nn.softmax(jnp.einsum('bhqd,bhkd->bhqk', q, k), axis=-1)
+    return jnp.sum(jnp.einsum('bhqk,bhkd->bhqd', probs, k) ** 2)
+
+  lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(q, k)
+  default = _ynn_fusions(lowered.compile().as_text())
+  ours = _ynn_fusions(lowered.compile(dict(train.step_compiler_options('cpu'))).as_text())
+  # If XLA stops giving YNNPACK anything but matmuls, the first assertion fails and says the
+  # option can go.
+  assert not all(default.values()), default
+  assert ours and all(ours.values()), ours
