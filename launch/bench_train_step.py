@@ -8,7 +8,8 @@
 One step = loss, gradient and AdamW on one segment of the official schedule (scales
 0..refine_step-1, then each large scale alone; `--modes=var` adds VAR's all-scales step), on
 random weights and data; each setting's training state is carried from step to step and
-donated, as in the trainer. Every repetition runs each setting of `--field` (a
+donated, and the step compiles with the XLA options, as in the trainer
+(`train.step_compiler_options`). Every repetition runs each setting of `--field` (a
 `TransformerConfig` field: `grad_boundaries` by default, or `transposed_weight_grads`) once,
 in turn, the other field at its default; the table gives medians (ms) and the ratio on/off,
 plus the largest fusion of each compiled step (instructions), the figure that grows with
