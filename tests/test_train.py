@@ -501,8 +501,9 @@ def _ynn_fusions(hlo: str) -> dict:
   """{fusion name: whether its computation holds a dot} for XLA:CPU's YNNPACK fusions."""
   bodies, name = {}, None
   for line in hlo.splitlines():
-    if line.rstrip().endswith('{') and not line.startswith(' '):
-      name, bodies[line.split()[0].lstrip('%')] = line.split()[0].lstrip('%'), ''
+    if line.rstrip().endswith('{') and not line.startswith(' '):  # a computation's header
+      name = line.split()[0].lstrip('%')
+      bodies[name] = ''
     elif name is not None:
       bodies[name] += line + '\n'
   out = {}
