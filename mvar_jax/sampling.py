@@ -193,6 +193,8 @@ def _scales(t_params, v_params, labels_B, key, cfg, top_p, carry, *, first: int,
     carry = (jnp.zeros((b, pn_last, pn_last, tcfg.cvae), jnp.float32), ())
   f_hat, prefix = carry
   prefix = list(prefix)  # teacher inputs of the scales before (MVAR: the last only)
+  # The blocks' AdaLN modulations depend on the labels alone: computed once, not per scale.
+  modulations = transformer.apply(t_params, model_labels, method='block_modulations')
   ids = []
   # The caller's key: its first half draws random labels (`sample`), the second drives the
   # scales. Split here, not eagerly: an eager split compiles a program of its own in every
@@ -209,7 +211,7 @@ def _scales(t_params, v_params, labels_B, key, cfg, top_p, carry, *, first: int,
     if x is not None and use_cfg:
       x = jnp.concatenate([x, x])
     logits = transformer.apply(t_params, model_labels, x, first=scale_first, last=si,
-                               loop_blocks=loop_blocks)
+                               loop_blocks=loop_blocks, block_modulations=modulations)
     logits = logits[:, -pn * pn:]
     if use_cfg:
       logits = guidance(logits, cfg * ratio)

@@ -279,26 +279,35 @@ class AdaLNSelfAttn(nn.Module):
   config: TransformerConfig
   drop_path_rate: float = 0.0
 
-  @nn.compact
-  def __call__(self, x_BLC, cond_BD, first: int, last: int, deterministic: bool = True):
+  def setup(self):
     cfg = self.config
-    dtype = DTYPES[cfg.dtype]
     c = cfg.width
     std = math.sqrt(1 / (3 * c))
     # Chunk order of the official ada_lin: gamma1, gamma2, scale1, scale2, shift1, shift2.
     init = adaln_init(std, 6, (cfg.init_adaln_gamma,) * 2 + (cfg.init_adaln,) * 4)
-    ada = _dense(6 * c, ('embed', 'adaln'), init, dtype, name='ada_lin')(nn.silu(cond_BD))
+    self.ada_lin = _dense(6 * c, ('embed', 'adaln'), init, DTYPES[cfg.dtype])
+    self.attn = SelfAttention(cfg)
+    self.ffn = FFN(cfg)
+
+  def modulation(self, cond_BD):
+    """The block's AdaLN modulation (B, 6C) of the condition (B, C), in the compute dtype."""
+    return self.ada_lin(nn.silu(cond_BD))
+
+  def __call__(self, x_BLC, cond_BD, first: int, last: int, deterministic: bool = True,
+               ada_B6C=None):
+    """ada_B6C: `modulation(cond_BD)` computed beforehand (a sampler computes it once for all
+    scales), or None to compute it here."""
+    ada = self.modulation(cond_BD) if ada_B6C is None else ada_B6C
     gamma1, gamma2, scale1, scale2, shift1, shift2 = jnp.split(ada[:, None, :], 6, axis=-1)
-    eps = cfg.norm_eps
+    eps = self.config.norm_eps
     # The residual stream stays split over the batch under a mesh (a guard: the condition's
     # constraint in MVARTransformer.__call__ is what fixed a measured case). No-op without one.
     x_BLC = nn.with_logical_constraint(x_BLC, ('activation_batch', None, None))
     h = _layer_norm(x_BLC, eps) * (1 + scale1) + shift1
-    h = SelfAttention(cfg, name='attn')(h, first=first, last=last,
-                                        deterministic=deterministic) * gamma1
+    h = self.attn(h, first=first, last=last, deterministic=deterministic) * gamma1
     x_BLC = x_BLC + drop_path(h, self.drop_path_rate, deterministic, self)
     h = _layer_norm(x_BLC, eps) * (1 + scale2) + shift2
-    h = FFN(cfg, name='ffn')(h, deterministic) * gamma2
+    h = self.ffn(h, deterministic) * gamma2
     return x_BLC + drop_path(h, self.drop_path_rate, deterministic, self)
 
 
@@ -421,6 +430,18 @@ class MVARTransformer(nn.Module):
       label_B = jnp.where(drop, cfg.num_classes, label_B)
     return self.class_emb(label_B)
 
+  def block_modulations(self, label_B) -> tuple:
+    """Every block's AdaLN modulation of the class condition: depth arrays (B, 6C).
+
+    They depend on the labels alone, so a sampler computes them once and passes them to each
+    scale's call (`__call__(..., block_modulations=...)`): without that, every scale reads
+    the depth ada_lin matrices again (a third of a d16 block's weights; ~30 ms per scale at
+    batch 2 on a 2-core CPU), as the official samplers do. Inference only (no class dropout).
+    """
+    cond_BD = nn.with_logical_constraint(self.condition(label_B), ('activation_batch', None))
+    cond_c = cond_BD.astype(DTYPES[self.config.dtype])
+    return tuple(block.modulation(cond_c) for block in self.blocks)
+
   def embed_tokens(self, cond_BD, x_BlCv, first: int, last: int):
     """Token embeddings of scales first..last (fp32, (B, L_seg, C))."""
     layout = self.config.layout
@@ -441,9 +462,11 @@ class MVARTransformer(nn.Module):
     return x_BLC + self.lvl_embed(lvl)[None] + self.pos_1LC[:, begin:end]
 
   def __call__(self, label_B, x_BlCv=None, *, first: int = 0, last: int | None = None,
-               train: bool = False, loop_blocks: bool = False):
+               train: bool = False, loop_blocks: bool = False, block_modulations=None):
     """Logits (B, L_seg, V) fp32 for the tokens of scales first..last.
 
+    block_modulations (inference only): `block_modulations(label_B)` computed beforehand;
+    same values as without.
     loop_blocks (inference only): run the blocks as one loop whose body switches between
     groups of blocks (`run_blocks_in_loop`) instead of unrolled; same values, a program with
     far fewer top-level kernels.
@@ -454,6 +477,11 @@ class MVARTransformer(nn.Module):
       raise ValueError(f'need 0 <= first <= last < {cfg.layout.num_scales}, got {first}..{last}')
     if loop_blocks and train:
       raise ValueError('loop_blocks is for inference; train=True needs the unrolled blocks')
+    if block_modulations is not None and train:
+      raise ValueError('block_modulations is for inference (training drops classes)')
+    mods = (None,) * cfg.depth if block_modulations is None else tuple(block_modulations)
+    if len(mods) != cfg.depth:
+      raise ValueError(f'block_modulations: need one per block ({cfg.depth}), got {len(mods)}')
     deterministic = not train
     # Split over the batch under a mesh (no-op without one). Unconstrained, XLA's partitioner
     # gathered the (B, 6C) AdaLN outputs over the global batch and, in the scales-0..7 step,
@@ -467,11 +495,14 @@ class MVARTransformer(nn.Module):
     dtype = DTYPES[cfg.dtype]
     x_BLC, cond_c = x_BLC.astype(dtype), cond_BD.astype(dtype)
     if loop_blocks:
-      x_BLC = run_blocks_in_loop(cfg, self.variables['params'], x_BLC, cond_c, first, last)
+      x_BLC = run_blocks_in_loop(cfg, self.variables['params'], x_BLC, cond_c, first, last,
+                                 mods)
     else:
       boundaries = train and use_grad_boundaries(cfg.grad_boundaries)
-      for block in self.blocks:
-        x_BLC = block(x_BLC, cond_c, first, last, deterministic)
+      for block, ada in zip(self.blocks, mods):
+        # Without a modulation the call is the 5-argument one that nn.remat's static
+        # arguments describe.
+        x_BLC = block(x_BLC, cond_c, first, last, deterministic, *(() if ada is None else (ada,)))
         if boundaries:
           x_BLC = grad_boundary(x_BLC)
     h = self.head_nm(x_BLC.astype(jnp.float32), cond_BD)
@@ -479,7 +510,7 @@ class MVARTransformer(nn.Module):
 
 
 def run_blocks_in_loop(cfg: TransformerConfig, params, x_BLC, cond_BD, first: int, last: int,
-                       blocks_per_step: int = 4):
+                       modulations=None, blocks_per_step: int = 4):
   """The blocks in inference mode as a `fori_loop` over a `switch` between groups of blocks.
 
   The same operations as the unrolled stack, `blocks_per_step` blocks per branch (the largest
@@ -488,18 +519,20 @@ def run_blocks_in_loop(cfg: TransformerConfig, params, x_BLC, cond_BD, first: in
   superlinear in its length, whenever an executable is compiled or a stored one is loaded:
   the stored d16 sampler loads in 2.8 s instead of 7.5 s. One block per branch loads as fast
   but samples ~4% slower; four blocks per branch sample as fast as the unrolled stack
-  (launch/results/cpu_2026-11-26.md).
+  (launch/results/cpu_2026-11-26.md). modulations: per block, as `MVARTransformer.__call__`'s
+  block_modulations, or None (computed in the loop).
   """
   group = max(g for g in range(1, blocks_per_step + 1) if cfg.depth % g == 0)
   block = AdaLNSelfAttn(cfg, parent=None)  # unbound: applied to each block's params
+  modulations = (None,) * cfg.depth if modulations is None else tuple(modulations)
 
-  def blocks(params_of_group, x):
-    for p in params_of_group:
-      x = block.apply({'params': p}, x, cond_BD, first, last)
+  def blocks(indices, x):
+    for j in indices:
+      x = block.apply({'params': params[f'blocks_{j}']}, x, cond_BD, first, last, True,
+                      modulations[j])
     return x
 
-  branches = [functools.partial(blocks, [params[f'blocks_{j}'] for j in range(i, i + group)])
-              for i in range(0, cfg.depth, group)]
+  branches = [functools.partial(blocks, range(i, i + group)) for i in range(0, cfg.depth, group)]
   return jax.lax.fori_loop(0, len(branches), lambda i, x: jax.lax.switch(i, branches, x), x_BLC)
 
 

@@ -165,6 +165,33 @@ class TestSample:
       sampler(pipe.transformer_params, pipe.tokenizer_params, key=jax.random.key(7),
               labels=[0, 1, 2], cfg=1.0)
 
+  @pytest.mark.parametrize('mode', ['mvar', 'var'])
+  def test_the_sampler_computes_the_blocks_modulations_once_not_per_scale(self, pipe, mode):
+    """Each block's ada_lin matrix is multiplied once per call: the modulations depend on
+    the labels alone, and reading those matrices again at every scale was a third of a
+    block's weight traffic at the small scales."""
+    import dataclasses
+    t_cfg = dataclasses.replace(pipe.transformer_config, attention=dataclasses.replace(
+        pipe.transformer_config.attention, mode=mode))
+    jaxpr = jax.make_jaxpr(lambda tp, vp, l, k: sampling._scale_loop(
+        {'params': tp}, vp, l, k, 2.0, 0.9, transformer=transformer.MVARTransformer(t_cfg),
+        vqvae=pipe.tokenizer, top_k=8, more_smooth=False, use_cfg=True))(
+            pipe.transformer_params, pipe.tokenizer_params, jnp.arange(3), jax.random.key(0))
+    ada_shape = (t_cfg.width, 6 * t_cfg.width)  # (C, 6C)
+    def ada_dots(jaxpr):  # dots with an ada_lin matrix, in nested jaxprs (loops, switches) too
+      count = 0
+      for eqn in jaxpr.eqns:
+        if eqn.primitive.name == 'dot_general':
+          count += any(getattr(v.aval, 'shape', None) == ada_shape for v in eqn.invars)
+        for param in eqn.params.values():
+          for sub in (param if isinstance(param, (list, tuple)) else (param,)):
+            inner = getattr(sub, 'jaxpr', sub)
+            if hasattr(inner, 'eqns'):
+              count += ada_dots(inner)
+      return count
+    assert t_cfg.layout.num_scales > 1
+    assert ada_dots(jaxpr.jaxpr) == t_cfg.depth
+
   def test_xla_options_compile_their_own_program_with_the_same_samples(self, pipe):
     """A per-program XLA option (here a GPU one, which XLA:CPU accepts and ignores) is its own
     executable and cache entry; an option XLA does not know is an error naming it."""

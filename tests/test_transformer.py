@@ -365,6 +365,28 @@ def test_blocks_run_as_a_loop_give_the_unrolled_logits(mode, first, last):
                                       train=True, loop_blocks=True)
 
 
+@pytest.mark.parametrize('mode,first,last,loop', [('mvar', 0, 4, False), ('mvar', 3, 3, True),
+                                                  ('var', 0, 4, True)])
+def test_precomputed_block_modulations_give_the_same_logits(mode, first, last, loop):
+  config = tiny_config(mode, depth=2)
+  params = random_params(config, seed=31)
+  label_B, x = labels(config, 32, BATCH), teacher_input(config, 33, BATCH, first, last)
+  model = tfm.MVARTransformer(config)
+  mods = model.apply({'params': params}, label_B, method='block_modulations')
+  assert [m.shape for m in mods] == [(BATCH, 6 * config.width)] * config.depth
+  given = jax.jit(lambda p, l, x, m: model.apply(
+      {'params': p}, l, x, first=first, last=last, loop_blocks=loop, block_modulations=m))(
+          params, label_B, x, mods)
+  np.testing.assert_allclose(given, logits(config, params, label_B, x, first, last),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='block_modulations is for inference'):
+    model.apply({'params': params}, label_B, x, first=first, last=last, train=True,
+                block_modulations=mods, rngs={'dropout': jax.random.key(0)})
+  with pytest.raises(ValueError, match=r'block_modulations: need one per block \(2\), got 1'):
+    model.apply({'params': params}, label_B, x, first=first, last=last,
+                block_modulations=mods[:1])
+
+
 def test_drop_path_is_random_in_training_and_off_in_inference():
   config = tiny_config(cond_drop_rate=0.0, drop_path_rate=0.5)
   params = random_params(config, seed=22)
