@@ -72,6 +72,9 @@ VARIANTS = {'ours MVAR (XLA FFN)': dict(ffn_implementation='xla'),
             # launch/results/h100_2026-11-27.md): programmatic dependent launch (a kernel
             # starts while the one before it drains), independent kernels of a CUDA graph run
             # concurrently, the decode's chunk loop unrolled into the graph.
+            # CPU: one program without YNNPACK (before: the scales with many rows as a second
+            # program with YNNPACK's matmuls, sampling.cpu_split). On GPUs the default itself.
+            'ours MVAR (one program)': dict(xla_options={}),
             'ours MVAR (PDL)': dict(xla_options={'xla_gpu_enable_pdl': True}),
             'ours MVAR (concurrent graph regions)': dict(
                 xla_options={'xla_gpu_graph_enable_concurrent_region': True}),

@@ -265,6 +265,18 @@ def _variables(params):
 # compiles faster, and a new process loads its stored executable in 10 instead of 14 CPU
 # seconds (single-dot fusions: same memory, slower load). Measurements: launch/README.md.
 _CPU_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
+# The scales with many rows are the exception: there YNNPACK's matmuls, one dot per fusion
+# (no epilogue, so no broadcast constants; same `memory_analysis`), beat Eigen's, which win on
+# the few rows of the small scales (their weight reads dominate). d16, 2-core AMD EPYC, one
+# scale's forward at batch 2 (4 rows per token with CFG), ms: 4 rows 107 (Eigen) / 152
+# (YNNPACK), 36 rows 225 / 288, 256 rows 1123 / 914, 1024 rows 4390 / 4079. So on CPU the
+# sampler is two programs, split at the first scale of `_CPU_DOT_MIN_ROWS` rows
+# (`cpu_split`): the whole d16 batch-2 call took 0.91x the one-program time (7 interleaved
+# pairs). YNNPACK in every scale was as fast but its executable loads in 14 s instead of
+# 4 s (a new process's first call); split, the two load in 6 s.
+_CPU_LARGE_SCALE_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type':
+                            'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+_CPU_DOT_MIN_ROWS = 256
 # On GPUs the sampler's matmuls go to cuBLAS rather than XLA's Triton GEMMs. With Triton GEMMs
 # on, XLA never folds the FFN's bias + GELU into cuBLAS's epilogue (a separate GELU pass per
 # block); without them it does. H100, d16, batch 32 (launch/results/h100_2026-11-27.md): 79
@@ -303,6 +315,22 @@ def _xla_cpu_accepts(items: tuple) -> tuple:
   except Exception:  # jaxlib without the option: compile with its defaults
     return ()
   return items
+
+
+def cpu_split(layout, batch_size: int, use_cfg: bool) -> tuple[int | None, dict]:
+  """(split_at_scale, options of the later program) of the CPU sampler's default.
+
+  The later program holds the scales from the first one whose transformer rows (batch, twice
+  with CFG, times tokens) reach `_CPU_DOT_MIN_ROWS`. (None, {}) when no scale does (one
+  program, `_CPU_OPTIONS`) or on an XLA:CPU without the option; (None, options) when scale 0
+  already does (one program with them).
+  """
+  options = dict(xla_cpu_options_if_known(_CPU_LARGE_SCALE_OPTIONS))
+  rows = [batch_size * (2 if use_cfg else 1) * pn * pn for pn in layout.patch_nums]
+  first = next((si for si, r in enumerate(rows) if r >= _CPU_DOT_MIN_ROWS), None)
+  if not options or first is None:
+    return None, {}
+  return (first or None), options
 
 
 def loops_blocks(backend: str | None = None) -> bool:
@@ -469,7 +497,8 @@ def compile_sampler(transformer, t_params, vqvae, v_params, *, batch_size: int,
   `xla_options` and the rest, with the decode, with `late_xla_options` (XLA options hold for
   a whole program; e.g. the large scales without Triton GEMMs, for cuBLAS's GELU epilogue,
   and the small ones with). Same samples: the second program continues from the first's
-  f_hat and teacher input.
+  f_hat and teacher input. On CPU, with none of these three given, the sampler is split
+  where `cpu_split` says (YNNPACK matmuls for the scales with many rows).
   """
   validate_sampling_args(num_classes=transformer.config.num_classes, labels=None, cfg=cfg,
                          top_k=top_k, top_p=1.0)
@@ -483,6 +512,13 @@ def compile_sampler(transformer, t_params, vqvae, v_params, *, batch_size: int,
                      f'after it form the second program), got {split_at_scale}')
   if late_xla_options is not None and split_at_scale is None:
     raise ValueError('late_xla_options applies to the second program: give split_at_scale too')
+  if (jax.default_backend() == 'cpu' and split_at_scale is None and xla_options is None
+      and late_xla_options is None):
+    split_at_scale, large = cpu_split(transformer.config.layout, int(batch_size), cfg != 1.0)
+    if split_at_scale is None:
+      xla_options = large or None
+    else:
+      late_xla_options = large
   key = jax.eval_shape(lambda: jax.random.key(0)) if key is None else key
   options = lambda d: tuple(sorted((d or {}).items()))
   return _sampler(transformer, vqvae, int(batch_size), int(top_k), bool(more_smooth),

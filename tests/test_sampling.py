@@ -101,6 +101,19 @@ def test_each_backend_compiles_the_sampler_with_its_own_xla_options():
   assert not any(k.startswith('xla_gpu') for k, _ in sampling.compiler_options('cpu'))
 
 
+def test_the_cpu_sampler_gives_ynnpack_the_scales_with_many_rows():
+  """cpu_split: the later program starts at the first scale whose CFG rows x tokens reach
+  256 (where YNNPACK's matmuls beat Eigen's on CPU)."""
+  layout = transformer.preset(16).layout  # 1, 2, 3, 4, 5, 6, 8, 10, 13, 16
+  large = dict(sampling._CPU_LARGE_SCALE_OPTIONS)
+  assert sampling.cpu_split(layout, 2, True) == (6, large)  # 4 rows x 8x8 tokens
+  assert sampling.cpu_split(layout, 32, True) == (1, large)  # 64 rows x 2x2 tokens
+  assert sampling.cpu_split(layout, 1, False) == (9, large)  # 1 row x 16x16 tokens
+  assert sampling.cpu_split(layout, 128, True) == (None, large)  # scale 0 already: one program
+  small = transformer.TransformerConfig(patch_nums=PATCH_NUMS).layout
+  assert sampling.cpu_split(small, 3, True) == (None, {})  # 6 x 36 rows at most: no YNNPACK
+
+
 def test_guidance_formula():
   cond = jnp.array([[[1.0, 2.0]]])
   uncond = jnp.array([[[3.0, -1.0]]])
@@ -240,6 +253,24 @@ class TestSample:
         sampling.compile_sampler(*args, batch_size=3, cfg=2.0, top_k=8, split_at_scale=bad)
     with pytest.raises(ValueError, match='give split_at_scale too'):
       sampling.compile_sampler(*args, batch_size=3, cfg=2.0, top_k=8, late_xla_options={})
+
+  def test_the_cpu_default_splits_where_cpu_split_says_with_the_same_samples(self, pipe,
+                                                                             monkeypatch):
+    monkeypatch.setattr(sampling, '_CPU_DOT_MIN_ROWS', 50)  # batch 3 with CFG: scale 2 (54)
+    args = (pipe.transformer, pipe.transformer_params, pipe.tokenizer, pipe.tokenizer_params)
+    kw = dict(key=jax.random.key(7), labels=[0, 3, 4], cfg=2.0, top_p=0.9)
+    default = sampling.compile_sampler(*args, batch_size=3, cfg=2.0, top_k=8)
+    one = sampling.compile_sampler(*args, batch_size=3, cfg=2.0, top_k=8, xla_options={})
+    assert len(default.programs) == 2 and len(one.programs) == 1
+    # YNNPACK's fusions in the later program only.
+    head, tail = (p.as_text() for p in default.programs)
+    assert '__ynn_fusion' not in head and '__ynn_fusion' in tail
+    assert '__ynn_fusion' not in one.executable.as_text()
+    a = one(pipe.transformer_params, pipe.tokenizer_params, **kw)
+    b = default(pipe.transformer_params, pipe.tokenizer_params, **kw)
+    for x, y in zip(a.ids, b.ids):
+      np.testing.assert_array_equal(x, y)
+    np.testing.assert_allclose(b.images_BHW3, a.images_BHW3, atol=1e-5)
 
   def test_shapes_ranges_and_consistency_with_the_tokenizer(self, pipe):
     # The signature of the tests above (an executable this process already has).
