@@ -71,8 +71,10 @@ _SAMPLE_SCRIPT = textwrap.dedent('''
     jax.monitoring.register_event_duration_secs_listener(
         lambda name, secs, fun_name='', **kw: traced.append(fun_name)
         if name == '/jax/core/compile/jaxpr_trace_duration' and 'scale_loop' in fun_name else None)
-    from mvar_jax import api, transformer, vqvae
+    from mvar_jax import api, sampling, transformer, vqvae
     from mvar_jax.attention import AttentionConfig
+    if len(sys.argv) > 1:  # the CPU sampler's split point, in rows (scale 1 here: 2 x 2 x 4)
+      sampling._CPU_DOT_MIN_ROWS = int(sys.argv[1])
     pn = (1, 2, 3, 4)
     v_cfg = vqvae.VQVAEConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, vocab_size=16,
                               patch_nums=pn, using_sa=False, using_mid_sa=False, norm_groups=8)
@@ -93,10 +95,10 @@ _SAMPLE_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _run(cache_dir):
+def _run(cache_dir, *args):
   env = dict(os.environ, MVAR_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PLATFORMS='cpu',
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', PYTHONPATH=REPO)
-  res = subprocess.run([sys.executable, '-c', _SAMPLE_SCRIPT], env=env, capture_output=True,
+  res = subprocess.run([sys.executable, '-c', _SAMPLE_SCRIPT, *args], env=env, capture_output=True,
                        text=True, timeout=600, check=False)
   assert res.returncode == 0, res.stderr[-3000:]
   return json.loads(res.stdout.strip().splitlines()[-1])
@@ -122,4 +124,15 @@ def test_a_second_process_loads_the_sampler_from_the_cache(tmp_path):
   assert third['traced'] >= 1 and third['ids'] == first['ids']
   assert _run(tmp_path / 'xla')['ids'] == first['ids']
   assert not path.exists()
+
+
+def test_a_second_process_loads_both_programs_of_a_split_sampler_without_tracing(tmp_path):
+  """The CPU sampler's default split (`sampling.cpu_split`): the second program's input
+  shapes come from the first's stored executable, not from tracing it again."""
+  first = _run(tmp_path / 'xla', '16')
+  assert first['traced'] >= 2
+  assert len(os.listdir(tmp_path / 'xla' / compilation_cache.EXECUTABLES_SUBDIR)) == 2
+  second = _run(tmp_path / 'xla', '16')
+  assert second['traced'] == 0
+  assert second['ids'] == first['ids']
 
