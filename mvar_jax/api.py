@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mvar_jax import compilation_cache, config_utils, sampling, vqvae
+from mvar_jax import compilation_cache, config_utils, sampling, vqvae, xla_cpu
 from mvar_jax.attention import AttentionConfig
 from mvar_jax.transformer import DTYPES, MVARTransformer, TransformerConfig
 
@@ -219,19 +219,21 @@ def _checked_labels(labels, num_classes: int, *, batch: int | None, allow_null: 
   return jnp.asarray(arr, jnp.int32)
 
 
+# The VQ-VAE's programs take its XLA options (on CPU: Eigen's convolutions, `xla_cpu`).
 @functools.lru_cache(maxsize=None)
 def _jit_encode(tok):
-  return jax.jit(tok.img_to_ids)
+  return jax.jit(tok.img_to_ids, compiler_options=xla_cpu.vqvae_options())
 
 
 @functools.lru_cache(maxsize=None)
 def _jit_decode(tok):
-  return jax.jit(lambda p, ids: (tok.ids_to_img(p, ids) + 1.0) * 0.5)
+  return jax.jit(lambda p, ids: (tok.ids_to_img(p, ids) + 1.0) * 0.5,
+                 compiler_options=xla_cpu.vqvae_options())
 
 
 @functools.lru_cache(maxsize=None)
 def _jit_teacher(tok):
-  return jax.jit(tok.ids_to_teacher_input)
+  return jax.jit(tok.ids_to_teacher_input, compiler_options=xla_cpu.vqvae_options())
 
 
 @functools.lru_cache(maxsize=None)

@@ -36,9 +36,10 @@ def build_token_cache(config: ml_collections.ConfigDict, tok_cfg, tok_params, pa
   if token_cache.is_complete(path):  # a part left half-written by a crash is rebuilt below
     logging.info('demo: reusing token cache %s', path)
     return
-  from mvar_jax import vqvae
+  from mvar_jax import vqvae, xla_cpu
   tok = vqvae.Tokenizer(tok_cfg)
-  encode = jax.jit(lambda p, x: jnp.concatenate(tok.img_to_ids(p, x), axis=1))
+  encode = jax.jit(lambda p, x: jnp.concatenate(tok.img_to_ids(p, x), axis=1),
+                   compiler_options=xla_cpu.vqvae_options())
   data_cfg = ml_collections.ConfigDict(config.data.to_dict())
   batches = pipeline.create_dataset(data_cfg, split=split, batch_size=config.demo_opts.encode_batch,
                                     shuffle=False, repeat=False, drop_remainder=False)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mvar_jax import compilation_cache
+from mvar_jax import compilation_cache, xla_cpu
 from mvar_jax import vqvae as vqvae_lib
 from mvar_jax.kernels import select_threshold
 
@@ -296,25 +296,7 @@ def compiler_options(backend: str | None = None) -> tuple:
     return tuple(_GPU_OPTIONS.items())
   if backend != 'cpu':
     return ()
-  return xla_cpu_options_if_known(_CPU_OPTIONS)
-
-
-def xla_cpu_options_if_known(options: dict) -> tuple:
-  """`options` as items if this XLA:CPU accepts them, else () (its defaults).
-
-  For experimental options, which a jaxlib may not know: a one-op program is compiled with
-  them once per process to find out.
-  """
-  return _xla_cpu_accepts(tuple(sorted(options.items())))
-
-
-@functools.lru_cache(maxsize=None)
-def _xla_cpu_accepts(items: tuple) -> tuple:
-  try:
-    jax.jit(lambda x: x + 1, backend='cpu').lower(np.float32(0)).compile(dict(items))
-  except Exception:  # jaxlib without the option: compile with its defaults
-    return ()
-  return items
+  return xla_cpu.options_if_known(_CPU_OPTIONS)
 
 
 def cpu_split(layout, batch_size: int, use_cfg: bool) -> tuple[int | None, dict]:
@@ -325,7 +307,7 @@ def cpu_split(layout, batch_size: int, use_cfg: bool) -> tuple[int | None, dict]
   program, `_CPU_OPTIONS`) or on an XLA:CPU without the option; (None, options) when scale 0
   already does (one program with them).
   """
-  options = dict(xla_cpu_options_if_known(_CPU_LARGE_SCALE_OPTIONS))
+  options = dict(xla_cpu.options_if_known(_CPU_LARGE_SCALE_OPTIONS))
   rows = [batch_size * (2 if use_cfg else 1) * pn * pn for pn in layout.patch_nums]
   first = next((si for si, r in enumerate(rows) if r >= _CPU_DOT_MIN_ROWS), None)
   if not options or first is None:

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mvar_jax import checkpointing, config_utils, lifecycle, optim, sample_mode, sharding
+from mvar_jax import checkpointing, config_utils, lifecycle, optim, sample_mode, sharding, xla_cpu
 from mvar_jax import transformer as tfm
 from mvar_jax import vqvae as vq
 from mvar_jax.data import sources
@@ -331,10 +331,9 @@ _CPU_STEP_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYP
 def step_compiler_options(backend: str | None = None) -> tuple:
   """XLA options the training step compiles with on `backend` (default: JAX's), as items:
   `_CPU_STEP_OPTIONS` on an XLA:CPU that knows them, none elsewhere."""
-  from mvar_jax import sampling
   if (backend or jax.default_backend()) != 'cpu':
     return ()
-  return sampling.xla_cpu_options_if_known(_CPU_STEP_OPTIONS)
+  return xla_cpu.options_if_known(_CPU_STEP_OPTIONS)
 
 
 def compile_train_step(setup: Setup, tokenizer: vq.Tokenizer, tok_shardings, *, first: int,

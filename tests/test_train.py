@@ -17,7 +17,7 @@ import optax
 import pytest
 
 from configs import common
-from mvar_jax import checkpointing, config_utils, convert, lifecycle, sharding, train
+from mvar_jax import checkpointing, config_utils, convert, lifecycle, sharding, train, xla_cpu
 from mvar_jax import transformer as tfm
 from mvar_jax import vqvae as vq
 from mvar_jax.data import token_cache
@@ -497,23 +497,6 @@ def test_micro_batches_must_split_the_batch_evenly_over_the_shards():
     config_utils.validate_config(c)
 
 
-def _ynn_fusions(hlo: str) -> dict:
-  """{fusion name: whether its computation holds a dot} for XLA:CPU's YNNPACK fusions."""
-  bodies, name = {}, None
-  for line in hlo.splitlines():
-    if line.rstrip().endswith('{') and not line.startswith(' '):  # a computation's header
-      name = line.split()[0].lstrip('%')
-      bodies[name] = ''
-    elif name is not None:
-      bodies[name] += line + '\n'
-  out = {}
-  for line in hlo.splitlines():
-    if '__ynn_fusion' in line and 'calls=' in line:
-      called = line.split('calls=')[1].split(',')[0].lstrip('%')
-      out[line.split('=')[0].strip().lstrip('%')] = ' dot(' in bodies.get(called, '')
-  return out
-
-
 def test_the_cpu_training_step_gives_ynnpack_its_matmuls_only():
   """XLA:CPU hands elementwise chains and reductions to YNNPACK by default, which wants their
   broadcast operands written out in full (a softmax's row sums as (B, H, Q, K) tensors); the
@@ -530,8 +513,10 @@ def test_the_cpu_training_step_gives_ynnpack_its_matmuls_only():
     return jnp.sum(jnp.einsum('bhqk,bhkd->bhqd', probs, k) ** 2)
 
   lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(q, k)
-  default = _ynn_fusions(lowered.compile().as_text())
-  ours = _ynn_fusions(lowered.compile(dict(train.step_compiler_options('cpu'))).as_text())
+  holds_dot = lambda hlo: {name: ' dot(' in body
+                           for name, body in xla_cpu.ynn_fusions(hlo).items()}
+  default = holds_dot(lowered.compile().as_text())
+  ours = holds_dot(lowered.compile(dict(train.step_compiler_options('cpu'))).as_text())
   # If XLA stops giving YNNPACK anything but matmuls, the first assertion fails and says the
   # option can go.
   assert not all(default.values()), default

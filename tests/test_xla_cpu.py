@@ -1,0 +1,41 @@
+"""Per-program XLA:CPU options: the probe, and the VQ-VAE's convolutions on Eigen."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mvar_jax import api, vqvae, xla_cpu
+
+YNN_DOTS_ONLY = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT'}
+
+
+def test_an_option_this_xla_does_not_know_leaves_its_defaults():
+  assert xla_cpu.options_if_known(YNN_DOTS_ONLY) == tuple(YNN_DOTS_ONLY.items())
+  assert xla_cpu.options_if_known({'xla_cpu_no_such_option': True}) == ()
+
+
+def test_the_vqvae_programs_give_their_convolutions_to_eigen_on_cpu():
+  """With XLA:CPU's defaults YNNPACK takes the VQ-VAE's 3x3 convolutions and ran them on one
+  core; with the VQ-VAE's options it takes matmuls only. Other backends: XLA's defaults."""
+  assert xla_cpu.vqvae_options('cpu') == YNN_DOTS_ONLY
+  assert xla_cpu.vqvae_options('gpu') is None and xla_cpu.vqvae_options('tpu') is None
+
+  cfg = vqvae.VQVAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=16,
+                          patch_nums=(1, 2, 4), using_sa=False, using_mid_sa=False)
+  tok = vqvae.Tokenizer(cfg)
+  params = vqvae.init_params(cfg, jax.random.key(0, impl='unsafe_rbg'))['params']
+  images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 3)), jnp.float32)
+  holds_conv = lambda compiled: [name for name, body in xla_cpu.ynn_fusions(
+      compiled.as_text()).items() if ' convolution(' in body]
+  # If XLA stops giving YNNPACK the convolutions, this fails and says the option can go.
+  assert holds_conv(jax.jit(tok.img_to_ids).lower(params, images).compile())
+  ours = api._jit_encode(tok).lower(params, images).compile()
+  assert not holds_conv(ours)
+  ids = ours(params, images)
+  decode = api._jit_decode(tok).lower(params, ids).compile()
+  assert not holds_conv(decode)
+  # Same tokens and images as under the defaults.
+  for a, b in zip(ids, tok.img_to_ids(params, images)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_allclose(decode(params, ids), (tok.ids_to_img(params, ids) + 1) / 2,
+                             atol=1e-5)
