@@ -216,3 +216,37 @@ def test_sigterm_and_kill9_then_resume_end_bit_identical(tmp_path):
 def test_nonfinite_learning_rate_is_refused_before_training(tmp_path):
   with pytest.raises(ValueError, match='tokenizer.lr must be a finite number, got nan'):
     train_tokenizer.train_tokenizer(tiny_config(lr=float('nan')), str(tmp_path))
+
+
+def test_the_step_gives_its_convolutions_to_eigen_on_cpu():
+  """The trainer's step compiles with the VQ-VAE's XLA options (xla_cpu.vqvae_options):
+  YNNPACK, which ran the convolutions on one core, takes none of them."""
+  import functools
+  import flax.linen as nn
+  import jax.numpy as jnp
+  import optax
+  from mvar_jax import tokenizer_step, xla_cpu
+  config = tiny_config()
+  gan_recipe(config.tokenizer, disc_start=5)  # the discriminator's convolutions too
+  t = config.tokenizer
+  cfg = train_tokenizer.vqvae_config_from(config)
+  disc, disc_tx = tokenizer_step.discriminator_from_config(t)
+  setup = dict(tok=vqvae.Tokenizer(cfg), tx=optax.adam(1e-3), disc=disc, disc_tx=disc_tx,
+               weights=tokenizer_step.LossWeights.from_config(t), lpips_model=None)
+  assert disc is not None
+
+  def init(key):
+    params = nn.unbox(vqvae.init_params(cfg, key)['params'])
+    state = tokenizer_step.init_state(params, setup['tx'], disc, disc_tx, key, (16, 16, 3))
+    return dict(state, step=jnp.zeros((), jnp.int32),
+                since_hit=jnp.zeros((cfg.vocab_size,), jnp.int32),
+                window_hits=jnp.zeros((len(cfg.patch_nums), cfg.vocab_size), jnp.int32))
+  state = jax.eval_shape(init, jax.random.key(0))
+  images = jax.ShapeDtypeStruct((4, 16, 16, 3), jnp.float32)
+  holds_conv = lambda jitted: [
+      name for name, body in xla_cpu.ynn_fusions(
+          jitted.lower(state, images, None).compile().as_text()).items()
+      if ' convolution(' in body]
+  # If XLA stops giving YNNPACK the convolutions, this fails and says the option can go.
+  assert holds_conv(jax.jit(functools.partial(train_tokenizer.train_step, **setup)))
+  assert not holds_conv(train_tokenizer.jit_train_step(**setup))
