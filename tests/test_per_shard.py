@@ -25,13 +25,13 @@ H = W = 8
 KERNEL = 5
 
 
-def pallas_operand_shapes(closed_jaxpr) -> list[list[tuple]]:
-  """Operand shapes of every pallas_call in a jaxpr, nested jaxprs included."""
+def operand_shapes(closed_jaxpr, primitive: str) -> list[list[tuple]]:
+  """Operand shapes of every `primitive` equation in a jaxpr, nested jaxprs included."""
   found = []
 
   def walk(jaxpr):
     for eqn in jaxpr.eqns:
-      if eqn.primitive.name == 'pallas_call':
+      if eqn.primitive.name == primitive:
         found.append([tuple(v.aval.shape) for v in eqn.invars])
       for value in eqn.params.values():
         for sub in value if isinstance(value, (tuple, list)) else (value,):
@@ -41,6 +41,11 @@ def pallas_operand_shapes(closed_jaxpr) -> list[list[tuple]]:
             walk(sub)
   walk(closed_jaxpr.jaxpr)
   return found
+
+
+def pallas_operand_shapes(closed_jaxpr) -> list[list[tuple]]:
+  """Operand shapes of every pallas_call in a jaxpr, nested jaxprs included."""
+  return operand_shapes(closed_jaxpr, 'pallas_call')
 
 
 def mesh_2x4():

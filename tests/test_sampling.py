@@ -9,6 +9,8 @@ import torch
 from mvar_jax import api, sampling, transformer, vqvae
 from mvar_jax.attention import AttentionConfig
 
+from test_per_shard import operand_shapes
+
 PATCH_NUMS = (1, 2, 3, 4, 6)
 
 
@@ -191,19 +193,10 @@ class TestSample:
         vqvae=pipe.tokenizer, top_k=8, more_smooth=False, use_cfg=True))(
             pipe.transformer_params, pipe.tokenizer_params, jnp.arange(3), jax.random.key(0))
     ada_shape = (t_cfg.width, 6 * t_cfg.width)  # (C, 6C)
-    def ada_dots(jaxpr):  # dots with an ada_lin matrix, in nested jaxprs (loops, switches) too
-      count = 0
-      for eqn in jaxpr.eqns:
-        if eqn.primitive.name == 'dot_general':
-          count += any(getattr(v.aval, 'shape', None) == ada_shape for v in eqn.invars)
-        for param in eqn.params.values():
-          for sub in (param if isinstance(param, (list, tuple)) else (param,)):
-            inner = getattr(sub, 'jaxpr', sub)
-            if hasattr(inner, 'eqns'):
-              count += ada_dots(inner)
-      return count
+    # Products with an ada_lin matrix, in nested jaxprs (loops, switches) too.
+    ada_dots = sum(ada_shape in shapes for shapes in operand_shapes(jaxpr, 'dot_general'))
     assert t_cfg.layout.num_scales > 1
-    assert ada_dots(jaxpr.jaxpr) == t_cfg.depth
+    assert ada_dots == t_cfg.depth
 
   def test_xla_options_compile_their_own_program_with_the_same_samples(self, pipe):
     """A per-program XLA option (here a GPU one, which XLA:CPU accepts and ignores) is its own
