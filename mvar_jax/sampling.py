@@ -294,9 +294,7 @@ def compiler_options(backend: str | None = None) -> tuple:
   backend = backend or jax.default_backend()
   if backend in ('gpu', 'cuda', 'rocm'):
     return tuple(_GPU_OPTIONS.items())
-  if backend != 'cpu':
-    return ()
-  return xla_cpu.options_if_known(_CPU_OPTIONS)
+  return xla_cpu.on_cpu(_CPU_OPTIONS, backend)
 
 
 def cpu_split(layout, batch_size: int, use_cfg: bool) -> tuple[int | None, dict]:

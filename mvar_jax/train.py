@@ -331,9 +331,7 @@ _CPU_STEP_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYP
 def step_compiler_options(backend: str | None = None) -> tuple:
   """XLA options the training step compiles with on `backend` (default: JAX's), as items:
   `_CPU_STEP_OPTIONS` on an XLA:CPU that knows them, none elsewhere."""
-  if (backend or jax.default_backend()) != 'cpu':
-    return ()
-  return xla_cpu.options_if_known(_CPU_STEP_OPTIONS)
+  return xla_cpu.on_cpu(_CPU_STEP_OPTIONS, backend)
 
 
 def compile_train_step(setup: Setup, tokenizer: vq.Tokenizer, tok_shardings, *, first: int,

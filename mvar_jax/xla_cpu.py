@@ -38,12 +38,18 @@ def _accepts(items: tuple) -> tuple:
   return items
 
 
+def on_cpu(options: dict, backend: str | None = None) -> tuple:
+  """`options` as items where `backend` (default: JAX's) is a CPU whose XLA knows them;
+  () elsewhere (other backends compile with their defaults)."""
+  if (backend or jax.default_backend()) != 'cpu':
+    return ()
+  return options_if_known(options)
+
+
 def vqvae_options(backend: str | None = None) -> dict | None:
   """`compiler_options` for a jit of the VQ-VAE alone (encode, decode) on `backend` (default:
   JAX's): `_VQVAE_CPU_OPTIONS` on an XLA:CPU that knows them, else None (XLA's defaults)."""
-  if (backend or jax.default_backend()) != 'cpu':
-    return None
-  return dict(options_if_known(_VQVAE_CPU_OPTIONS)) or None
+  return dict(on_cpu(_VQVAE_CPU_OPTIONS, backend)) or None
 
 
 def ynn_fusions(hlo_text: str) -> dict:
