@@ -219,21 +219,22 @@ def _checked_labels(labels, num_classes: int, *, batch: int | None, allow_null: 
   return jnp.asarray(arr, jnp.int32)
 
 
-# The VQ-VAE's programs take its XLA options (on CPU: Eigen's convolutions, `xla_cpu`).
+# The VQ-VAE's programs take the convolutional networks' XLA options (on CPU: Eigen's
+# convolutions, `xla_cpu.conv_net_options`).
 @functools.lru_cache(maxsize=None)
 def _jit_encode(tok):
-  return jax.jit(tok.img_to_ids, compiler_options=xla_cpu.vqvae_options())
+  return jax.jit(tok.img_to_ids, compiler_options=xla_cpu.conv_net_options())
 
 
 @functools.lru_cache(maxsize=None)
 def _jit_decode(tok):
   return jax.jit(lambda p, ids: (tok.ids_to_img(p, ids) + 1.0) * 0.5,
-                 compiler_options=xla_cpu.vqvae_options())
+                 compiler_options=xla_cpu.conv_net_options())
 
 
 @functools.lru_cache(maxsize=None)
 def _jit_teacher(tok):
-  return jax.jit(tok.ids_to_teacher_input, compiler_options=xla_cpu.vqvae_options())
+  return jax.jit(tok.ids_to_teacher_input, compiler_options=xla_cpu.conv_net_options())
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mvar_jax import atomic_file
+from mvar_jax import atomic_file, xla_cpu
 from mvar_jax.data import builtin
 
 Params = Any
@@ -63,7 +63,8 @@ def _as_unit_range(images) -> np.ndarray:
 @functools.lru_cache(maxsize=None)
 def _predict_fn(num_classes: int):
   model = ShapeClassifier(num_classes)
-  return jax.jit(lambda params, x: jnp.argmax(model.apply(params, x), -1).astype(jnp.int32))
+  return jax.jit(lambda params, x: jnp.argmax(model.apply(params, x), -1).astype(jnp.int32),
+                 compiler_options=xla_cpu.conv_net_options())
 
 
 def train_classifier(image_size: int = 32, num_classes: int = 10, steps: int = 300, seed: int = 0,
@@ -107,12 +108,12 @@ def train_classifier(image_size: int = 32, num_classes: int = 10, steps: int = 3
   # optimizer set-up, key splits) costs more than the training itself. (A fori_loop over the steps
   # compiles no faster and runs the convolutions far slower on XLA:CPU.) The data are arguments,
   # not closure constants, which XLA would fold into the program.
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=xla_cpu.conv_net_options())
   def init(x_1HW3, key):
     params = model.init(key, x_1HW3)
     return params, tx.init(params)
 
-  train_step = jax.jit(step, donate_argnums=1)
+  train_step = jax.jit(step, donate_argnums=1, compiler_options=xla_cpu.conv_net_options())
   key_init, key_data = jax.random.split(jax.random.key(seed))
   carry = init(x_NHW3[:1], key_init)
   for i in range(steps):

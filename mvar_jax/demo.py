@@ -39,7 +39,7 @@ def build_token_cache(config: ml_collections.ConfigDict, tok_cfg, tok_params, pa
   from mvar_jax import vqvae, xla_cpu
   tok = vqvae.Tokenizer(tok_cfg)
   encode = jax.jit(lambda p, x: jnp.concatenate(tok.img_to_ids(p, x), axis=1),
-                   compiler_options=xla_cpu.vqvae_options())
+                   compiler_options=xla_cpu.conv_net_options())
   data_cfg = ml_collections.ConfigDict(config.data.to_dict())
   batches = pipeline.create_dataset(data_cfg, split=split, batch_size=config.demo_opts.encode_batch,
                                     shuffle=False, repeat=False, drop_remainder=False)

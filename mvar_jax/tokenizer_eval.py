@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from mvar_jax import recon_metrics
+from mvar_jax import recon_metrics, xla_cpu
 
 
 def heldout_images(data_cfg, num_images: int) -> np.ndarray | None:
@@ -51,11 +51,20 @@ def heldout_images(data_cfg, num_images: int) -> np.ndarray | None:
   return np.concatenate(chunks) if chunks else None
 
 
-@functools.partial(jax.jit, static_argnames=('tok',))
-def _reconstruct(params, images_BHWC, *, tok):
-  """(ids per scale K x (B, pn*pn), reconstructions (B, H, W, C) clamped to [-1, 1])."""
-  ids, f_hat = tok.img_to_ids(params, images_BHWC, return_fhat=True)
-  return ids, tok.fhat_to_img(params, f_hat)
+@functools.lru_cache(maxsize=None)
+def _jit_reconstruct(tok):
+  """(params, images (B, H, W, C)) -> (ids per scale K x (B, pn*pn), reconstructions
+  (B, H, W, C) clamped to [-1, 1]), jitted with the convolutional networks' XLA options."""
+  def reconstruct(params, images_BHWC):
+    ids, f_hat = tok.img_to_ids(params, images_BHWC, return_fhat=True)
+    return ids, tok.fhat_to_img(params, f_hat)
+  return jax.jit(reconstruct, compiler_options=xla_cpu.conv_net_options())
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_apply(model):
+  """`model.apply` (LPIPS) jitted with the convolutional networks' XLA options."""
+  return jax.jit(model.apply, compiler_options=xla_cpu.conv_net_options())
 
 
 def _to_uint8(images):
@@ -80,7 +89,7 @@ def measure(tok, params, images_NHWC: np.ndarray, *, batch_size: int = 64, lpips
     rows = len(x)
     if rows < batch_size:  # pad with copies: one compiled shape; the copies are not counted
       x = np.concatenate([x, np.repeat(x[-1:], batch_size - rows, 0)])
-    ids, rec = _reconstruct(params, jnp.asarray(x), tok=tok)
+    ids, rec = _jit_reconstruct(tok)(params, jnp.asarray(x))
     for si, ids_BL in enumerate(ids):
       hits_SV[si] += np.bincount(np.asarray(ids_BL)[:rows].ravel(), minlength=v)
     recs.append(np.asarray(rec)[:rows])
@@ -95,7 +104,7 @@ def measure(tok, params, images_NHWC: np.ndarray, *, batch_size: int = 64, lpips
   out['lpips'] = None
   if lpips is not None and lpips[0] is not None:
     model, lp_params = lpips
-    apply = jax.jit(model.apply)
+    apply = _jit_apply(model)
     out['lpips'] = float(np.mean(np.concatenate([
         np.asarray(apply({'params': lp_params}, jnp.asarray(x[i:i + batch_size]),
                          jnp.asarray(rec[i:i + batch_size]))) for i in range(0, n, batch_size)])))

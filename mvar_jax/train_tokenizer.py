@@ -83,12 +83,15 @@ def jit_train_step(**setup):
   VQ-VAE's XLA options (on CPU: Eigen's convolutions; the demo's tokenizer step took 629
   instead of 890 ms, launch/results/cpu_2026-11-28.md)."""
   return jax.jit(functools.partial(train_step, **setup), donate_argnums=(0,),
-                 compiler_options=xla_cpu.vqvae_options())
+                 compiler_options=xla_cpu.conv_net_options())
 
 
-@functools.partial(jax.jit, static_argnames=('tok',))
-def _encoder_features(params, images, *, tok):
-  return tok.encode(params, images).reshape(-1, tok.config.z_channels)
+@functools.lru_cache(maxsize=None)
+def _jit_encoder_features(tok):
+  """(params, images (B, H, W, 3)) -> the encoder's outputs (B * h * w, Cvae), jitted with the
+  convolutional networks' XLA options."""
+  return jax.jit(lambda params, images: tok.encode(params, images).reshape(
+      -1, tok.config.z_channels), compiler_options=xla_cpu.conv_net_options())
 
 
 def restart_dead_codes(params, dead_V: np.ndarray, features_NC: np.ndarray, rng) -> dict:
@@ -239,7 +242,7 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: str):
       if t.restart_dead_every and step % t.restart_dead_every == 0 and step < 0.8 * t.steps:
         dead = np.asarray(state['since_hit']) >= t.restart_dead_every
         if dead.any():
-          feats = np.asarray(_encoder_features(state['params'], images, tok=tok))
+          feats = np.asarray(_jit_encoder_features(tok)(state['params'], images))
           rng = np.random.default_rng([t.seed, step])  # a pure function of (seed, step)
           state['params'] = jax.device_put(
               restart_dead_codes(state['params'], dead, feats, rng), device)

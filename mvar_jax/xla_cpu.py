@@ -1,4 +1,5 @@
-"""Per-program XLA:CPU options: the probe for whether this jaxlib knows one, and the VQ-VAE's.
+"""Per-program XLA:CPU options: the probe for whether this jaxlib knows one, and the
+convolutional networks' (the VQ-VAE, its discriminator, Inception, LPIPS, the class judge).
 
 The sampler (`sampling.compiler_options`, `sampling.cpu_split`) and the training step
 (`train.step_compiler_options`) keep their option sets beside the code they were measured
@@ -13,12 +14,13 @@ import functools
 import jax
 import numpy as np
 
-# The VQ-VAE's encoder and decoder are 3x3 convolutions. With XLA:CPU's defaults YNNPACK
-# takes them, and ran them on one core here (80 GF/s); with YNNPACK's fusions limited to
-# matmuls they go to Eigen's multi-threaded convolutions (142 GF/s) and XLA fuses the rest.
-# d16 tokenizer, 2 images of 256 px, 2-core AMD EPYC, interleaved (launch/results/
-# cpu_2026-11-28.md).
-_VQVAE_CPU_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT'}
+# Convolutional networks. With XLA:CPU's defaults YNNPACK takes their convolutions and ran them
+# on one core here (80 GF/s in the VQ-VAE); with YNNPACK's fusions limited to matmuls they go
+# to Eigen's multi-threaded convolutions (142 GF/s) and XLA fuses the rest. 2-core AMD EPYC,
+# interleaved, same outputs, time against the defaults (launch/bench_cpu_options.py,
+# launch/results/cpu_2026-11-28.md): d16 tokenizer on 2 images of 256 px, encode 0.59x and
+# decode 0.75x; Inception (FID) on 16 images 0.50x; LPIPS 0.72x; the class judge's step 0.57x.
+_CONV_NET_CPU_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT'}
 
 
 def options_if_known(options: dict) -> tuple:
@@ -46,10 +48,11 @@ def on_cpu(options: dict, backend: str | None = None) -> tuple:
   return options_if_known(options)
 
 
-def vqvae_options(backend: str | None = None) -> dict | None:
-  """`compiler_options` for a jit of the VQ-VAE alone (encode, decode) on `backend` (default:
-  JAX's): `_VQVAE_CPU_OPTIONS` on an XLA:CPU that knows them, else None (XLA's defaults)."""
-  return dict(on_cpu(_VQVAE_CPU_OPTIONS, backend)) or None
+def conv_net_options(backend: str | None = None) -> dict | None:
+  """`compiler_options` for a jit of a convolutional network (the VQ-VAE's encode or decode,
+  Inception, LPIPS, ...) on `backend` (default: JAX's): `_CONV_NET_CPU_OPTIONS` on an XLA:CPU
+  that knows them, else None (XLA's defaults)."""
+  return dict(on_cpu(_CONV_NET_CPU_OPTIONS, backend)) or None
 
 
 def ynn_fusions(hlo_text: str) -> dict:

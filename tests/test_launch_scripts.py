@@ -512,3 +512,15 @@ def test_each_official_checkout_is_optional_and_picks_its_rows(capsys):
   with pytest.raises(SystemExit):  # a VAR sampler without the VAR checkout
     bench.parse_args(['--official_mvar_src=/a', '--samplers=ours MVAR,official VAR'])
   assert "'official VAR' needs --official_var_src" in capsys.readouterr().err
+
+
+def test_bench_cpu_options_times_each_option_set_on_the_same_outputs(capsys):
+  bench = _load('bench_cpu_options')
+  (row,) = bench.main(['--programs=judge', '--reps=1'])
+  name, medians, diff = row
+  assert name == 'judge' and list(medians) == list(bench.VARIANTS)
+  assert all(t > 0 for t in medians.values())
+  assert diff < 1e-5  # the option sets change where the work runs, not what it computes
+  assert '| judge |' in capsys.readouterr().out
+  with pytest.raises(SystemExit, match='unknown programs'):
+    bench.main(['--programs=resnet'])

@@ -219,7 +219,7 @@ def test_nonfinite_learning_rate_is_refused_before_training(tmp_path):
 
 
 def test_the_step_gives_its_convolutions_to_eigen_on_cpu():
-  """The trainer's step compiles with the VQ-VAE's XLA options (xla_cpu.vqvae_options):
+  """The trainer's step compiles with the VQ-VAE's XLA options (xla_cpu.conv_net_options):
   YNNPACK, which ran the convolutions on one core, takes none of them."""
   import functools
   import flax.linen as nn

@@ -17,8 +17,8 @@ def test_an_option_this_xla_does_not_know_leaves_its_defaults():
 def test_the_vqvae_programs_give_their_convolutions_to_eigen_on_cpu():
   """With XLA:CPU's defaults YNNPACK takes the VQ-VAE's 3x3 convolutions and ran them on one
   core; with the VQ-VAE's options it takes matmuls only. Other backends: XLA's defaults."""
-  assert xla_cpu.vqvae_options('cpu') == YNN_DOTS_ONLY
-  assert xla_cpu.vqvae_options('gpu') is None and xla_cpu.vqvae_options('tpu') is None
+  assert xla_cpu.conv_net_options('cpu') == YNN_DOTS_ONLY
+  assert xla_cpu.conv_net_options('gpu') is None and xla_cpu.conv_net_options('tpu') is None
 
   cfg = vqvae.VQVAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=16,
                           patch_nums=(1, 2, 4), using_sa=False, using_mid_sa=False)
@@ -39,3 +39,33 @@ def test_the_vqvae_programs_give_their_convolutions_to_eigen_on_cpu():
     np.testing.assert_array_equal(a, b)
   np.testing.assert_allclose(decode(params, ids), (tok.ids_to_img(params, ids) + 1) / 2,
                              atol=1e-5)
+
+
+def test_the_other_convolutional_programs_give_their_convolutions_to_eigen_on_cpu():
+  """Inception (FID), LPIPS, the tokenizer's evaluation and dead-code restarts, and the class
+  judge compile with the same options: with XLA's defaults Inception took 2.0x and LPIPS 1.4x
+  as long here (launch/results/cpu_2026-11-28.md)."""
+  from mvar_jax import class_consistency, lpips, tokenizer_eval, train_tokenizer
+  from mvar_jax.evaluation import features, inception
+  holds_conv = lambda compiled: [name for name, body in xla_cpu.ynn_fusions(
+      compiled.as_text()).items() if ' convolution(' in body]
+  extractor = features.FeatureExtractor(inception.random_params(0), per_device_batch=1)
+  images = np.zeros((extractor.global_batch, 16, 16, 3), np.uint8)
+  assert not holds_conv(extractor._fn.lower(extractor.params, images).compile())
+
+  x = jnp.zeros((1, 16, 16, 3), jnp.float32)
+  lpips_model = lpips.LPIPS()
+  lpips_params = jax.eval_shape(lpips_model.init, jax.random.key(0), x, x)
+  assert not holds_conv(tokenizer_eval._jit_apply(lpips_model).lower(lpips_params, x, x).compile())
+
+  cfg = vqvae.VQVAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=16,
+                          patch_nums=(1, 2, 4), using_sa=False, using_mid_sa=False)
+  tok = vqvae.Tokenizer(cfg)
+  params = jax.eval_shape(lambda: vqvae.init_params(cfg, jax.random.key(0))['params'])
+  images = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
+  assert not holds_conv(tokenizer_eval._jit_reconstruct(tok).lower(params, images).compile())
+  assert not holds_conv(train_tokenizer._jit_encoder_features(tok).lower(params, images).compile())
+
+  judge = class_consistency._predict_fn(10)
+  judge_params = jax.eval_shape(class_consistency.ShapeClassifier(10).init, jax.random.key(0), x)
+  assert not holds_conv(judge.lower(judge_params, x).compile())

@@ -75,7 +75,7 @@ def train_one(recipe: str, config, steps: int, lpips_params, val_images, overrid
     if t.restart_dead_every and step % t.restart_dead_every == 0 and step < 0.8 * steps:
       dead = since_hit >= t.restart_dead_every
       if dead.any():
-        feats = np.asarray(train_tokenizer._encoder_features(state['params'], images, tok=tok))
+        feats = np.asarray(train_tokenizer._jit_encoder_features(tok)(state['params'], images))
         state['params'] = train_tokenizer.restart_dead_codes(state['params'], dead, feats, rng)
         since_hit[dead] = 0
     if step % 50 == 0 or step == steps:

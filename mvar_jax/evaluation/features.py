@@ -20,6 +20,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mvar_jax import xla_cpu
 from mvar_jax.evaluation import inception
 
 OUTPUTS = ('pool', 'spatial', 'logits')
@@ -51,7 +52,8 @@ class FeatureExtractor:
     net = inception.FIDInception(self.config)
     self._fn = jax.jit(lambda p, x: net.apply({'params': p}, x),
                        in_shardings=(replicated, self.batch_sharding),
-                       out_shardings=self.batch_sharding)
+                       out_shardings=self.batch_sharding,
+                       compiler_options=xla_cpu.conv_net_options())
 
   def _local_batch_for(self, total: int | None) -> int:
     """Rows per process and step for a set of `total` images (None: unknown).
