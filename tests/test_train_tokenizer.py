@@ -219,13 +219,14 @@ def test_nonfinite_learning_rate_is_refused_before_training(tmp_path):
 
 
 def test_the_step_gives_its_convolutions_to_eigen_on_cpu():
-  """The trainer's step compiles with the VQ-VAE's XLA options (xla_cpu.conv_net_options):
-  YNNPACK, which ran the convolutions on one core, takes none of them."""
+  """The trainer's step compiles with the convolutional networks' XLA options
+  (xla_cpu.conv_net_options): YNNPACK, which ran the convolutions on one core, takes none."""
   import functools
   import flax.linen as nn
   import jax.numpy as jnp
   import optax
-  from mvar_jax import tokenizer_step, xla_cpu
+  from mvar_jax import tokenizer_step
+  from test_xla_cpu import conv_fusions
   config = tiny_config()
   gan_recipe(config.tokenizer, disc_start=5)  # the discriminator's convolutions too
   t = config.tokenizer
@@ -243,10 +244,7 @@ def test_the_step_gives_its_convolutions_to_eigen_on_cpu():
                 window_hits=jnp.zeros((len(cfg.patch_nums), cfg.vocab_size), jnp.int32))
   state = jax.eval_shape(init, jax.random.key(0))
   images = jax.ShapeDtypeStruct((4, 16, 16, 3), jnp.float32)
-  holds_conv = lambda jitted: [
-      name for name, body in xla_cpu.ynn_fusions(
-          jitted.lower(state, images, None).compile().as_text()).items()
-      if ' convolution(' in body]
+  holds_conv = lambda jitted: conv_fusions(jitted.lower(state, images, None).compile())
   # If XLA stops giving YNNPACK the convolutions, this fails and says the option can go.
   assert holds_conv(jax.jit(functools.partial(train_tokenizer.train_step, **setup)))
   assert not holds_conv(train_tokenizer.jit_train_step(**setup))
