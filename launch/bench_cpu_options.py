@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # smoke_configs
 
 from mvar_jax import xla_cpu  # noqa: E402
 
@@ -67,29 +68,30 @@ def _lpips():
   from mvar_jax import lpips
   model = lpips.LPIPS()
   return (lambda p, a, b: model.apply({'params': p}, a, b),
-          (lpips.random_params(0)[0], _uniform((16, 256, 256, 3)), _uniform((16, 256, 256, 3), seed=1)))
+          (lpips.random_params(0)[0], _uniform((16, 256, 256, 3)),
+           _uniform((16, 256, 256, 3), seed=1)))
 
 
 def _judge():
+  import optax
   from mvar_jax import class_consistency
   judge = class_consistency.ShapeClassifier(10)
   x, y = _uniform((64, 32, 32, 3)), jnp.arange(64, dtype=jnp.int32) % 10
 
-  def step(p, x, y):  # the loss and its gradient, as a training step computes them
-    loss = lambda p: -jnp.mean(jax.nn.log_softmax(judge.apply(p, x))[jnp.arange(len(y)), y])
+  def step(p, x, y):  # the loss and its gradient, as class_consistency's step computes them
+    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(judge.apply(p, x), y).mean()
     return jax.value_and_grad(loss)(p)
 
   return step, (judge.init(jax.random.key(0), x[:1]), x, y)
 
 
 def _scale(si: int, sequences: int):
-  import flax.linen as nn
+  import smoke_configs
   from mvar_jax import transformer as tfm
   cfg = tfm.preset(16)
-  rng = np.random.default_rng(0)
-  abstract = nn.unbox(jax.eval_shape(lambda: tfm.init_params(cfg, jax.random.key(0)))['params'])
-  params = jax.tree_util.tree_map(  # numpy draws: a threefry init of d16 compiles for minutes
-      lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape), s.dtype), abstract)
+  params = smoke_configs.random_params(
+      jax.eval_shape(lambda: tfm.init_params(cfg, jax.random.key(0)))['params'],
+      np.random.default_rng(0))
   pn = cfg.layout.patch_nums[si]
   labels = jnp.arange(sequences, dtype=jnp.int32) % cfg.num_classes
   x = None if si == 0 else _uniform((sequences, pn * pn, cfg.cvae))

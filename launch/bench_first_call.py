@@ -49,24 +49,21 @@ def child(args) -> dict:
   """One process: build, sample once (timed by stage), then steady calls. Returns seconds."""
   t_start = time.perf_counter()
   import jax
-  import jax.numpy as jnp
   import numpy as np
-  import flax.linen as nn
+  import smoke_configs  # (launch/)
   from mvar_jax import compilation_cache, sampling, transformer as tfm, vqvae
   compilation_cache.enable()  # the directory comes from $MVAR_COMPILATION_CACHE_DIR
   durations = {}
   jax.monitoring.register_event_duration_secs_listener(
       lambda name, secs, **kw: durations.__setitem__(name, durations.get(name, 0.0) + secs))
   if args.smoke:
-    import smoke_configs
     v_cfg, t_cfg = smoke_configs.tiny(depth=1)
     top_k = smoke_configs.TOP_K
   else:
     v_cfg, t_cfg, top_k = vqvae.VQVAEConfig(), tfm.preset(args.depth), 900
   t_import = time.perf_counter()
   rng = np.random.default_rng(0)
-  fill = lambda tree: jax.tree_util.tree_map(
-      lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape), s.dtype), nn.unbox(tree))
+  fill = lambda tree: smoke_configs.random_params(tree, rng)
   v_params = fill(jax.eval_shape(lambda: vqvae.init_params(v_cfg, jax.random.key(0)))['params'])
   t_params = fill(jax.eval_shape(lambda: tfm.init_params(t_cfg, jax.random.key(0)))['params'])
   jax.block_until_ready((v_params, t_params))

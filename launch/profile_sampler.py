@@ -40,7 +40,6 @@ def median_ms(fn, *args, reps: int):
 
 
 def main(argv=None):
-  import flax.linen as nn
   from mvar_jax import sampling, transformer as tfm, vqvae
   from mvar_jax.attention import AttentionConfig
 
@@ -63,8 +62,7 @@ def main(argv=None):
   t_cfg = dataclasses.replace(t_cfg, attention=dataclasses.replace(
       t_cfg.attention, implementation=args.implementation))
   rng = np.random.default_rng(0)
-  fill = lambda tree: jax.tree_util.tree_map(
-      lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape), s.dtype), nn.unbox(tree))
+  fill = lambda tree: smoke_configs.random_params(tree, rng)
   v_params = fill(jax.eval_shape(lambda: vqvae.init_params(v_cfg, jax.random.key(0)))['params'])
   t_params = fill(jax.eval_shape(lambda: tfm.init_params(t_cfg, jax.random.key(0)))['params'])
   tok, model = vqvae.Tokenizer(v_cfg), tfm.MVARTransformer(t_cfg)

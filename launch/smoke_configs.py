@@ -1,4 +1,5 @@
-"""The tiny VQ-VAE and transformer that every benchmark's `--smoke` run uses.
+"""The tiny VQ-VAE and transformer that every benchmark's `--smoke` run uses, and random
+weights for any model size without compiling an init.
 
     v_cfg, t_cfg = smoke_configs.tiny(depth=1, mode='mvar')
 
@@ -10,6 +11,10 @@ profile_sampler check the same thing.
 """
 
 from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 PATCH_NUMS = (1, 2, 3, 4, 6)
 VOCAB = 64
@@ -32,3 +37,11 @@ def tiny(depth: int = 1, *, mode: str = 'mvar', dtype: str = 'float32',
                                         cvae=8, patch_nums=PATCH_NUMS, dtype=dtype,
                                         attention=attention)
   return v_cfg, t_cfg
+
+
+def random_params(abstract_tree, rng, scale: float = 0.02):
+  """Arrays of `abstract_tree`'s shapes and dtypes (ShapeDtypeStructs, boxed or not), drawn
+  N(0, scale^2) with numpy's `rng`: a threefry init of d16 compiles for minutes on a CPU, and
+  a benchmark's time does not depend on the values."""
+  return jax.tree_util.tree_map(
+      lambda s: jnp.asarray(scale * rng.standard_normal(s.shape), s.dtype), nn.unbox(abstract_tree))
